@@ -1,0 +1,110 @@
+"""Shared defaults for every experiment; experiment files override a few fields.
+
+Every field is commented here, once. An experiment file does
+`config = base.get_config()` and changes what differs, so a reader sees at a
+glance how an experiment departs from the defaults. Any field can be
+overridden on the command line: `--config.training.batch_size=64`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the default configuration (the paper's CIFAR-10 values where they apply)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Base PRNG seed: per step fold_in(seed, step); per image fold_in(seed, index).
+
+    # ---- Data -------------------------------------------------------------------------------
+    config.data = data = ml_collections.ConfigDict()
+    data.source = "digits"  # digits | toy2d | image | folder | tfds
+    data.tfds_name = ""  # tfds dataset name, e.g. "cifar10", "celeb_a_hq/256", "lsun/church_outdoor".
+    data.tfds_data_dir = ""  # Local tfds data dir holding the prepared ArrayRecord files ("" = tfds default).
+    data.path = ""  # image: a file path or a scikit-image picture name; folder: a directory of images.
+    data.toy_name = "swiss_roll"  # toy2d: swiss_roll | s_curve | moons
+    data.toy_num_points = 10_000  # toy2d: size of the training set.
+    data.image_size = 32  # Height = width after resize / centre crop.
+    data.num_channels = 3  # 3 = RGB, 1 = grayscale.
+    data.random_flip = True  # Random horizontal flip (the paper: on, except LSUN cat).
+    data.train_split = "train"
+    data.eval_split = "test"  # Split for bits/dim and reference statistics.
+    data.repeat_single_image = 1024  # image: how many copies of the one picture make an "epoch".
+    data.num_workers = 0  # grain worker processes (0 = in-process; fine for small data).
+    data.prefetch = 2  # Batches prefetched onto the devices ahead of the step.
+
+    # ---- Model ------------------------------------------------------------------------------
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "unet"  # unet | mlp
+    model.ch = 128  # Base channel count.
+    model.ch_mult = (1, 2, 2, 2)  # Channel multiplier per resolution level.
+    model.num_res_blocks = 2  # Residual blocks per level.
+    model.attn_resolutions = (16,)  # Spatial sizes that get self-attention.
+    model.dropout = 0.1  # Dropout in residual blocks (0.1 CIFAR-10, 0.0 at 256x256).
+    model.resamp_with_conv = True  # Convolution in down/upsampling.
+    model.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params and optimizer stay float32).
+    model.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+    model.remat = False  # Rematerialise residual blocks (saves memory at 256x256).
+    model.mlp_hidden = 128  # mlp: width of the gated layers.
+
+    # ---- Diffusion --------------------------------------------------------------------------
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.schedule = "linear"  # linear | quadratic | cosine | sigmoid | const | jsd | warmup10 | warmup50
+    diffusion.num_timesteps = 1000  # T
+    diffusion.beta_start = 1e-4  # beta_1
+    diffusion.beta_end = 0.02  # beta_T
+    diffusion.pred = "eps"  # What the network predicts: eps | x0 | v
+    diffusion.var_type = "fixedlarge"  # Reverse variance: fixedlarge (beta_t) | fixedsmall (beta-tilde_t)
+
+    # ---- Optimisation -----------------------------------------------------------------------
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.lr = 2e-4  # Adam learning rate after warmup.
+    optim.warmup_steps = 5000  # Linear warmup from 0.
+    optim.beta1 = 0.9
+    optim.beta2 = 0.999
+    optim.eps = 1e-8
+    optim.grad_clip = 1.0  # Global-norm gradient clipping (0 = off).
+    optim.ema_decay = 0.9999  # EMA of the params; evaluation uses the EMA weights.
+
+    # ---- Training loop ----------------------------------------------------------------------
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 128  # Global batch over all devices and hosts.
+    training.num_steps = 800_000
+    training.log_every = 100  # Steps between metrics.jsonl / TensorBoard / progress-bar updates.
+    training.sample_every = 10_000  # Steps between EMA sample grids (0 = never).
+    training.num_grid_samples = 64  # Images in each sample grid.
+    training.checkpoint_every = 5000  # Steps between checkpoints.
+    training.keep_checkpoints = 3  # Most recent checkpoints kept.
+    training.keep_every = 100_000  # Also keep every K-th step permanently (0 = none).
+    training.steps_per_dispatch = 1  # Train steps fused into one compiled call (lax.scan).
+    training.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
+    training.eval_bpd_after = False  # Report test bits/dim when training ends.
+
+    # ---- Sampling (--mode=sample, sample grids) ---------------------------------------------
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.method = "ddpm"  # ddpm (Algorithm 2) | ddim
+    sampling.num_samples = 64
+    sampling.batch_size = 256  # Global batch per compiled sampling call.
+    sampling.ddim_steps = 50
+    sampling.ddim_eta = 0.0
+    sampling.ddim_spacing = "leading"  # leading | trailing | quadratic
+    sampling.clip_denoised = True  # Clip the predicted x0 to [-1, 1].
+    sampling.seed = 0  # Image i depends only on (seed, i).
+    sampling.trajectory_every = 0  # Keep x_t and predicted x0 every n steps, write a GIF (0 = off).
+    sampling.init_image = ""  # Partial denoising: the image to noise and denoise ...
+    sampling.start_step = 0  # ... from this step k (0 = start from pure noise).
+
+    # ---- Evaluation (--mode=eval, --mode=fid_stats) -----------------------------------------
+    config.eval = evaluation = ml_collections.ConfigDict()
+    evaluation.num_samples = 50_000  # Samples for FID / IS.
+    evaluation.batch_size = 500  # Global batch per generation call.
+    evaluation.chunk_size = 1000  # Samples per file written under workdir/eval; resume skips done chunks.
+    evaluation.inception_weights = ""  # Converted pytorch-fid Inception weights (.npz, local path).
+    evaluation.fid_stats = ""  # Reference statistics (.npz with mu, sigma), local path.
+    evaluation.bpd_num_examples = 0  # Test examples for bits/dim (0 = the whole split).
+    evaluation.bpd_batch_size = 256
+
+    # ---- Multi-host ---------------------------------------------------------------------------
+    config.distributed = distributed = ml_collections.ConfigDict()
+    distributed.coordinator_address = ""  # host:port; "" = single process (or auto on TPU / SLURM).
+    distributed.num_processes = 1
+    distributed.process_id = 0
+    return config

@@ -1,0 +1,14 @@
+"""Test-wide setup: eight fake CPU devices, float32 matmuls, no network."""
+
+import os
+
+# Must happen before jax is imported anywhere: every test process sees 8 CPU devices,
+# so data-parallel code paths run as they would on an 8-GPU host.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
