@@ -104,7 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- Multi-host ---------------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()
-    distributed.coordinator_address = ""  # host:port; "" = single process (or auto on TPU / SLURM).
+    # "" = one process; "auto" = jax.distributed.initialize() detects the cluster (TPU pod,
+    # SLURM, ...); "host:port" = explicit coordinator, with num_processes and process_id below.
+    distributed.coordinator_address = ""
     distributed.num_processes = 1
     distributed.process_id = 0
     return config
