@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Multi-node GPU training under SLURM: one process per node driving all its GPUs,
+# joined by jax.distributed.initialize() (which reads SLURM's environment).
+#
+#   launch/slurm.sh --nodes=4 --gpus-per-node=8 --partition=gpu --time=72:00:00 \
+#       --config=configs/cifar10.py --workdir=/shared/runs/cifar10 [--requeue] [--dry-run]
+#
+# Writes <workdir>/slurm_job.sh and submits it with sbatch (--dry-run prints it
+# instead). The workdir must be on a filesystem every node sees. With
+# --requeue, a preempted job restarts and resumes from its latest checkpoint.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+usage() { sed -n '2,11p' "$0"; }
+KNOWN_OPTS="nodes gpus-per-node partition time account python"
+parse_args "$@"
+nodes=${OPT_nodes:-1}
+gpus=${OPT_gpus_per_node:-8}
+workdir=""
+for a in "${MAIN_ARGS[@]}"; do [[ "$a" == --workdir=* ]] && workdir="${a#--workdir=}"; done
+[[ -n "$workdir" ]] || die "missing --workdir=DIR (on a filesystem shared by all nodes)"
+
+printf -v main_cmd ' %q' "${MAIN_ARGS[@]}"
+directives=(--job-name=ddpm_jax --nodes="$nodes" --ntasks-per-node=1 --gpus-per-node="$gpus"
+            --output="$workdir/slurm-%j.out" --signal=TERM@120)
+[[ -n "${OPT_partition:-}" ]] && directives+=(--partition="$OPT_partition")
+[[ -n "${OPT_time:-}" ]] && directives+=(--time="$OPT_time")
+[[ -n "${OPT_account:-}" ]] && directives+=(--account="$OPT_account")
+[[ -n "${OPT_requeue:-}" ]] && directives+=(--requeue)
+script="#!/usr/bin/env bash"$'\n'
+for d in "${directives[@]}"; do script+="#SBATCH $d"$'\n'; done
+script+="set -euo pipefail
+cd $(printf %q "$PWD")
+export PYTHONPATH=$(printf %q "$REPO_ROOT")\${PYTHONPATH:+:\$PYTHONPATH}
+srun ${OPT_python:-python3} -m ddpm_jax.main$main_cmd --config.distributed.coordinator_address=auto"
+
+if [[ $DRY_RUN == 1 ]]; then
+  echo "# $workdir/slurm_job.sh"; echo "$script"; echo "+ sbatch $workdir/slurm_job.sh"
+  exit 0
+fi
+mkdir -p "$workdir"
+echo "$script" > "$workdir/slurm_job.sh"
+run sbatch "$workdir/slurm_job.sh"
