@@ -1,0 +1,143 @@
+"""Images in and out: [-1, 1] floats -> uint8, grids, PNG / GIF files, 2-D scatter plots."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Maps [-1, 1] floats to uint8 [0, 255] (clipped, rounded as the paper's code)."""
+    x = np.asarray(x, np.float32)
+    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(x: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return np.asarray(x, np.float32) / 127.5 - 1.0
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1, pad_value: int = 255) -> np.ndarray:
+    """Tiles [N, H, W, C] images (uint8, or floats in [-1, 1]) into one uint8 [H', W', C] grid.
+
+    `ncol` defaults to ceil(sqrt(N)); empty cells are left at `pad_value`.
+    """
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(f"make_grid wants [N, H, W, C] images, got shape {images.shape}.")
+    if images.dtype != np.uint8:
+        images = to_uint8(images)
+    n, h, w, c = images.shape
+    ncol = int(ncol or math.ceil(math.sqrt(n)))
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), pad_value, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement of an [H, W, C] image (8x8 digits are unreadable at 1x)."""
+    if factor <= 1:
+        return image
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def _write(path: str, pil_save) -> str:
+    """Runs `pil_save(file_obj)` into `path` (local, or any etils.epath URL such as gs://)."""
+    from etils import epath
+
+    out = epath.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    pil_save(buffer)
+    out.write_bytes(buffer.getvalue())
+    return os.fspath(path)
+
+
+def _to_pil_array(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = to_uint8(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    return image
+
+
+def save_png(path: str, image: np.ndarray) -> str:
+    """Writes an [H, W, C] (C = 1 or 3) or [H, W] image; floats are taken as [-1, 1]."""
+    from PIL import Image
+
+    return _write(path, lambda f: Image.fromarray(_to_pil_array(image)).save(f, format="PNG"))
+
+
+def save_gif(path: str, frames: np.ndarray, fps: float = 10.0, loop: int = 0) -> str:
+    """Writes [K, H, W, C] frames (uint8 or [-1, 1] floats) as an animated GIF."""
+    from PIL import Image
+
+    frames = np.asarray(frames)
+    if frames.ndim < 3 or len(frames) == 0:
+        raise ValueError(f"save_gif wants [K, H, W, C] frames with K >= 1, got shape {frames.shape}.")
+    pics = [Image.fromarray(_to_pil_array(f)) for f in frames]
+    duration = max(int(round(1000.0 / fps)), 20)
+    return _write(
+        path,
+        lambda f: pics[0].save(
+            f, format="GIF", save_all=True, append_images=pics[1:], duration=duration, loop=loop
+        ),
+    )
+
+
+def scatter_image(
+    points: np.ndarray,
+    *,
+    reference: np.ndarray | None = None,
+    title: str = "",
+    size_px: int = 384,
+    lim: float | None = None,
+) -> np.ndarray:
+    """Renders 2-D points (and optional reference points in grey) as a uint8 [H, W, 3] image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = np.asarray(points, np.float32).reshape(-1, 2)
+    dpi = 96
+    fig = Figure(figsize=(size_px / dpi, size_px / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if reference is not None:
+        ref = np.asarray(reference, np.float32).reshape(-1, 2)
+        ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.75", linewidths=0)
+    ax.scatter(points[:, 0], points[:, 1], s=3, c="tab:blue", linewidths=0)
+    if lim is None:
+        lim = float(np.max(np.abs(points))) * 1.05 if points.size else 1.0
+        lim = min(max(lim, 1.0), 10.0)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def scatter_frames(trajectory: np.ndarray, titles: Sequence[str], lim: float | None = None) -> np.ndarray:
+    """One scatter image per frame of a [K, N, 2] trajectory (for GIFs of 2-D sampling)."""
+    trajectory = np.asarray(trajectory)
+    if lim is None:
+        lim = min(max(float(np.max(np.abs(trajectory[-1]))) * 1.05, 1.0), 10.0)
+    return np.stack([scatter_image(f, title=t, lim=lim) for f, t in zip(trajectory, titles)])
