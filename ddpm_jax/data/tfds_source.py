@@ -23,16 +23,15 @@ from ddpm_jax.data.sources import fit_image
 
 # Notes on preparing the paper's datasets with tfds (shown by `prepare` and in errors).
 PREPARE_NOTES = {
-    "cifar10": "downloads automatically (about 160 MB).",
+    "cifar10": "downloads by itself.",
     "celeb_a_hq": (
         "needs a manual download: put the CelebA-HQ tar files (data2x2.tar ... data1024x1024.tar, "
         "made with https://github.com/tkarras/progressive_growing_of_gans#preparing-datasets-for-training) "
-        "in DATA_DIR/downloads/manual/ first."
+        "in DATA_DIR/downloads/manual/ (or pass --manual_dir) first."
     ),
     "lsun": (
-        "downloads the LMDB archives from http://dl.yf.io/lsun/ (large: church_outdoor 2.3 GB, "
-        "bedroom 43 GB, cat 42 GB) and reads them with tensorflow-io (`pip install tensorflow-io`); "
-        "if that server is down, put the zip files in DATA_DIR/downloads/manual/ yourself."
+        "downloads the LMDB archives from http://dl.yf.io/lsun/ and reads them with tensorflow-io: "
+        "`pip install tensorflow-io` as well."
     ),
 }
 
