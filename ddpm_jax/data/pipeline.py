@@ -74,6 +74,10 @@ def _read_options() -> grain.ReadOptions:
 def _to_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
     it_ds = ds.to_iter_dataset(_read_options())
     if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults.
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it_ds)
 

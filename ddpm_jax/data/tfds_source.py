@@ -113,7 +113,6 @@ class TfdsSource:
         return fit_image(example["image"], self.size, self.channels)
 
     def __getitem__(self, index: int) -> np.ndarray:
+        # One record at a time: grain's reader threads read batches in parallel, and decoding
+        # dominates the cost (the batched `__getitems__` is also broken under tfds' mock_data).
         return self._fit(self.source[int(index)])
-
-    def _getitems(self, indices: Sequence[int]) -> list[np.ndarray]:
-        return [self._fit(e) for e in self.source.__getitems__([int(i) for i in indices])]
