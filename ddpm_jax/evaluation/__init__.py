@@ -1,0 +1,1 @@
+"""Evaluation: the FID Inception network, FID / Inception Score statistics."""
