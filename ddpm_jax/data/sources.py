@@ -32,7 +32,7 @@ from PIL import Image
 
 SOURCE_NAMES = ("digits", "toy2d", "image", "folder", "tfds")
 TOY_NAMES = ("swiss_roll", "s_curve", "moons")
-# The two informative coordinates of each toy set, and its noise level.
+# Noise of each toy set (sklearn units; swiss roll and S-curve keep their x and z coordinates).
 _TOY_NOISE = {"swiss_roll": 0.5, "s_curve": 0.05, "moons": 0.05}
 DIGITS_NUM_TRAIN = 1500  # The last 1797 - 1500 = 297 digits are the test split.
 BUILTIN_SPLITS = ("train", "test")  # Splits of digits and toy2d.
