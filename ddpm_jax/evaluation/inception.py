@@ -231,6 +231,23 @@ class InceptionE(nn.Module):
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
+def preprocess(x, *, resize: bool = True,
+               precision: Precision = jax.lax.Precision.HIGHEST) -> jnp.ndarray:
+    """Check NHWC images in [-1, 1], gray → RGB, float32, bilinear resize to 299 × 299."""
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"FID Inception expects NHWC images with 1 or 3 channels, got shape "
+                         f"{tuple(x.shape)}; pass [B, H, W, 3] arrays in [-1, 1]")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"FID Inception expects float images in [-1, 1], got dtype {x.dtype}; "
+                         f"convert uint8 with x / 127.5 - 1")
+    x = jnp.asarray(x, jnp.float32)
+    if x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    if resize:
+        x = resize_bilinear(x, INCEPTION_SIZE, precision=precision)
+    return x
+
+
 class FIDInceptionV3(nn.Module):
     """The FID Inception-v3; ``__call__(images in [-1, 1], NHWC, any size) -> dict``."""
     resize: bool = True
@@ -239,17 +256,7 @@ class FIDInceptionV3(nn.Module):
     @nn.compact
     def __call__(self, x):
         p = self.precision
-        if x.ndim != 4 or x.shape[-1] not in (1, 3):
-            raise ValueError(f"FID Inception expects NHWC images with 1 or 3 channels, got shape "
-                             f"{tuple(x.shape)}; pass [B, H, W, 3] arrays in [-1, 1]")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"FID Inception expects float images in [-1, 1], got dtype {x.dtype}; "
-                             f"convert uint8 with x / 127.5 - 1")
-        x = x.astype(jnp.float32)
-        if x.shape[-1] == 1:
-            x = jnp.repeat(x, 3, axis=-1)
-        if self.resize:
-            x = resize_bilinear(x, INCEPTION_SIZE, precision=p)
+        x = preprocess(x, resize=self.resize, precision=p)
         conv = functools.partial(BasicConv, precision=p)
         x = conv(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x)          # 149
         x = conv(32, (3, 3), name="Conv2d_2a_3x3")(x)                    # 147
@@ -324,8 +331,8 @@ def load_inception(weights_path: str | os.PathLike, *, precision: Precision =
                    jax.lax.Precision.HIGHEST) -> tuple[Callable, dict]:
     """Load converted FID Inception weights (no torch, no network).
 
-    Returns ``(apply_fn, variables)`` with ``apply_fn(variables, images)`` jit-compiled,
-    images NHWC in [-1, 1] of any size, giving ``dict(pool=[B, 2048],
+    Returns ``(apply_fn, variables)``: ``apply_fn(variables, images)`` is jit-compiled
+    (and can itself be wrapped in ``jax.jit``), images NHWC in [-1, 1] of any size, giving ``dict(pool=[B, 2048],
     logits=[B, 1008], logits_unbiased=[B, 1008])`` in float32.
     """
     path = os.fspath(weights_path)
@@ -343,5 +350,11 @@ def load_inception(weights_path: str | os.PathLike, *, precision: Precision =
                          f"create it with python -m ddpm_jax.evaluation.convert_inception")
     check_variables(flat, repr(path))
     variables = jax.tree_util.tree_map(jnp.asarray, unflatten_variables(flat))
-    model = FIDInceptionV3(precision=precision)
-    return jax.jit(model.apply), variables
+    # Two jitted stages: each new input size compiles only the resize, the network once.
+    prepare = jax.jit(functools.partial(preprocess, resize=True, precision=precision))
+    network = jax.jit(FIDInceptionV3(resize=False, precision=precision).apply)
+
+    def apply_fn(variables, images):
+        return network(variables, prepare(images))
+
+    return apply_fn, variables
