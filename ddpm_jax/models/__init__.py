@@ -1,0 +1,36 @@
+"""Networks: the DDPM U-Net and the 2-D toy GatedMLP, built by name with `build_model`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+
+from ddpm_jax.models.mlp import GatedMLP
+from ddpm_jax.models.unet import UNet
+
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "mlp": GatedMLP}
+
+
+def model_kwarg_names(name: str) -> tuple[str, ...]:
+    """The hyper-parameter keywords the model `name` accepts."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; use one of {sorted(MODELS)}.")
+    return tuple(f.name for f in dataclasses.fields(MODELS[name])
+                 if f.init and f.name not in ("parent", "name"))
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Builds model `name` ("unet" | "mlp") from explicit keyword hyper-parameters."""
+    allowed = model_kwarg_names(name)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {name} arguments {unknown}; accepted: {list(allowed)}.")
+    if "ch_mult" in kwargs:
+        kwargs["ch_mult"] = tuple(kwargs["ch_mult"])
+    if "attn_resolutions" in kwargs:
+        kwargs["attn_resolutions"] = tuple(kwargs["attn_resolutions"])
+    return MODELS[name](**kwargs)
+
+
+__all__ = ["GatedMLP", "UNet", "build_model", "model_kwarg_names", "MODELS"]

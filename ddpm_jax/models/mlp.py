@@ -1,0 +1,45 @@
+"""GatedMLP: the small network of the 2-D toy-data diffusion tutorial.
+
+Three 128-unit linear layers; each layer's output is multiplied elementwise by a learned
+per-timestep gate (an embedding table indexed by t, initialised uniform in [0, 1)), then
+softplus; a final linear layer maps to 2-D (the predicted eps, x0 or v).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class GatedMLP(nn.Module):
+    """`apply({"params": p}, x [B, D], t [B] int or scalar, train=False)` -> [B, out_dim]."""
+
+    num_timesteps: int = 100
+    hidden: int = 128
+    out_dim: int = 2
+    num_layers: int = 3
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        del train  # No dropout: the signature matches the UNet so trainers treat both alike.
+        if x.ndim != 2:
+            raise ValueError(f"GatedMLP expects points [B, D], got shape {x.shape}; flatten the inputs.")
+        t = jnp.asarray(t)
+        if t.ndim == 0:
+            t = jnp.broadcast_to(t, x.shape[:1])
+        if t.shape != x.shape[:1]:
+            raise ValueError(f"t must be a scalar or have shape [{x.shape[0]}] (the batch), got {t.shape}.")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = x
+        for i in range(self.num_layers):
+            h = nn.Dense(self.hidden, name=f"linear_{i}", **kw)(h)
+            gate = nn.Embed(self.num_timesteps, self.hidden, embedding_init=nn.initializers.uniform(1.0),
+                            name=f"gate_{i}", **kw)(t)
+            h = nn.softplus(h * gate)
+        return nn.Dense(self.out_dim, name="linear_out", **kw)(h).astype(jnp.float32)

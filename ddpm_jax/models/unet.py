@@ -1,0 +1,192 @@
+"""The DDPM U-Net (Ho et al. 2020, Appendix B): a PixelCNN++ backbone with timestep embedding.
+
+As the official `diffusion_tf/models/unet.py`: conv_in; per resolution level `num_res_blocks`
+residual blocks (self-attention after each block at the resolutions in `attn_resolutions`),
+then a stride-2 downsample except at the last level; a middle block (res, attn, res); the
+mirrored up path with `num_res_blocks + 1` blocks per level, each fed `concat([h, skip])`,
+nearest x2 upsampling; GroupNorm, swish, zero-initialised conv_out. Images are NHWC.
+
+Parameter tree (diffusers `UNet2DModel` names with `.i` written `_i`):
+`time_embedding/linear_{1,2}`, `conv_in`, `down_blocks_i/{resnets_j,attentions_j,downsamplers_0}`,
+`mid_block/{resnets_0,attentions_0,resnets_1}`, `up_blocks_i/{resnets_j,attentions_j,upsamplers_0}`
+(up_blocks_0 is the lowest resolution, as in diffusers), `conv_norm_out`, `conv_out`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ddpm_jax.models.layers import (ATTENTION_IMPLS, NUM_GROUPS, AttnBlock, Downsample, ResnetBlock,
+                                    TimestepEmbedding, Upsample, default_init, group_norm)
+
+Dtype = Any
+
+
+def _resnet_cls(remat: bool) -> type[nn.Module]:
+    # static_argnums counts `self` as 0: (self, x, temb, train) -> `train` is static.
+    return nn.remat(ResnetBlock, static_argnums=(3,)) if remat else ResnetBlock
+
+
+class DownBlock(nn.Module):
+    """One resolution level of the contracting path; returns (h, outputs kept for the skips)."""
+
+    out_ch: int
+    num_res_blocks: int
+    use_attn: bool
+    add_downsample: bool
+    dropout: float
+    resamp_with_conv: bool
+    dtype: Dtype
+    param_dtype: Dtype
+    attention_impl: str
+    remat: bool
+
+    @nn.compact
+    def __call__(self, h, temb, train: bool):
+        resnet = _resnet_cls(self.remat)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        outputs = []
+        for j in range(self.num_res_blocks):
+            h = resnet(self.out_ch, self.dropout, name=f"resnets_{j}", **kw)(h, temb, train)
+            if self.use_attn:
+                h = AttnBlock(attention_impl=self.attention_impl, name=f"attentions_{j}", **kw)(h)
+            outputs.append(h)
+        if self.add_downsample:
+            h = Downsample(self.resamp_with_conv, name="downsamplers_0", **kw)(h)
+            outputs.append(h)
+        return h, outputs
+
+
+class MidBlock(nn.Module):
+    """The bottleneck: res block, self-attention, res block."""
+
+    dropout: float
+    dtype: Dtype
+    param_dtype: Dtype
+    attention_impl: str
+    remat: bool
+
+    @nn.compact
+    def __call__(self, h, temb, train: bool):
+        resnet = _resnet_cls(self.remat)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = h.shape[-1]
+        h = resnet(c, self.dropout, name="resnets_0", **kw)(h, temb, train)
+        h = AttnBlock(attention_impl=self.attention_impl, name="attentions_0", **kw)(h)
+        return resnet(c, self.dropout, name="resnets_1", **kw)(h, temb, train)
+
+
+class UpBlock(nn.Module):
+    """One resolution level of the expanding path: `num_res_blocks + 1` blocks on [h, skip]."""
+
+    out_ch: int
+    num_res_blocks: int
+    use_attn: bool
+    add_upsample: bool
+    dropout: float
+    resamp_with_conv: bool
+    dtype: Dtype
+    param_dtype: Dtype
+    attention_impl: str
+    remat: bool
+
+    @nn.compact
+    def __call__(self, h, skips: Sequence[jnp.ndarray], temb, train: bool):
+        """`skips` in consumption order (the most recent down-path output first)."""
+        resnet = _resnet_cls(self.remat)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for j in range(self.num_res_blocks + 1):
+            # Official order: concat([h, hs.pop()]) (diffusers: torch.cat([h, res], dim=1)).
+            h = jnp.concatenate([h, skips[j].astype(h.dtype)], axis=-1)
+            h = resnet(self.out_ch, self.dropout, name=f"resnets_{j}", **kw)(h, temb, train)
+            if self.use_attn:
+                h = AttnBlock(attention_impl=self.attention_impl, name=f"attentions_{j}", **kw)(h)
+        if self.add_upsample:
+            h = Upsample(self.resamp_with_conv, name="upsamplers_0", **kw)(h)
+        return h
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net: `apply({"params": p}, x [B,H,W,C], t [B] or scalar, train=False)` -> [B,H,W,out_ch].
+
+    `dtype` is the compute dtype (float32 or bfloat16); parameters are `param_dtype`. GroupNorm
+    statistics, the attention softmax, the output norm/conv and the returned array are float32.
+    `attention_impl` selects `jax.nn.dot_product_attention`'s implementation ("xla" everywhere,
+    "cudnn" for the fused GPU kernel: bfloat16/float16 compute, per-head dim <= 128, or <= 256 on
+    Hopper). `remat=True` rematerialises every residual block in the backward pass.
+    Dropout is active only with `train=True` and then needs the "dropout" rng.
+    """
+
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    remat: bool = False
+
+    def _check(self, x: jnp.ndarray, dtype: jnp.dtype) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"UNet expects NHWC images [B, H, W, C], got shape {x.shape}; "
+                             "add the batch axis / move channels last.")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        height, width = x.shape[1], x.shape[2]
+        if height % factor or width % factor:
+            raise ValueError(
+                f"UNet with {len(self.ch_mult)} levels (ch_mult={tuple(self.ch_mult)}) needs H and W "
+                f"divisible by {factor}, got {height}x{width}; resize/crop the images or use fewer levels.")
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % NUM_GROUPS]
+        if bad:
+            raise ValueError(f"channel counts {bad} (ch={self.ch}, ch_mult={tuple(self.ch_mult)}) are not "
+                             f"divisible by the {NUM_GROUPS} GroupNorm groups; use ch a multiple of 32.")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is unknown; use one of {ATTENTION_IMPLS}.")
+        if self.attention_impl == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attention_impl='cudnn' needs a bfloat16/float16 compute dtype, got {dtype}; "
+                             "set dtype='bfloat16' or attention_impl='xla'.")
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+        self._check(x, dtype)
+        batch = x.shape[0]
+        t = jnp.asarray(t)
+        if t.ndim == 0:
+            t = jnp.broadcast_to(t, (batch,))
+        if t.shape != (batch,):
+            raise ValueError(f"t must be a scalar or have shape [{batch}] (the batch), got {t.shape}.")
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        blk = dict(dropout=self.dropout, attention_impl=self.attention_impl, remat=self.remat, **kw)
+        num_levels = len(self.ch_mult)
+
+        temb = TimestepEmbedding(self.ch, name="time_embedding", **kw)(t)
+        h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init(), name="conv_in", **kw)(x)
+        skips = [h]
+        for i, mult in enumerate(self.ch_mult):
+            h, outputs = DownBlock(
+                self.ch * mult, self.num_res_blocks, use_attn=h.shape[1] in self.attn_resolutions,
+                add_downsample=i != num_levels - 1, resamp_with_conv=self.resamp_with_conv,
+                name=f"down_blocks_{i}", **blk)(h, temb, train)
+            skips.extend(outputs)
+
+        h = MidBlock(name="mid_block", **blk)(h, temb, train)
+
+        for k, i in enumerate(reversed(range(num_levels))):
+            level_skips = tuple(skips.pop() for _ in range(self.num_res_blocks + 1))
+            h = UpBlock(
+                self.ch * self.ch_mult[i], self.num_res_blocks,
+                use_attn=h.shape[1] in self.attn_resolutions, add_upsample=i != 0,
+                resamp_with_conv=self.resamp_with_conv, name=f"up_blocks_{k}", **blk)(h, level_skips, temb, train)
+        assert not skips, "every skip connection must be consumed"
+
+        # Output head in float32: the returned eps (and the loss built on it) stay full precision.
+        h = nn.swish(group_norm("conv_norm_out", param_dtype, jnp.float32)(h))
+        return nn.Conv(self.out_ch, (3, 3), padding="SAME", kernel_init=default_init(0.0),
+                       dtype=jnp.float32, param_dtype=param_dtype, name="conv_out")(h)
