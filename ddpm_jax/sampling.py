@@ -63,14 +63,21 @@ def ddim_step(sched: Schedule, model_output, x_t, t, t_prev, noise, *, eta: floa
     if clip_denoised:
         x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
         eps_hat = diffusion.eps_from_x0(sched, x_t, t, x0_hat)
-    t_prev = jnp.asarray(t_prev)
-    abar_t = diffusion.extract(sched.alphas_cumprod, t, nd)
-    abar_prev = jnp.where(_per_example(t_prev >= 0, nd),
-                          diffusion.extract(sched.alphas_cumprod, jnp.maximum(t_prev, 0), nd), 1.0)
-    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
-    # max(·, 0): float32 rounding may make 1 − ᾱ_{t'} − σ² slightly negative when η = 1 and ᾱ_{t'} ≈ 1.
-    direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - jnp.square(sigma), 0.0)) * eps_hat
-    x_prev = jnp.sqrt(abar_prev) * x0_hat + direction + sigma * noise
+    # Every factor comes from a float64-built table: 1 − ᾱ in float32 would lose ~1e-3 of its
+    # relative precision near t = 0 (ᾱ ≈ 0.9999).
+    has_prev = _per_example(jnp.asarray(t_prev) >= 0, nd)
+    tp = jnp.maximum(jnp.asarray(t_prev), 0)
+    sqrt_abar_prev = jnp.where(has_prev, diffusion.extract(sched.sqrt_alphas_cumprod, tp, nd), 1.0)
+    sqrt_1m_abar_prev = jnp.where(has_prev, diffusion.extract(sched.sqrt_one_minus_alphas_cumprod, tp, nd), 0.0)
+    log_abar_prev = jnp.where(has_prev, diffusion.extract(sched.log_alphas_cumprod, tp, nd), 0.0)
+    # c = (1 − ᾱ_t/ᾱ_{t'}) / (1 − ᾱ_t) ∈ [0, 1], so σ_t = η √(1 − ᾱ_{t'}) √c and
+    # √(1 − ᾱ_{t'} − σ_t²) = √(1 − ᾱ_{t'}) √(1 − η² c).
+    one_minus_ratio = -jnp.expm1(diffusion.extract(sched.log_alphas_cumprod, t, nd) - log_abar_prev)
+    c = one_minus_ratio / jnp.square(diffusion.extract(sched.sqrt_one_minus_alphas_cumprod, t, nd))
+    sigma = eta * sqrt_1m_abar_prev * jnp.sqrt(c)
+    # max(·, 0): c may exceed 1 by float32 rounding when η = 1.
+    direction = sqrt_1m_abar_prev * jnp.sqrt(jnp.maximum(1.0 - eta ** 2 * c, 0.0)) * eps_hat
+    x_prev = sqrt_abar_prev * x0_hat + direction + sigma * noise
     return x_prev, x0_hat
 
 

@@ -117,7 +117,9 @@ class Schedule:
       posterior_log_variance_clipped = log β̃ with β̃_1 in place of the 0 at t = 0,
       posterior_mean_coef1 = β_t √ᾱ_{t−1} / (1 − ᾱ_t),  posterior_mean_coef2 = √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t),
       fixedlarge_log_variance = log of (β̃_1, β_2, …, β_T): the "fixedlarge" reverse log-variance
-        (β_t, with β̃_1 at t = 0 so the decoder's likelihood stays finite), as the official code.
+        (β_t, with β̃_1 at t = 0 so the decoder's likelihood stays finite), as the official code,
+      log_alphas_cumprod = log ᾱ_t = Σ_{s≤t} log(1 − β_s): lets strided samplers form
+        1 − ᾱ_t/ᾱ_s = −expm1(log ᾱ_t − log ᾱ_s) without float32 cancellation.
     """
 
     betas: jnp.ndarray
@@ -133,6 +135,7 @@ class Schedule:
     posterior_mean_coef1: jnp.ndarray
     posterior_mean_coef2: jnp.ndarray
     fixedlarge_log_variance: jnp.ndarray
+    log_alphas_cumprod: jnp.ndarray
 
     @classmethod
     def from_betas(cls, betas: np.ndarray) -> "Schedule":
@@ -142,6 +145,7 @@ class Schedule:
         abar = np.cumprod(alphas)
         abar_prev = np.append(1.0, abar[:-1])
         with np.errstate(divide="ignore"):  # jsd's β_T = 1 gives ᾱ_T = 0: 1/ᾱ_T = inf, as the official code.
+            log_abar = np.cumsum(np.log1p(-betas))
             sqrt_recip = np.sqrt(1.0 / abar)
             sqrt_recipm1 = np.sqrt(1.0 / abar - 1.0)
             log_one_minus = np.log(1.0 - abar)
@@ -168,6 +172,7 @@ class Schedule:
             posterior_mean_coef1=f32(coef1),
             posterior_mean_coef2=f32(coef2),
             fixedlarge_log_variance=f32(fixedlarge_log_var),
+            log_alphas_cumprod=f32(log_abar),
         )
 
     @property

@@ -15,7 +15,7 @@ FIELDS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod
           "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
           "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
           "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-          "fixedlarge_log_variance")
+          "fixedlarge_log_variance", "log_alphas_cumprod")
 
 
 # ---- get_betas: every schedule at a few points -------------------------------------------------
@@ -115,7 +115,7 @@ def _reference_tables(b):
         posterior_log_variance_clipped=np.log(np.r_[post_var[1], post_var[1:]]),
         posterior_mean_coef1=b * abar_prev ** 0.5 / (1 - abar),
         posterior_mean_coef2=(1 - abar_prev) * a ** 0.5 / (1 - abar),
-        fixedlarge_log_variance=np.log(np.r_[post_var[1], b[1:]]))
+        fixedlarge_log_variance=np.log(np.r_[post_var[1], b[1:]]), log_alphas_cumprod=np.log(abar))
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "quadratic", "warmup10"])
