@@ -1,0 +1,31 @@
+"""`python -m ddpm_jax.convert --diffusers DIR --out DIR`: released DDPM weights -> ddpm_jax checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ddpm_jax.convert import convert_diffusers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddpm_jax.convert", description=__doc__)
+    parser.add_argument("--diffusers", required=True, metavar="DIR",
+                        help="diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.*), "
+                             "e.g. a local snapshot of google/ddpm-cifar10-32")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new (or empty) checkpoint directory")
+    args = parser.parse_args(argv)
+    try:
+        meta = convert_diffusers(args.diffusers, args.out)
+    except (OSError, ValueError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    kwargs = meta["model"]["kwargs"]
+    print(f"wrote {args.out}: UNet({', '.join(f'{k}={v}' for k, v in kwargs.items())}), "
+          f"images {tuple(meta['data_shape'])}.")
+    print(f"sample with: python -m ddpm_jax.main --config=CONFIG --workdir={args.out} --mode=sample")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
