@@ -63,7 +63,8 @@ def q_mean_variance(sched: Schedule, x0: jnp.ndarray, t: jnp.ndarray):
 def q_posterior(sched: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray):
     """q(x_{t−1} | x_t, x_0) = N(μ̃_t(x_t, x_0), β̃_t I) (eq. (6)–(7)).
 
-    Returns (mean, variance, log_variance_clipped); the log uses β̃_1 at t = 0, where β̃ = 0.
+    Returns (mean, variance, log_variance_clipped); the log uses β̃_1 (posterior_variance[1])
+    at t = 0, where β̃_0 = 0.
     """
     nd = x_t.ndim
     mean = extract(sched.posterior_mean_coef1, t, nd) * x0 + extract(sched.posterior_mean_coef2, t, nd) * x_t
@@ -119,9 +120,9 @@ def x0_and_eps(sched: Schedule, model_output, x_t, t, pred: str = "eps"):
 def reverse_variance(sched: Schedule, t, ndim: int, var_type: str = "fixedlarge"):
     """(variance, log_variance) of p(x_{t−1} | x_t), §3.2: σ_t² = β_t or β̃_t.
 
-    fixedlarge: variance β_t; its log uses β̃_1 at t = 0 (the official code's
-    log(append(β̃_1, β[1:]))), so the decoder likelihood at t = 0 stays finite.
-    fixedsmall: β̃_t, with the clipped log (β̃_1 at t = 0).
+    fixedlarge: variance β_t; its log uses β̃_1 = posterior_variance[1] at t = 0, as the
+    official code's log(append(posterior_variance[1], betas[1:])) (a better decoder likelihood).
+    fixedsmall: β̃_t, with the clipped log (β̃_1 at t = 0, where β̃_0 = 0).
     """
     check_var_type(var_type)
     if var_type == "fixedlarge":

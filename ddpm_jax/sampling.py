@@ -217,6 +217,8 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
         return one_step(x, *tt), None
 
     def run(x, ts, t_prevs):
+        if len(ts) == 0:  # nothing to do (k = 0, or no remainder): no scan to trace and compile
+            return x, jnp.zeros_like(x)
         (x, x0), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), (ts, t_prevs))
         return x, x0
 
@@ -225,7 +227,7 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
         x, _ = run(x, ts, t_prevs)
         return SampleOutput(x, None, None, None)
 
-    C = len(ts) // n
+    C = len(ts) // n  # chunks of n steps; the remaining len(ts) % n steps run after, unrecorded
 
     def chunk(x, tt):
         x, x0 = run(x, *tt)

@@ -111,13 +111,15 @@ def _validate_betas(betas) -> np.ndarray:
 class Schedule:
     """Float32 tables of the forward process, indexed by the 0-based timestep t.
 
-    Names follow the official code; in the paper's notation (eq. (4), (6), (7)):
-      alphas_cumprod[t] = ᾱ_t = Π_{s≤t} (1 − β_s),   alphas_cumprod_prev[t] = ᾱ_{t−1} (1 at t = 0),
-      posterior_variance[t] = β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t),
-      posterior_log_variance_clipped = log β̃ with β̃_1 in place of the 0 at t = 0,
+    Names follow the official code. Below, subscripts are the code's 0-based t (the paper's
+    t + 1) and ᾱ_{−1} = 1; eq. (4), (6), (7):
+      alphas_cumprod[t] = ᾱ_t = Π_{s≤t} (1 − β_s),   alphas_cumprod_prev[t] = ᾱ_{t−1},
+      posterior_variance[t] = β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)   (0 at t = 0),
+      posterior_log_variance_clipped = log of (β̃_1, β̃_1, β̃_2, …): β̃_1 replaces the 0 at t = 0,
       posterior_mean_coef1 = β_t √ᾱ_{t−1} / (1 − ᾱ_t),  posterior_mean_coef2 = √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t),
-      fixedlarge_log_variance = log of (β̃_1, β_2, …, β_T): the "fixedlarge" reverse log-variance
-        (β_t, with β̃_1 at t = 0 so the decoder's likelihood stays finite), as the official code,
+      fixedlarge_log_variance = log of (β̃_1, β_1, β_2, …): the "fixedlarge" reverse log-variance,
+        β_t except at t = 0, where the official code uses β̃_1 "to get a better decoder log
+        likelihood" (it only matters for the bits/dim of eq. (13); sampling adds no noise at t = 0),
       log_alphas_cumprod = log ᾱ_t = Σ_{s≤t} log(1 − β_s): lets strided samplers form
         1 − ᾱ_t/ᾱ_s = −expm1(log ᾱ_t − log ᾱ_s) without float32 cancellation.
     """
@@ -151,7 +153,7 @@ class Schedule:
             log_one_minus = np.log(1.0 - abar)
         # Eq. (7): the posterior q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t I).
         post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
-        # β̃ is 0 at t = 0; its log is clipped by using β̃_1 there (T = 1 has no β̃_1: use β_1).
+        # β̃ is 0 at t = 0; its log is clipped by using β̃_1 there (T = 1 has no β̃_1: use β_0).
         first = post_var[1] if betas.shape[0] > 1 else betas[0]
         post_log_var = np.log(np.append(first, post_var[1:]))
         fixedlarge_log_var = np.log(np.append(first, betas[1:]))
