@@ -75,34 +75,42 @@ def q_posterior(sched: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarr
 
 # ---- ε, x0 and v: the three network parameterisations --------------------------------------
 
+def _sqrt_abar(sched: Schedule, t, x):
+    """(√ᾱ_t, √(1 − ᾱ_t)) shaped to broadcast against x."""
+    return (extract(sched.sqrt_alphas_cumprod, t, x.ndim),
+            extract(sched.sqrt_one_minus_alphas_cumprod, t, x.ndim))
+
+
 def x0_from_eps(sched: Schedule, x_t, t, eps):
     """x_0 = x_t / √ᾱ_t − √(1/ᾱ_t − 1) ε (eq. (4) solved for x_0; the official form)."""
-    nd = x_t.ndim
-    return extract(sched.sqrt_recip_alphas_cumprod, t, nd) * x_t - extract(sched.sqrt_recipm1_alphas_cumprod, t, nd) * eps
+    recip = extract(sched.sqrt_recip_alphas_cumprod, t, x_t.ndim)
+    recipm1 = extract(sched.sqrt_recipm1_alphas_cumprod, t, x_t.ndim)
+    return recip * x_t - recipm1 * eps
 
 
 def eps_from_x0(sched: Schedule, x_t, t, x0):
     """ε = (x_t / √ᾱ_t − x_0) / √(1/ᾱ_t − 1), the inverse of `x0_from_eps`."""
-    nd = x_t.ndim
-    return (extract(sched.sqrt_recip_alphas_cumprod, t, nd) * x_t - x0) / extract(sched.sqrt_recipm1_alphas_cumprod, t, nd)
+    recip = extract(sched.sqrt_recip_alphas_cumprod, t, x_t.ndim)
+    recipm1 = extract(sched.sqrt_recipm1_alphas_cumprod, t, x_t.ndim)
+    return (recip * x_t - x0) / recipm1
 
 
 def v_target(sched: Schedule, x0, t, noise):
     """v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022, §4)."""
-    nd = x0.ndim
-    return extract(sched.sqrt_alphas_cumprod, t, nd) * noise - extract(sched.sqrt_one_minus_alphas_cumprod, t, nd) * x0
+    a, s = _sqrt_abar(sched, t, x0)
+    return a * noise - s * x0
 
 
 def x0_from_v(sched: Schedule, x_t, t, v):
     """x_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v."""
-    nd = x_t.ndim
-    return extract(sched.sqrt_alphas_cumprod, t, nd) * x_t - extract(sched.sqrt_one_minus_alphas_cumprod, t, nd) * v
+    a, s = _sqrt_abar(sched, t, x_t)
+    return a * x_t - s * v
 
 
 def eps_from_v(sched: Schedule, x_t, t, v):
     """ε = √ᾱ_t v + √(1 − ᾱ_t) x_t."""
-    nd = x_t.ndim
-    return extract(sched.sqrt_alphas_cumprod, t, nd) * v + extract(sched.sqrt_one_minus_alphas_cumprod, t, nd) * x_t
+    a, s = _sqrt_abar(sched, t, x_t)
+    return a * v + s * x_t
 
 
 def x0_and_eps(sched: Schedule, model_output, x_t, t, pred: str = "eps"):

@@ -76,7 +76,8 @@ def get_betas(name: str, num_timesteps: int, *, beta_start: float = 1e-4,
         if not (cosine_s >= 0.0 and math.isfinite(cosine_s)):
             raise ValueError(f"schedule 'cosine': cosine_s={cosine_s} must be >= 0 (the paper uses 0.008).")
         if not (0.0 < max_beta <= 1.0):
-            raise ValueError(f"schedule 'cosine': max_beta={max_beta} must lie in (0, 1] (the paper uses 0.999).")
+            raise ValueError(f"schedule 'cosine': max_beta={max_beta} must lie in (0, 1] "
+                             "(the paper uses 0.999).")
 
         def alpha_bar(u: float) -> float:
             return math.cos((u + cosine_s) / (1.0 + cosine_s) * math.pi / 2) ** 2

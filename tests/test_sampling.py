@@ -381,6 +381,9 @@ def test_sample_rejects_bad_options(small):
 # * diffusers builds its tables in float32 (torch.cumprod); ours are float64 cast once, so
 #   agreement is to float32 round-off, not bit-exact.
 
+DIFFUSERS_VAR = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
+
+
 def _torch():
     import torch
 
@@ -405,8 +408,8 @@ def ddpm_step_errors(var_type, pred, float64=True, ts=(999, 998, 500, 100, 10, 1
     from diffusers import DDPMScheduler
 
     ds = DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                       variance_type={"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[var_type],
-                       clip_sample=True, prediction_type={"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[pred])
+                       variance_type=DIFFUSERS_VAR[var_type], clip_sample=True,
+                       prediction_type={"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[pred])
     betas = schedules.get_betas("linear", T)
     dtype = torch.float64 if float64 else torch.float32
     if float64:
@@ -546,8 +549,7 @@ def trajectory_errors(method, var_type="fixedlarge", num_steps=None, eta=0.0, sp
     model = lambda x, t: 0.1 * x + torch.tanh(torch.tensor(t / TD, dtype=torch.float32))  # noqa: E731
     common = dict(num_train_timesteps=TD, beta_start=1e-4, beta_end=0.2, beta_schedule="linear", clip_sample=True)
     if method == "ddpm":
-        ds = DDPMScheduler(variance_type={"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[var_type],
-                           **common)
+        ds = DDPMScheduler(variance_type=DIFFUSERS_VAR[var_type], **common)
         ts = list(range(TD - 1, -1, -1))
         pending = {}
         # diffusers' DDPM step draws its own noise: hand it ours for the current step.
