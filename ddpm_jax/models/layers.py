@@ -10,6 +10,7 @@ parameters; GroupNorm statistics and the attention softmax are always computed i
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -74,12 +75,10 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, t: jnp.ndarray) -> jnp.ndarray:
-        emb = get_timestep_embedding(t, self.ch)
-        dense = lambda name: nn.Dense(  # noqa: E731
-            4 * self.ch, kernel_init=default_init(), dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name)
-        emb = dense("linear_1")(emb)
-        return dense("linear_2")(nn.swish(emb))
+        dense = functools.partial(nn.Dense, 4 * self.ch, kernel_init=default_init(), dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+        emb = dense(name="linear_1")(get_timestep_embedding(t, self.ch))
+        return dense(name="linear_2")(nn.swish(emb))
 
 
 class ResnetBlock(nn.Module):
@@ -97,19 +96,18 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        conv = lambda name, k, scale=1.0: nn.Conv(  # noqa: E731
-            self.out_ch, (k, k), padding="SAME", kernel_init=default_init(scale),
-            dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        conv = functools.partial(nn.Conv, self.out_ch, padding="SAME", dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
         h = nn.swish(group_norm("norm1", self.param_dtype, self.dtype)(x))
-        h = conv("conv1", 3)(h)
+        h = conv((3, 3), kernel_init=default_init(), name="conv1")(h)
         temb = nn.Dense(self.out_ch, kernel_init=default_init(), dtype=self.dtype,
                         param_dtype=self.param_dtype, name="time_emb_proj")(nn.swish(temb))
         h = h + temb[:, None, None, :]
         h = nn.swish(group_norm("norm2", self.param_dtype, self.dtype)(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = conv("conv2", 3, scale=0.0)(h)
+        h = conv((3, 3), kernel_init=default_init(0.0), name="conv2")(h)
         if x.shape[-1] != self.out_ch:
-            x = conv("conv_shortcut", 1)(x)
+            x = conv((1, 1), kernel_init=default_init(), name="conv_shortcut")(x)
         return (x + h).astype(self.dtype)
 
 
@@ -128,18 +126,16 @@ class AttnBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         b, height, width, c = x.shape
-        dense = lambda name, scale=1.0: nn.Dense(  # noqa: E731
-            c, kernel_init=default_init(scale), dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name)
+        dense = functools.partial(nn.Dense, c, dtype=self.dtype, param_dtype=self.param_dtype)
         h = group_norm("group_norm", self.param_dtype, self.dtype)(x)
         # [B, H*W, 1 head, C]: the layout jax.nn.dot_product_attention expects.
         h = h.reshape(b, height * width, 1, c)
-        q, k, v = dense("to_q")(h), dense("to_k")(h), dense("to_v")(h)
+        q, k, v = (dense(kernel_init=default_init(), name=n)(h) for n in ("to_q", "to_k", "to_v"))
         # The XLA path computes logits and softmax in float32 for bf16 inputs; cuDNN's fused
         # kernel accumulates in float32 too.
         h = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c),
                                          implementation=self.attention_impl)
-        h = dense("to_out", scale=0.0)(h).reshape(b, height, width, c)
+        h = dense(kernel_init=default_init(0.0), name="to_out")(h).reshape(b, height, width, c)
         return (x + h).astype(self.dtype)
 
 
