@@ -107,9 +107,11 @@ def unet_kwargs_from_config(config: dict) -> dict:
     if config["act_fn"] not in ("silu", "swish"):
         raise ConversionError(f"config act_fn={config['act_fn']!r}; the DDPM U-Net uses swish (silu).")
     if not math.isclose(float(config["norm_eps"]), NORM_EPS, rel_tol=1e-3):
-        raise ConversionError(f"config norm_eps={config['norm_eps']}; the DDPM U-Net uses GroupNorm eps={NORM_EPS}.")
+        raise ConversionError(f"config norm_eps={config['norm_eps']}; the DDPM U-Net uses GroupNorm "
+                              f"eps={NORM_EPS}.")
     if config["attn_norm_num_groups"] not in (None, NUM_GROUPS):
-        raise ConversionError(f"config attn_norm_num_groups={config['attn_norm_num_groups']}; need None or 32.")
+        raise ConversionError(f"config attn_norm_num_groups={config['attn_norm_num_groups']}; "
+                              f"the DDPM U-Net needs None or {NUM_GROUPS}.")
     channels = [int(c) for c in config["block_out_channels"]]
     ch = channels[0]
     if any(c % ch for c in channels):
@@ -159,7 +161,8 @@ def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
         try:
             state = load_file(path)
         except (KeyError, TypeError) as err:  # dtypes NumPy lacks (bfloat16)
-            raise ConversionError(f"{path} holds tensors NumPy cannot read ({err}); save it in float32.") from err
+            raise ConversionError(f"{path} holds tensors NumPy cannot read ({err}); "
+                                  "save the model in float32.") from err
     else:
         try:
             import torch
@@ -251,9 +254,10 @@ def checkpoint_meta(path: str, unet_kwargs: dict) -> dict:
     if scheduler is not None:
         meta["source"]["scheduler"] = scheduler
         if scheduler.get("beta_schedule", "linear") == "linear" and scheduler.get("trained_betas") is None:
-            meta["schedule"] = dict(name="linear", num_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
-                                    beta_start=float(scheduler.get("beta_start", 1e-4)),
-                                    beta_end=float(scheduler.get("beta_end", 0.02)))
+            meta["schedule"] = dict(
+                name="linear", num_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
+                beta_start=float(scheduler.get("beta_start", 1e-4)),
+                beta_end=float(scheduler.get("beta_end", 0.02)))
         pred = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}.get(
             scheduler.get("prediction_type", "epsilon"))
         if pred is not None:

@@ -147,7 +147,8 @@ class UNet(nn.Module):
             raise ValueError(f"channel counts {bad} (ch={self.ch}, ch_mult={tuple(self.ch_mult)}) are not "
                              f"divisible by the {NUM_GROUPS} GroupNorm groups; use ch a multiple of 32.")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl={self.attention_impl!r} is unknown; use one of {ATTENTION_IMPLS}.")
+            raise ValueError(f"attention_impl={self.attention_impl!r} is unknown; "
+                             f"use one of {ATTENTION_IMPLS}.")
         if self.attention_impl == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"attention_impl='cudnn' needs a bfloat16/float16 compute dtype, got {dtype}; "
                              "set dtype='bfloat16' or attention_impl='xla'.")
@@ -183,7 +184,8 @@ class UNet(nn.Module):
             h = UpBlock(
                 self.ch * self.ch_mult[i], self.num_res_blocks,
                 use_attn=h.shape[1] in self.attn_resolutions, add_upsample=i != 0,
-                resamp_with_conv=self.resamp_with_conv, name=f"up_blocks_{k}", **blk)(h, level_skips, temb, train)
+                resamp_with_conv=self.resamp_with_conv, name=f"up_blocks_{k}", **blk,
+            )(h, level_skips, temb, train)
         assert not skips, "every skip connection must be consumed"
 
         # Output head in float32: the returned eps (and the loss built on it) stay full precision.
