@@ -167,8 +167,8 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
     (H, W, C) or (2,). Image i's noise depends only on (seed, indices[i]): x_T from
     fold_in(key_i, T), the noise of the step at timestep t from fold_in(key_i, t).
 
-    method="ddpm": Alg. 2 over every step (var_type, no noise at t = 0). method="ddim": eq. (12)
-    over `num_steps` timesteps with `spacing` and `eta`.
+    method="ddpm": Alg. 2 over every step (var_type, no noise at t = 0; num_steps must be None
+    or T). method="ddim": eq. (12) over `num_steps` timesteps (None: all) with `spacing` and `eta`.
     x_start with start_step=k: x_start is x_k (paper index; see `noised_start`) and the k
     reverse steps t = k−1, …, 0 run (DDIM: its spacing over those k timesteps); k = 0 returns
     x_start. x_start without start_step is x_T.
