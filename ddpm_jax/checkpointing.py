@@ -151,9 +151,7 @@ class Checkpointer:
     def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict | None]:
         """Restores a TrainState onto the template's shardings; returns (state, data_state).
 
-        `data_state` is this process's iterator state, or None when the checkpoint
-        has none or was written by a different number of processes (then the data
-        order after resuming differs from an uninterrupted run, with a warning).
+        `data_state` is this process's iterator state (None when the checkpoint has none).
         """
         step = self._resolve(step)
         items = self._items(step)
@@ -174,14 +172,18 @@ class Checkpointer:
         data_state = None
         if DATA in items:
             saved = restored[DATA]
-            if int(saved.get("process_count", 1)) == jax.process_count():
-                data_state = saved["processes"][jax.process_index()]
-            else:
-                logging.warning(
-                    "checkpoint %d was written by %s processes, this run has %d: the data "
-                    "iterator restarts from its seed (the data order differs from the original run).",
+            processes = saved["processes"]
+            if int(saved.get("process_count", 1)) != jax.process_count():
+                # The data pipeline's state names the global position in the stream (the
+                # same on every host), so process 0's continues on another host count.
+                logging.info(
+                    "checkpoint %d was written by %s processes, this run has %d: every process "
+                    "resumes the data stream from process 0's state.",
                     step, saved.get("process_count"), jax.process_count(),
                 )
+                data_state = processes[0]
+            else:
+                data_state = processes[jax.process_index()]
         return state, data_state
 
     def restore_ema_params(self, params_template: Any, step: int | None = None) -> Any:
@@ -232,16 +234,26 @@ def read_meta(workdir: str) -> dict | None:
         return ckpt.read_meta()
 
 
+def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted key, stored value, current value) of the first difference, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))  # tuples == lists
+    return None if a == b else (path, a, b)
+
+
 def check_meta(stored: dict | None, current: dict, workdir: str) -> None:
     """Raises CheckpointMismatchError naming the first differing entry of the meta."""
     if stored is None:
         return
-    for key in sorted(set(stored) | set(current)):
-        if key in ("step",):
-            continue
-        a, b = stored.get(key), current.get(key)
-        if json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
-            raise CheckpointMismatchError(
-                f"{workdir} holds a checkpoint with {key}={json.dumps(a)}, but the config gives "
-                f"{key}={json.dumps(b)}; use a fresh --workdir or the config it was trained with."
-            )
+    found = _first_difference(stored, current)
+    if found:
+        key, a, b = found
+        raise CheckpointMismatchError(
+            f"{workdir} holds a checkpoint with {key}={json.dumps(a)}, but the config gives "
+            f"{key}={json.dumps(b)}; use a fresh --workdir or the config it was trained with."
+        )

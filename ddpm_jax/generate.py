@@ -1,0 +1,165 @@
+"""Sharded sampling: many images from one jit-compiled `sampling.sample` over the ('data',) mesh.
+
+The image indices are sharded over the devices and the params replicated, so every
+device runs the whole reverse chain on its slice of the batch. Image i's noise
+depends only on (seed, i) (`sampling.image_keys`), so the samples do not depend on
+the batch size or on the number of devices. Used by the training loop's sample
+grids, by `--mode=sample` and by evaluation (large-scale generation).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from ddpm_jax import parallel, sampling
+from ddpm_jax.schedules import Schedule
+
+
+def sampler_options(sampling_cfg: Any, diffusion_cfg: Any) -> dict:
+    """The static keyword arguments of `sampling.sample` from `config.sampling` / `config.diffusion`."""
+    method = str(sampling_cfg.method)
+    return dict(
+        method=method,
+        num_steps=int(sampling_cfg.ddim_steps) if method == "ddim" else None,
+        eta=float(sampling_cfg.ddim_eta),
+        spacing=str(sampling_cfg.ddim_spacing),
+        var_type=str(diffusion_cfg.var_type),
+        clip_denoised=bool(sampling_cfg.clip_denoised),
+        pred=str(diffusion_cfg.pred),
+    )
+
+
+def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
+    """`batch_size` rounded up to a multiple of the device count (every device gets images)."""
+    n = parallel.num_devices(mesh)
+    return max(n, -(-int(batch_size) // n) * n)
+
+
+class Sampler:
+    """A compiled sampler: `sampler(params, indices, x_start=None) -> SampleOutput` (global arrays).
+
+    `apply_fn(params, x_t, t)` is the network (eval mode). Every option of
+    `sampling.sample` except the arrays is fixed here (static under jit).
+    """
+
+    def __init__(
+        self,
+        apply_fn: Callable,
+        sched: Schedule,
+        mesh: Mesh,
+        *,
+        shape: tuple,
+        seed: int,
+        trajectory_every: int = 0,
+        start_step: int | None = None,
+        **options: Any,
+    ):
+        self.mesh, self.sched, self.shape = mesh, sched, tuple(int(s) for s in shape)
+        self._replicated = parallel.replicated(mesh)
+        self._sharded = parallel.data_sharded(mesh)
+        traj_sharding = parallel.data_sharded(mesh, batch_axis=1) if trajectory_every else None
+        out_shardings = sampling.SampleOutput(
+            samples=self._sharded,
+            trajectory=traj_sharding,
+            trajectory_x0=traj_sharding,
+            trajectory_t=self._replicated if trajectory_every else None,
+        )
+
+        def run(params, sched, indices, x_start):
+            return sampling.sample(
+                apply_fn, params, sched, shape=self.shape, indices=indices, seed=int(seed),
+                x_start=x_start, start_step=start_step, trajectory_every=int(trajectory_every),
+                **options,
+            )
+
+        self._run = jax.jit(run, out_shardings=out_shardings)
+
+    def __call__(self, params: Any, indices: np.ndarray, x_start: np.ndarray | None = None):
+        """Samples the images `indices` (host numpy, the same on every process)."""
+        indices = np.asarray(indices, np.int32)
+        put = functools.partial(_put_global, sharding=self._sharded)
+        x = None if x_start is None else put(np.asarray(x_start, np.float32))
+        return self._run(params, self.sched, put(indices), x)
+
+
+def _put_global(x: np.ndarray, sharding) -> jax.Array:
+    """A host array (identical on every process) as a global array with `sharding`."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def iterate(
+    sampler: Sampler,
+    params: Any,
+    *,
+    num_samples: int,
+    batch_size: int,
+    first_index: int = 0,
+    x_start: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, sampling.SampleOutput]]:
+    """Yields (indices, host numpy SampleOutput) for images first_index .. first_index + num_samples - 1.
+
+    Each call has the same batch, min(batch_size, num_samples) rounded up to a multiple
+    of the device count (one compilation); the padding images of the last batch are dropped. `x_start` ([num_samples, ...]) is the per-image
+    start of partial denoising.
+    """
+    params = jax.device_put(params, parallel.replicated(sampler.mesh))
+    b = padded_batch_size(min(int(batch_size), int(num_samples)), sampler.mesh)
+    for lo in range(0, int(num_samples), b):
+        n = min(b, int(num_samples) - lo)
+        indices = np.arange(first_index + lo, first_index + lo + b, dtype=np.int32)
+        xs = None
+        if x_start is not None:
+            xs = np.asarray(x_start[lo : lo + n], np.float32)
+            if n < b:  # pad with copies: their results are dropped
+                xs = np.concatenate([xs, np.repeat(xs[-1:], b - n, axis=0)])
+        out = parallel.to_host(sampler(params, indices, xs))
+        yield indices[:n], sampling.SampleOutput(
+            samples=out.samples[:n],
+            trajectory=None if out.trajectory is None else out.trajectory[:, :n],
+            trajectory_x0=None if out.trajectory_x0 is None else out.trajectory_x0[:, :n],
+            trajectory_t=out.trajectory_t,
+        )
+
+
+def generate(
+    sampler: Sampler,
+    params: Any,
+    *,
+    num_samples: int,
+    batch_size: int,
+    first_index: int = 0,
+    x_start: np.ndarray | None = None,
+) -> sampling.SampleOutput:
+    """All `num_samples` images as one host numpy SampleOutput (trajectories concatenated on axis 1)."""
+    parts = list(
+        iterate(sampler, params, num_samples=num_samples, batch_size=batch_size,
+                first_index=first_index, x_start=x_start)
+    )
+    if not parts:
+        raise ValueError(f"num_samples={num_samples} must be >= 1.")
+    outs = [p[1] for p in parts]
+    cat = lambda name, axis: (  # noqa: E731
+        None if getattr(outs[0], name) is None
+        else np.concatenate([getattr(o, name) for o in outs], axis=axis)
+    )
+    return sampling.SampleOutput(
+        samples=cat("samples", 0),
+        trajectory=cat("trajectory", 1),
+        trajectory_x0=cat("trajectory_x0", 1),
+        trajectory_t=outs[0].trajectory_t,
+    )
+
+
+def model_apply_fn(model) -> Callable:
+    """(params, x_t, t) -> model output, in eval mode (no dropout)."""
+
+    def apply_fn(params, x, t):
+        return model.apply({"params": params}, x, t, train=False)
+
+    return apply_fn
+

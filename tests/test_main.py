@@ -1,0 +1,55 @@
+"""The command line: config overrides, and one-line errors (no traceback) for bad ones."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(tmp_path, *args, config="configs/digits.py"):
+    cmd = [sys.executable, "-m", "ddpm_jax.main", f"--config={config}", f"--workdir={tmp_path}", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _error_line(proc):
+    """The one line the user sees: the last non-empty line of stderr."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.training.batchsize=64", r"unknown config key 'training.batchsize' \(did you mean training.batch_size\?\)"),
+        ("--config.nope.x=1", r"unknown config key 'nope.x'"),
+        ("--config.training.batch_size=abc", r"bad value 'abc' for config key 'training.batch_size'"),
+        ("--config.optim.lr=fast", r"bad value 'fast' for config key 'optim.lr'"),
+    ],
+)
+def test_bad_override_exits_with_one_line_naming_the_key(tmp_path, override, expected):
+    proc = _run(tmp_path, override)
+    assert proc.returncode != 0
+    line = _error_line(proc)
+    assert line.startswith("error: ")
+    assert __import__("re").search(expected, line), line
+    assert not os.path.exists(os.path.join(tmp_path, "config.json"))
+
+
+def test_bad_value_found_at_run_time_is_one_line(tmp_path):
+    proc = _run(tmp_path, "--config.training.nonfinite=sometimes")
+    assert proc.returncode == 1
+    line = _error_line(proc)
+    assert "training.nonfinite='sometimes'" in line and "error" in line and "skip" in line
+
+
+def test_missing_config_file_and_workdir(tmp_path):
+    proc = _run(tmp_path, config="configs/does_not_exist.py")
+    assert proc.returncode != 0 and "does_not_exist.py" in _error_line(proc)
+    proc = subprocess.run([sys.executable, "-m", "ddpm_jax.main", "--config=configs/digits.py"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--workdir is required" in proc.stderr
