@@ -101,6 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.fid_stats = ""  # Reference statistics (.npz with mu, sigma), local path.
     evaluation.bpd_num_examples = 0  # Test examples for bits/dim (0 = the whole split).
     evaluation.bpd_batch_size = 256
+    evaluation.bpd_clip_denoised = True  # Clip predicted x0 in the bound (official calc_bpd_loop).
+    evaluation.inception_batch_size = 200  # Images per Inception call (global; resized to 299x299).
+    evaluation.fid_stats_split = ""  # fid_stats split ("" = data.train_split, as the paper).
+    evaluation.fid_stats_out = ""  # fid_stats .npz ("" = workdir/fid_stats_<dataset>_<split>.npz).
 
     # ---- Multi-host ---------------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()
