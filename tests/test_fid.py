@@ -193,3 +193,47 @@ def test_inception_runner_needs_a_data_axis():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("model",))
     with pytest.raises(ValueError, match="no 'data' axis"):
         fid.make_inception_fn(_fake_apply, {}, mesh=mesh)
+
+
+def test_inception_score_accumulator_equals_inception_score_in_any_order():
+    rng = np.random.default_rng(9)
+    logits = rng.normal(scale=3.0, size=(107, 1008))
+    order = rng.permutation(len(logits))
+    # Three "hosts" feed shuffled pieces; their sums merge (also through to_arrays / from_arrays).
+    parts = np.array_split(order, 3)
+    accs = []
+    for part in parts:
+        acc = fid.InceptionScoreAccumulator(len(logits), splits=10)
+        for piece in np.array_split(part, 4):
+            acc.update(logits[piece], piece)
+        accs.append(fid.InceptionScoreAccumulator.from_arrays(acc.to_arrays()))
+    total = accs[0].merge(accs[1]).merge(accs[2])
+    np.testing.assert_allclose(total.result(), fid.inception_score(logits, splits=10), rtol=1e-10)
+    # Every row lands in the split inception_score puts it in.
+    n, k = 107, 10
+    want = np.concatenate([np.full((s + 1) * n // k - s * n // k, s) for s in range(k)])
+    np.testing.assert_array_equal(total.split_of(np.arange(n)), want)
+
+
+def test_inception_score_accumulator_errors():
+    acc = fid.InceptionScoreAccumulator(20, splits=10)
+    acc.update(np.zeros((19, 5)), np.arange(19))
+    with pytest.raises(ValueError, match="got 19 of 20 rows"):
+        acc.result()
+    with pytest.raises(ValueError, match=r"row indices must be in \[0, 20\)"):
+        acc.update(np.zeros((1, 5)), [20])
+    with pytest.raises(ValueError, match="at least splits=10"):
+        fid.InceptionScoreAccumulator(9, splits=10)
+    with pytest.raises(ValueError, match="cannot merge"):
+        acc.merge(fid.InceptionScoreAccumulator(30, splits=10))
+
+
+def test_activation_stats_round_trip_through_arrays():
+    x = _acts(50, 8, 10)
+    stats = fid.ActivationStats().update(x)
+    back = fid.ActivationStats.from_arrays(stats.to_arrays())
+    assert back.count == 50
+    np.testing.assert_array_equal(back.mu, stats.mu)
+    np.testing.assert_array_equal(back.sigma, stats.sigma)
+    empty = fid.ActivationStats.from_arrays(fid.ActivationStats(dim=8).to_arrays())
+    assert empty.count == 0 and empty.merge(back).count == 50

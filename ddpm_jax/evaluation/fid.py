@@ -8,7 +8,9 @@
   the ε-offset retry when the product is singular, the imaginary-part check).
 * ``save_stats`` / ``load_stats`` use pytorch-fid's ``.npz`` layout (``mu``, ``sigma``),
   so statistics files are interchangeable with ``python -m pytorch_fid``.
-* ``inception_score`` is the improved-gan IS (Salimans et al. 2016) with 10 splits.
+* ``inception_score`` is the improved-gan IS (Salimans et al. 2016) with 10 splits;
+  ``InceptionScoreAccumulator`` computes the same number from rows fed in pieces
+  (any order, several hosts), without holding all the logits.
 * ``make_inception_fn`` runs the Inception over batches, jit-compiled and,
   given a ``('data',)`` mesh, data-parallel over its devices.
 """
@@ -80,6 +82,23 @@ class ActivationStats:
         self._mean = self._mean + delta * (n_b / n)
         self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
         self.count = n
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The running state as arrays (to send to another process, or to a file)."""
+        dim = self.dim or 0
+        mean = self._mean if self.count else np.zeros(dim)
+        m2 = self._m2 if self.count else np.zeros((dim, dim))
+        return dict(count=np.asarray(self.count, np.int64), mean=mean, m2=m2)
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "ActivationStats":
+        """Inverse of ``to_arrays``."""
+        mean = np.asarray(arrays["mean"], np.float64)
+        stats = cls(dim=int(mean.shape[0]) or None)
+        count = int(arrays["count"])
+        if count:
+            stats._merge(count, mean, np.asarray(arrays["m2"], np.float64))
+        return stats
 
     @property
     def mu(self) -> np.ndarray:
@@ -180,6 +199,85 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
         kl = np.sum(part_p * part_log_p - special.xlogy(part_p, p_y), axis=1)
         scores.append(np.exp(np.mean(kl)))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+class InceptionScoreAccumulator:
+    """``inception_score`` of N rows fed in any order, in pieces, on several hosts.
+
+    Row ``i`` (its index among the N) belongs to split ``s`` with
+    ``s N // splits <= i < (s + 1) N // splits``, as in ``inception_score``. Per split
+    it keeps Σ_x Σ_y p log p and Σ_x p(y|x) (float64), since
+    E_x KL(p(y|x) ‖ p(y)) = E_x Σ_y p log p − Σ_y p(y) log p(y) with p(y) = E_x p(y|x);
+    so pieces merge by addition and ``result()`` equals ``inception_score`` of all rows.
+    """
+
+    def __init__(self, num_rows: int, splits: int = 10):
+        if splits < 1 or num_rows < splits:
+            raise ValueError(f"the Inception Score needs at least splits={splits} >= 1 rows, got "
+                             f"{num_rows}; pass more samples or fewer splits")
+        self.num_rows, self.splits = int(num_rows), int(splits)
+        self.count = np.zeros(splits, np.int64)
+        self.neg_entropy = np.zeros(splits)       # Σ_x Σ_y p log p
+        self.p_sum: np.ndarray | None = None      # [splits, classes], Σ_x p(y|x)
+
+    def split_of(self, indices) -> np.ndarray:
+        """The split of each row index (the inverse of ``[s N // splits, (s + 1) N // splits)``)."""
+        i = np.asarray(indices, np.int64)
+        if i.size and (i.min() < 0 or i.max() >= self.num_rows):
+            raise ValueError(f"row indices must be in [0, {self.num_rows}), got "
+                             f"[{i.min()}, {i.max()}]")
+        # The largest s with s N // splits ≤ i, i.e. s N < (i + 1) splits: ⌈(i + 1) splits / N⌉ − 1.
+        return (i * self.splits + self.splits - 1) // self.num_rows
+
+    def update(self, logits, indices) -> "InceptionScoreAccumulator":
+        logits = np.asarray(logits, np.float64)
+        if logits.ndim != 2 or logits.shape[0] != np.shape(indices)[0]:
+            raise ValueError(f"logits must be [n, classes] with one index per row, got logits "
+                             f"{logits.shape} and {np.shape(indices)[0]} indices")
+        if self.p_sum is None:
+            self.p_sum = np.zeros((self.splits, logits.shape[1]))
+        log_p = special.log_softmax(logits, axis=1)
+        p = np.exp(log_p)
+        split = self.split_of(indices)
+        np.add.at(self.count, split, 1)
+        np.add.at(self.neg_entropy, split, np.sum(special.xlogy(p, p), axis=1))
+        np.add.at(self.p_sum, split, p)
+        return self
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        p_sum = self.p_sum if self.p_sum is not None else np.zeros((self.splits, 0))
+        return dict(num_rows=np.asarray(self.num_rows), count=self.count,
+                    neg_entropy=self.neg_entropy, p_sum=p_sum)
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "InceptionScoreAccumulator":
+        acc = cls(int(arrays["num_rows"]), splits=len(arrays["count"]))
+        acc.count = np.asarray(arrays["count"], np.int64).copy()
+        acc.neg_entropy = np.asarray(arrays["neg_entropy"], np.float64).copy()
+        p_sum = np.asarray(arrays["p_sum"], np.float64)
+        acc.p_sum = p_sum.copy() if p_sum.shape[1] else None
+        return acc
+
+    def merge(self, other: "InceptionScoreAccumulator") -> "InceptionScoreAccumulator":
+        if (other.num_rows, other.splits) != (self.num_rows, self.splits):
+            raise ValueError(f"cannot merge Inception Score sums over {other.num_rows} rows / "
+                             f"{other.splits} splits into {self.num_rows} / {self.splits}")
+        if other.p_sum is not None:
+            self.p_sum = other.p_sum.copy() if self.p_sum is None else self.p_sum + other.p_sum
+        self.count = self.count + other.count
+        self.neg_entropy = self.neg_entropy + other.neg_entropy
+        return self
+
+    def result(self) -> tuple[float, float]:
+        """(mean, std) over the splits, as ``inception_score``; every row must have been fed."""
+        want = np.diff([s * self.num_rows // self.splits for s in range(self.splits + 1)])
+        if not np.array_equal(self.count, want):
+            raise ValueError(f"the Inception Score got {int(self.count.sum())} of {self.num_rows} "
+                             f"rows (per split {self.count.tolist()}, expected {want.tolist()})")
+        p_y = self.p_sum / self.count[:, None]
+        kl = self.neg_entropy / self.count - np.sum(special.xlogy(p_y, p_y), axis=1)
+        scores = np.exp(kl)
+        return float(np.mean(scores)), float(np.std(scores))
 
 
 def make_inception_fn(apply_fn: Callable, variables, *, mesh: jax.sharding.Mesh | None = None
