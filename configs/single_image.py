@@ -10,9 +10,12 @@ Command:
 Schedule as the tutorial: linear beta from 1e-4 to 0.04, T = 300 (alpha_bar_T ~2e-3).
 The network memorises the picture, so every sample is (a close copy of) the photo;
 partial denoising shows how much of the photo survives noising to step k.
-Hardware and time: one GPU, a few minutes (2,000 steps of batch 16). NOT run to
-completion here: on the 2-core development CPU a step takes about a second.
-Expected result: workdirs/single_image/samples/step_2000.png shows the cameraman.
+Hardware and time: meant for one GPU, where 2,000 steps of batch 16 should take
+minutes (not measured: no GPU here). NOT run to completion here: on the 2-core
+development CPU a step took 3.4 s (measured over 40 steps, load average about 3),
+so the full run is about two hours there.
+Expected result: workdirs/single_image/samples/step_2000.png shows the cameraman
+(not verified here).
 """
 
 from configs import base

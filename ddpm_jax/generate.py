@@ -104,8 +104,8 @@ def iterate(
     """Yields (indices, host numpy SampleOutput) for images first_index .. first_index + num_samples - 1.
 
     Each call has the same batch, min(batch_size, num_samples) rounded up to a multiple
-    of the device count (one compilation); the padding images of the last batch are dropped. `x_start` ([num_samples, ...]) is the per-image
-    start of partial denoising.
+    of the device count (one compilation); the padding images of the last batch are
+    dropped. `x_start` ([num_samples, ...]) is the per-image start of partial denoising.
     """
     params = jax.device_put(params, parallel.replicated(sampler.mesh))
     b = padded_batch_size(min(int(batch_size), int(num_samples)), sampler.mesh)

@@ -180,7 +180,8 @@ def _partial_denoising(config, params, model, sched, mesh, shape, step, out_dir,
     out = generate.generate(sampler, params, num_samples=n, batch_size=int(s.batch_size), x_start=x_k)
     stem = os.path.join(out_dir, f"partial_{options['method']}_{step}_k{k}")
     paths = {
-        "original": _write(stem + "_original.png", imaging.upscale(imaging.to_uint8(x0), max(1, 128 // shape[0]))),
+        "original": _write(stem + "_original.png",
+                           imaging.upscale(imaging.to_uint8(x0), max(1, 128 // shape[0]))),
         "noised": _write(stem + "_noised.png", _picture(x_k)),
         "denoised": _write(stem + "_denoised.png", _picture(out.samples)),
     }

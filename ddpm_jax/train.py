@@ -11,6 +11,8 @@ would; together with the checkpointed data-iterator state it sees the same batch
 from __future__ import annotations
 
 import collections
+import importlib
+import importlib.util
 import json
 import os
 import time
@@ -29,6 +31,7 @@ from ddpm_jax.models import build_model
 from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
 
 NONFINITE_POLICIES = ("error", "skip")
+EVALUATION_RUN = "ddpm_jax.evaluation.run"  # run(config, workdir, mode=...): eval | fid_stats | bpd
 # Model hyper-parameters that do not change the params' shapes: a checkpoint may be
 # resumed or sampled with other values (e.g. dropout off, bfloat16 compute).
 NON_STRUCTURAL_KWARGS = ("dropout", "dtype", "param_dtype", "attention_impl", "remat")
@@ -241,6 +244,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         if int(t[key]) < 1:
             raise ValueError(f"training.{key}={t[key]} must be >= 1.")
     parallel.check_batch_size(int(t.batch_size), mesh)
+    if bool(t.eval_bpd_after) and importlib.util.find_spec(EVALUATION_RUN) is None:
+        raise ValueError("training.eval_bpd_after=True needs ddpm_jax/evaluation/run.py, which this "
+                         "checkout lacks; set --config.training.eval_bpd_after=False.")
 
 
 def _next_dispatch(it, n: int, mesh) -> tuple[dict, dict]:
@@ -390,4 +396,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         close = getattr(it, "close", None)
         if close is not None:
             close()
+    if bool(t.eval_bpd_after):  # test-set bits/dim of the final EMA params (evaluation owns it)
+        importlib.import_module(EVALUATION_RUN).run(config, workdir, mode="bpd")
     return state

@@ -98,5 +98,6 @@ def test_check_meta_names_the_difference():
     checkpointing.check_meta(None, META, "w")
     checkpointing.check_meta(META, dict(META), "w")
     other = {"model": {"name": "unet", "kwargs": {"ch": 64}}, "data_shape": [8, 8, 1]}
-    with pytest.raises(checkpointing.CheckpointMismatchError, match=r"model.kwargs.ch=32, but the config gives model.kwargs.ch=64"):
+    expected = r"model.kwargs.ch=32, but the config gives model.kwargs.ch=64"
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=expected):
         checkpointing.check_meta(META, other, "w")

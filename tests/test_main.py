@@ -1,6 +1,7 @@
 """The command line: config overrides, and one-line errors (no traceback) for bad ones."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -25,7 +26,8 @@ def _error_line(proc):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("--config.training.batchsize=64", r"unknown config key 'training.batchsize' \(did you mean training.batch_size\?\)"),
+        ("--config.training.batchsize=64",
+         r"unknown config key 'training.batchsize' \(did you mean training.batch_size\?\)"),
         ("--config.nope.x=1", r"unknown config key 'nope.x'"),
         ("--config.training.batch_size=abc", r"bad value 'abc' for config key 'training.batch_size'"),
         ("--config.optim.lr=fast", r"bad value 'fast' for config key 'optim.lr'"),
@@ -36,7 +38,7 @@ def test_bad_override_exits_with_one_line_naming_the_key(tmp_path, override, exp
     assert proc.returncode != 0
     line = _error_line(proc)
     assert line.startswith("error: ")
-    assert __import__("re").search(expected, line), line
+    assert re.search(expected, line), line
     assert not os.path.exists(os.path.join(tmp_path, "config.json"))
 
 
