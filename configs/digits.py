@@ -3,9 +3,9 @@
 Command:
     python -m ddpm_jax.main --config=configs/digits.py --workdir=workdirs/digits    (or `make demo`)
 
-Hardware and time: a 2-core CPU. Measured here: 189 s wall for the whole command
-(imports, compilation, 2,000 steps, two sample grids, checkpoints) with a load
-average of about 1 from other jobs; expect longer when the cores are busier.
+Hardware and time: a 2-core CPU. Measured here for the whole command (imports,
+compilation, 2,000 steps, two sample grids, checkpoints): 189 s wall with a load
+average of about 1 from other jobs, 215 s with a load average of 2-3.7.
 Expected result: final loss about 0.15 (L_simple under the cosine schedule, which
 weights the hard low-noise steps more than the linear one), and EMA samples in
 workdirs/digits/samples/step_2000.png that read as digits, most of them clearly.
