@@ -168,6 +168,16 @@ def test_inception_score_uniform_confident_and_reference():
         fid.inception_score(np.zeros((9, 1008)))
 
 
+def test_inception_score_with_extreme_logits_stays_finite():
+    # Class 1 has p ≈ e^-744 (subnormal) in row 0 and underflows to 0 in row 1: their mean
+    # rounds to 0, so p log mean(p) in linear space would be −∞ (IS = inf).
+    logits = np.array([[744.0, 0.0, 744.0], [744.0, -800.0, 744.0]])
+    mean, _ = fid.inception_score(logits, splits=1)
+    assert mean == pytest.approx(1.0, abs=1e-12)
+    acc = fid.InceptionScoreAccumulator(2, splits=1).update(logits, [0, 1])
+    assert acc.result()[0] == pytest.approx(1.0, abs=1e-12)
+
+
 def _fake_apply(variables, x):
     flat = x.reshape(x.shape[0], -1)
     return dict(pool=flat @ variables["w"], logits=jnp.tanh(flat[:, :5]))

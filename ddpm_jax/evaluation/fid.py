@@ -194,9 +194,11 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     for i in range(splits):
         part_p = p[i * n // splits:(i + 1) * n // splits]
         part_log_p = log_p[i * n // splits:(i + 1) * n // splits]
-        p_y = part_p.mean(axis=0, keepdims=True)
-        # KL(p(y|x) ‖ p(y)) = Σ_y p log p − p log p(y); xlogy gives 0 where p(y|x) underflows.
-        kl = np.sum(part_p * part_log_p - special.xlogy(part_p, p_y), axis=1)
+        # log p(y) = log mean_x p(y|x), in log space: the mean of subnormal probabilities can
+        # round to 0 while one of them is not (logits ~700 apart), and p log 0 would be −∞.
+        log_p_y = special.logsumexp(part_log_p, axis=0, keepdims=True) - np.log(len(part_p))
+        # KL(p(y|x) ‖ p(y)) = Σ_y p (log p − log p(y)); every log is finite.
+        kl = np.sum(part_p * (part_log_p - log_p_y), axis=1)
         scores.append(np.exp(np.mean(kl)))
     return float(np.mean(scores)), float(np.std(scores))
 
