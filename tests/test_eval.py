@@ -1,0 +1,198 @@
+"""--mode=eval / fid_stats / bpd end to end on a tiny digits run, with random FID Inception weights."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
+from configs import digits
+from ddpm_jax import train
+from ddpm_jax.evaluation import fid, generation, inception, run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+TINY_FLAGS = ["--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1",
+              "--config.model.attn_resolutions=()", "--config.diffusion.num_timesteps=10"]
+
+
+def _config(**eval_fields):
+    config = digits.get_config()
+    config.model.update(**TINY)
+    config.diffusion.num_timesteps = 10
+    config.training.update(num_steps=2, batch_size=16, log_every=1, sample_every=0, checkpoint_every=2)
+    config.eval.update(**{**dict(num_samples=12, chunk_size=5, batch_size=8, inception_batch_size=8),
+                          **eval_fields})
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Two training steps of a tiny digits U-Net (checkpoint at step 2)."""
+    path = str(tmp_path_factory.mktemp("digits_eval") / "run")
+    train.train_and_evaluate(_config(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Random FID Inception weights in the converted .npz format (He-scaled, BatchNorm near 1)."""
+    rng = np.random.default_rng(0)
+    flat = {}
+    for key, shape in inception.variable_shapes().items():
+        if key.endswith("conv/kernel"):
+            flat[key] = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:3]))
+        elif key.endswith(("bn/scale", "bn/var")):
+            flat[key] = rng.uniform(0.75, 1.25, shape)
+        elif key.endswith(("bn/bias", "bn/mean", "fc/bias")):
+            flat[key] = 0.1 * rng.normal(size=shape)
+        else:   # fc/kernel, large: the random network's features differ little between images
+            flat[key] = 10.0 * rng.normal(size=shape) / np.sqrt(shape[0])
+    path = str(tmp_path_factory.mktemp("inception") / "inception_random.npz")
+    with open(path, "wb") as f:
+        np.savez(f, format=np.asarray(inception.FORMAT_TAG), **{k: v.astype(np.float32) for k, v in flat.items()})
+    return path
+
+
+def _copy(workdir, tmp_path):
+    """A private copy of the trained workdir (each test makes its own samples)."""
+    dst = str(tmp_path / "run")
+    shutil.copytree(workdir, dst)
+    return dst
+
+
+def _direct_features(weights_path, images_uint8):
+    """The network on all images at once (pieces of 8: the shape the evaluation compiled)."""
+    run_fn = run.inception_runner(weights_path, run._local_mesh())
+    x = images_uint8.astype(np.float32) / 127.5 - 1.0
+    pad = -len(x) % 8
+    out = [run_fn(b) for b in np.split(np.concatenate([x, np.repeat(x[-1:], pad, 0)]), (len(x) + pad) // 8)]
+    return {k: np.concatenate([o[k] for o in out])[:len(x)] for k in ("pool", "logits")}
+
+
+def test_eval_mode_fid_and_inception_score_end_to_end(workdir, weights, tmp_path):
+    workdir = _copy(workdir, tmp_path)
+    results = run.run(_config(inception_weights=weights), workdir, mode="eval")
+    step_dir = os.path.join(workdir, "eval", "step_2")
+    assert results["step"] == 2 and results["generation"]["chunks_generated"] == 3
+    assert "fid" not in results and "eval.fid_stats is not set" in results["not_computed"]
+    # IS and the samples' statistics equal a direct computation on the uint8 chunk files.
+    images = np.concatenate([im for _, im in generation.read_chunks(
+        os.path.join(step_dir, "samples"), range(3), num_samples=12, chunk_size=5)])
+    assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
+    feats = _direct_features(weights, images)
+    is_mean, is_std = fid.inception_score(feats["logits"], splits=10)
+    # 12 rows in 10 splits: only the two splits of 2 rows lift the score above 1.
+    assert is_mean - 1 > 1e-4
+    np.testing.assert_allclose(results["inception_score"] - 1, is_mean - 1, rtol=1e-2)
+    np.testing.assert_allclose(results["inception_score_std"], is_std, rtol=1e-2)
+    mu, sigma = fid.load_stats(os.path.join(step_dir, "sample_stats.npz"))
+    np.testing.assert_allclose(mu, feats["pool"].mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sigma, np.cov(feats["pool"], rowvar=False), rtol=1e-3, atol=1e-5)
+    with open(os.path.join(workdir, "eval", "2.json")) as f:
+        assert json.load(f)["inception_score"] == results["inception_score"]
+
+    # Against the samples' own statistics: FID ≈ 0; the finished chunks are not regenerated.
+    again = run.run(_config(inception_weights=weights, fid_stats=os.path.join(step_dir, "sample_stats.npz")),
+                    workdir, mode="eval")
+    assert again["generation"]["chunks_skipped"] == 3 and again["generation"]["images_generated"] == 0
+    assert abs(again["fid"]) < 1e-3 * np.trace(sigma)
+    assert "not_computed" not in again
+    with open(os.path.join(workdir, "eval", "2.json")) as f:
+        assert json.load(f)["fid"] == again["fid"]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(workdir, "tb")))
+
+
+def _main(workdir, *args):
+    cmd = [sys.executable, "-m", "ddpm_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
+           *TINY_FLAGS, *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_eval_command_without_weights_samples_and_says_what_is_missing(workdir, tmp_path):
+    workdir = _copy(workdir, tmp_path)
+    args = ["--mode=eval", "--config.eval.num_samples=7", "--config.eval.chunk_size=4",
+            "--config.eval.batch_size=8", "--config.sampling.seed=11"]
+    proc = _main(workdir, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "not computed" in ln]
+    assert len(lines) == 1 and "eval.inception_weights is not set" in lines[0]
+    assert "convert_inception" in lines[0] and "--mode=fid_stats" in lines[0]
+    samples = os.path.join(workdir, "eval", "step_2", "samples")
+    assert generation.pending_chunks(samples, num_samples=7, chunk_size=4, shape=(8, 8, 1)) == []
+    mtime = os.path.getmtime(generation.chunk_path(samples, 0))
+
+    # An explicit but missing path: the same samples (none regenerated), then the error, which
+    # main prints as one line with exit status 1 (MissingWeightsError is a FileNotFoundError).
+    missing = str(tmp_path / "nope.npz")
+    config = _config(num_samples=7, chunk_size=4, inception_weights=missing)
+    config.sampling.seed = 11
+    with pytest.raises(inception.MissingWeightsError, match="convert_inception") as err:
+        run.run(config, workdir, mode="eval")
+    assert missing in str(err.value) and "\n" not in str(err.value)
+    assert isinstance(err.value, FileNotFoundError)
+    assert os.path.getmtime(generation.chunk_path(samples, 0)) == mtime
+
+
+def test_bpd_command_writes_json_and_plot(workdir, tmp_path):
+    workdir = _copy(workdir, tmp_path)
+    proc = _main(workdir, "--mode=bpd", "--config.eval.bpd_num_examples=16", "--config.eval.bpd_batch_size=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "eval", "bpd_2.json")) as f:
+        result = json.load(f)
+    assert result["step"] == 2 and result["num_examples"] == 16 and result["split"] == "test"
+    assert len(result["terms_bpd"]) == len(result["mse"]) == 10
+    assert result["total_bpd"] == pytest.approx(result["prior_bpd"] + result["decoder_bpd"] + result["kl_bpd"])
+    assert 0 < result["total_bpd"] < 100
+    assert Image.open(os.path.join(workdir, "eval", "bpd_2.png")).format == "PNG"
+    assert "bits/dim on test (16 examples)" in proc.stdout
+
+
+def test_fid_stats_mode_equals_direct_computation(tmp_path, weights):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    pictures = rng.integers(0, 256, (5, 8, 8), dtype=np.uint8)
+    for i, picture in enumerate(pictures):
+        Image.fromarray(picture).save(folder / f"{i}.png")
+    config = _config(inception_weights=weights)
+    config.data.update(source="folder", path=str(folder))
+    out = run.run(config, str(tmp_path / "work"), mode="fid_stats")
+    assert out == str(tmp_path / "work" / "fid_stats_folder_images_train.npz")
+    mu, sigma = fid.load_stats(out)
+    feats = _direct_features(weights, pictures[..., None])["pool"]
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-3, atol=1e-5)
+    with np.load(out) as f:   # pytorch-fid's layout
+        assert sorted(f.files) == ["mu", "sigma"]
+
+
+def test_fid_stats_needs_weights_and_eval_needs_images(tmp_path):
+    with pytest.raises(inception.MissingWeightsError, match="eval.inception_weights is not set"):
+        run.run(_config(), str(tmp_path), mode="fid_stats")
+    config = _config()
+    config.data.source = "toy2d"
+    with pytest.raises(ValueError, match="needs image data"):
+        run.run(config, str(tmp_path), mode="eval")
+    with pytest.raises(ValueError, match="unknown evaluation mode"):
+        run.run(config, str(tmp_path), mode="fid")
+
+
+def test_metrics_plan_decides_what_is_an_error(tmp_path, weights):
+    stats = tmp_path / "stats.npz"
+    fid.save_stats(stats, np.zeros(2), np.eye(2))
+    missing = str(tmp_path / "missing.npz")
+    cases = {("", ""): (False, False, True, False),
+             (weights, ""): (True, False, True, False),
+             (weights, str(stats)): (True, True, False, False),
+             (missing, ""): (False, False, True, True),
+             ("", str(stats)): (False, False, True, True),
+             (weights, missing): (True, False, True, True)}
+    for (w, s), (with_is, with_fid, has_note, fatal) in cases.items():
+        got = run.metrics_plan(_config(inception_weights=w, fid_stats=s).eval)
+        assert (got[0], got[1], got[2] is not None, got[3]) == (with_is, with_fid, has_note, fatal), (w, s)
