@@ -48,3 +48,24 @@ def test_bad_input_and_build_model():
         model.init(jax.random.key(0), jnp.zeros((4, 2, 1)), jnp.zeros((4,), jnp.int32))
     with pytest.raises(ValueError, match="unknown mlp arguments"):
         build_model("mlp", ch=3)
+
+
+def test_gate_init_ones_starts_as_a_plain_softplus_mlp():
+    x = jax.random.normal(jax.random.key(0), (8, 2))
+    t = jnp.arange(8) % 10
+    ones = GatedMLP(num_timesteps=10, hidden=16, gate_init="ones")
+    params = ones.init(jax.random.key(1), x, t)["params"]
+    for i in range(3):
+        np.testing.assert_array_equal(params[f"gate_{i}"]["embedding"], 1.0)
+    # Independent forward pass: gates of 1 leave softplus(x W + b) layers, the same at every t.
+    h = np.asarray(x, np.float64)
+    for name in ("linear_0", "linear_1", "linear_2"):
+        p = params[name]
+        h = np.logaddexp(0.0, h @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"]))
+    expected = h @ np.asarray(params["linear_out"]["kernel"]) + np.asarray(params["linear_out"]["bias"])
+    np.testing.assert_allclose(ones.apply({"params": params}, x, t), expected, rtol=1e-5, atol=1e-5)
+    # Same parameter tree as the tutorial's init: a checkpoint fits either.
+    uniform = GatedMLP(num_timesteps=10, hidden=16).init(jax.random.key(1), x, t)["params"]
+    assert jax.tree.map(np.shape, uniform) == jax.tree.map(np.shape, params)
+    with pytest.raises(ValueError, match="gate_init='normal' is unknown"):
+        GatedMLP(gate_init="normal").init(jax.random.key(0), x, t)
