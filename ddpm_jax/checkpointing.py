@@ -2,23 +2,38 @@
 
 Layout (one Orbax `CheckpointManager` under `<workdir>/checkpoints`):
 
-    checkpoints/<step>/train        step, params, optimizer state (Standard pytree)
-    checkpoints/<step>/ema_params   EMA params (Standard pytree; what sampling/eval read)
+    checkpoints/<step>/train        step, params, optimizer state (pytree)
+    checkpoints/<step>/ema_params   EMA params (pytree; what sampling/eval read)
     checkpoints/<step>/data         data-iterator state of every process (JSON)
     checkpoints/<step>/meta         model name + kwargs, data shape, schedule (JSON)
+    checkpoints/<step>/info         checksum of every array item, loop counters (JSON)
 
 Saving is asynchronous (the step loop goes on while arrays are written). Restoring
 takes a template whose leaves carry the target shardings of the current mesh, so
 a run saved on 8 devices restores onto 1 (or 64). `save_pretrained` writes a
 params-only step 0 in the same layout (converted released checkpoints).
+
+What can go wrong, and what happens:
+* Killed in the middle of a save: Orbax writes into `<step>.orbax-checkpoint-tmp*`
+  and renames it when complete, so an interrupted save is never listed as a step;
+  the training `Checkpointer` (`cleanup_tmp=True`) deletes such leftovers.
+* NaN/Inf in the state: `save` refuses (`NonFiniteCheckpointError`), nothing is written.
+* A damaged checkpoint (a truncated, missing or altered file): every array item's
+  checksum (a sum of its bit patterns, exact and independent of the sharding) is
+  checked on restore; `restore_newest_valid` then falls back to the newest good
+  checkpoint and moves the damaged ones to `<workdir>/corrupt_checkpoints/`.
+* Disk full: `DiskFullError`, naming the newest complete checkpoint (still intact).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
-from typing import Any
+import time
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -26,12 +41,38 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from ddpm_jax import parallel
+
 CHECKPOINT_DIR = "checkpoints"
-TRAIN, EMA, DATA, META = "train", "ema_params", "data", "meta"
+CORRUPT_DIR = "corrupt_checkpoints"
+TRAIN, EMA, DATA, META, INFO = "train", "ema_params", "data", "meta", "info"
+_ARRAY_ITEMS = (TRAIN, EMA)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CheckpointMismatchError(ValueError):
     """The workdir holds a checkpoint of a different model / data / schedule."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint cannot be read back, or reads back other values than were saved."""
+
+
+class NonFiniteCheckpointError(FloatingPointError):
+    """The state to save holds NaN or Inf: it is not written."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written because the disk (or quota) is full."""
+
+
+class Restored(NamedTuple):
+    """A restored training checkpoint."""
+
+    step: int
+    state: Any
+    data_state: dict | None  # this process's data-iterator state
+    extra: dict  # loop counters saved with it (`save(..., extra=)`)
 
 
 def _join(workdir: str, name: str) -> str:
@@ -52,6 +93,13 @@ def _abstract(tree: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
     return jax.tree.map(leaf, tree)
+
+
+def _restore_args(template: Any) -> ocp.args.PyTreeRestore:
+    """Restore onto the template's shardings (leaves without one come back as numpy)."""
+    target = _abstract(template)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    return ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
 
 
 def _state_fields(state: Any) -> dict:
@@ -80,10 +128,78 @@ def _gather_process_states(data_state: dict | None) -> list:
     ]
 
 
-class Checkpointer:
-    """Async Orbax checkpoints of a workdir: keep the latest `keep` plus every `keep_every` steps."""
+def _all_processes(ok: bool) -> bool:
+    """True only if `ok` on every process (so all take the same branch)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
 
-    def __init__(self, workdir: str, keep: int = 3, keep_every: int = 0, async_save: bool = True):
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
+
+
+# ---- integrity: finiteness and checksums ------------------------------------------------------
+
+
+def _leaf_summary(x: np.ndarray) -> tuple[bool, int]:
+    """(all finite, sum of the bit patterns as uint32 words mod 2**32) of one array."""
+    x = np.ascontiguousarray(x)
+    finite = bool(np.isfinite(x).all()) if np.issubdtype(x.dtype, np.inexact) else True
+    if x.dtype.itemsize in (1, 2, 4):
+        words = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+    else:
+        words = x.reshape(-1).view(np.uint8)
+    return finite, int(words.sum(dtype=np.uint64)) % 2**32
+
+
+def summarize(parts: dict) -> dict:
+    """{name: {"finite": bool, "checksum": int}} of each pytree in `parts` (on any mesh).
+
+    The checksum is exact and independent of the sharding: leaf i's word sum times 2i + 1
+    (so swapped leaves count too), summed mod 2**32. Computed on the host from the copy
+    that saving makes anyway (no compilation).
+    """
+    out = {}
+    for name, tree in parts.items():
+        finite, total = True, 0
+        for i, leaf in enumerate(jax.tree.leaves(parallel.to_host(tree))):
+            leaf_finite, words = _leaf_summary(np.asarray(leaf))
+            finite &= leaf_finite
+            total = (total + words * (2 * i + 1)) % 2**32
+        out[name] = {"finite": finite, "checksum": total}
+    return out
+
+
+def _parts(state: Any) -> dict:
+    return {**_state_fields(state), EMA: state.ema_params}
+
+
+def _first_line(err: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_disk_full(err: BaseException | None) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class Checkpointer:
+    """Async Orbax checkpoints of a workdir: keep the latest `keep` plus every `keep_every` steps.
+
+    `cleanup_tmp=True` (training) deletes the leftovers of interrupted saves; readers
+    (sampling, evaluation) leave them, as a run may be saving into the same workdir.
+    """
+
+    def __init__(self, workdir: str, keep: int = 3, keep_every: int = 0, async_save: bool = True,
+                 cleanup_tmp: bool = False):
+        self.workdir = str(workdir)
         self.directory = _join(workdir, CHECKPOINT_DIR)
         policies = [ocp.checkpoint_managers.LatestN(n=max(int(keep), 1))]
         if keep_every and int(keep_every) > 0:
@@ -92,8 +208,10 @@ class Checkpointer:
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=cleanup_tmp,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
+        self._writing: int | None = None  # the step of the save in flight
 
     # ---- queries ----------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -122,52 +240,107 @@ class Checkpointer:
         path = epath.Path(self.directory) / str(step)
         return {p.name for p in path.iterdir()} if path.is_dir() else set()
 
+    def _read_json(self, step: int, item: str) -> dict | None:
+        if item not in self._items(step):
+            return None
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        return dict(restored[item])
+
     def read_meta(self, step: int | None = None) -> dict | None:
         """The JSON meta (model, data shape, schedule) of a checkpoint, or None."""
         step = self.latest_step() if step is None else step
-        if step is None or META not in self._items(step):
-            return None
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-        return dict(restored[META])
+        return None if step is None else self._read_json(step, META)
 
     # ---- save -------------------------------------------------------------------------------
-    def save(
-        self, step: int, state: Any, data_state: dict | None, meta: dict, force: bool = False
-    ) -> bool:
+    def save(self, step: int, state: Any, data_state: dict | None, meta: dict, force: bool = False,
+             extra: dict | None = None) -> bool:
         """Starts an async save of `state` (a TrainState), the data-iterator state and `meta`.
 
-        Must be called on every process (multi-host). Returns whether a save started.
+        Refuses a state holding NaN/Inf (NonFiniteCheckpointError: nothing is written).
+        `extra` (JSON-able loop counters) comes back from `restore_train`. Must be called
+        on every process (multi-host). Returns whether a save started.
         """
+        summary = summarize(_parts(state))
+        bad = [name for name, s in summary.items() if not s["finite"]]
+        if bad:
+            raise NonFiniteCheckpointError(
+                f"refusing to checkpoint step {step}: {', '.join(bad)} hold NaN or Inf (nothing was "
+                f"written; the newest checkpoint, {self._newest_other(step)}, is intact); lower "
+                "optim.lr or check the data, then rerun the same command."
+            )
         items = {
-            TRAIN: ocp.args.StandardSave(_state_fields(state)),
-            EMA: ocp.args.StandardSave(state.ema_params),
+            TRAIN: ocp.args.PyTreeSave(_state_fields(state)),
+            EMA: ocp.args.PyTreeSave(state.ema_params),
             DATA: ocp.args.JsonSave({"process_count": jax.process_count(),
                                      "processes": _gather_process_states(data_state)}),
             META: ocp.args.JsonSave(dict(meta)),
+            INFO: ocp.args.JsonSave({"checksums": {k: s["checksum"] for k, s in summary.items()},
+                                     "extra": dict(extra or {})}),
         }
-        return bool(self._manager.save(int(step), args=ocp.args.Composite(**items), force=force))
+        with self._reporting_disk_full():  # also raises the failure of a previous async save
+            started = bool(self._manager.save(int(step), args=ocp.args.Composite(**items), force=force))
+        if started:
+            self._writing = int(step)
+        return started
+
+    def _newest_other(self, step: int | None) -> str:
+        done = [s for s in self.all_steps() if s != step]
+        return f"step {done[-1]}" if done else "none yet"
+
+    @contextlib.contextmanager
+    def _reporting_disk_full(self) -> Iterator[None]:
+        """Turns a full disk (ENOSPC / EDQUOT anywhere in the error chain) into DiskFullError."""
+        try:
+            yield
+        except Exception as err:
+            if not _is_disk_full(err):
+                raise
+            step, self._writing = self._writing, None
+            raise DiskFullError(
+                f"disk full while writing checkpoint step {step} under {self.directory} "
+                f"({_first_line(err, 120)}); the newest complete checkpoint ({self._newest_other(step)}) "
+                "is intact: free space (or lower training.keep_checkpoints, or move --workdir to a "
+                "larger disk), then rerun the same command to resume from it."
+            ) from err
 
     # ---- restore ----------------------------------------------------------------------------
-    def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict | None]:
-        """Restores a TrainState onto the template's shardings; returns (state, data_state).
+    def _verify(self, step: int, restored: dict, info: dict | None) -> None:
+        """Raises CorruptCheckpointError if a restored item's checksum differs from the saved one."""
+        saved = (info or {}).get("checksums")
+        if not saved:  # written before checksums existed: nothing to compare
+            return
+        parts = {}
+        if TRAIN in restored:
+            parts.update(dict(restored[TRAIN]))
+        if EMA in restored:
+            parts[EMA] = restored[EMA]
+        for name, summary in summarize({k: v for k, v in parts.items() if k in saved}).items():
+            if summary["checksum"] != int(saved[name]):
+                raise CorruptCheckpointError(
+                    f"checkpoint {self.directory}/{step}: {name} reads back with checksum "
+                    f"{summary['checksum']}, saved as {saved[name]} (a damaged file)."
+                )
 
-        `data_state` is this process's iterator state (None when the checkpoint has none).
-        """
+    def restore_train(self, state_template: Any, step: int | None = None) -> Restored:
+        """Restores a TrainState onto the template's shardings, checking its checksums."""
         step = self._resolve(step)
         items = self._items(step)
         if TRAIN not in items:
-            raise FileNotFoundError(
-                f"checkpoint {self.directory}/{step} holds only EMA params (a converted or "
-                "pretrained checkpoint): it can be sampled or evaluated, not resumed; "
-                "train in a fresh --workdir."
-            )
-        args = {
-            TRAIN: ocp.args.StandardRestore(_abstract(_state_fields(state_template))),
-            EMA: ocp.args.StandardRestore(_abstract(state_template.ema_params)),
-        }
-        if DATA in items:
-            args[DATA] = ocp.args.JsonRestore()
+            if EMA in items:
+                raise FileNotFoundError(
+                    f"checkpoint {self.directory}/{step} holds only EMA params (a converted or "
+                    "pretrained checkpoint): it can be sampled or evaluated, not resumed; "
+                    "train in a fresh --workdir."
+                )
+            raise CorruptCheckpointError(f"checkpoint {self.directory}/{step} has no {TRAIN!r} item.")
+        args = {TRAIN: _restore_args(_state_fields(state_template)),
+                EMA: _restore_args(state_template.ema_params)}
+        for item in (DATA, INFO):
+            if item in items:
+                args[item] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        info = restored[INFO] if INFO in items else None
+        self._verify(step, restored, info)
         state = state_template.replace(**dict(restored[TRAIN]), ema_params=restored[EMA])
         data_state = None
         if DATA in items:
@@ -184,30 +357,125 @@ class Checkpointer:
                 data_state = processes[0]
             else:
                 data_state = processes[jax.process_index()]
-        return state, data_state
+        return Restored(step, state, data_state, dict((info or {}).get("extra", {})))
+
+    def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict | None]:
+        """Restores a TrainState onto the template's shardings; returns (state, data_state).
+
+        `data_state` is this process's iterator state (None when the checkpoint has none).
+        """
+        restored = self.restore_train(state_template, step)
+        return restored.state, restored.data_state
+
+    def restore_newest_valid(self, state_template: Any,
+                             check_meta: Callable[[dict | None], None] | None = None) -> Restored | None:
+        """The newest checkpoint that reads back intact (None if the workdir has none).
+
+        `check_meta(meta)` may refuse a checkpoint of another model (its error propagates).
+        A checkpoint that cannot be read, or whose checksums differ, is skipped with a
+        warning and moved to `<workdir>/corrupt_checkpoints/` (so that the run can write
+        that step again); if none is readable, CorruptCheckpointError lists why and
+        nothing is moved.
+        """
+        problems: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self.read_meta(step)
+            except Exception as err:  # noqa: BLE001 - any read failure means a damaged checkpoint
+                problems.append((step, _first_line(err)))
+                continue
+            if check_meta is not None:
+                check_meta(meta)
+            restored, error = None, None
+            try:
+                restored = self.restore_train(state_template, step)
+            except FileNotFoundError as err:
+                if "only EMA params" in str(err):
+                    raise
+                error = err
+            except Exception as err:  # noqa: BLE001
+                error = err
+            if not _all_processes(error is None):
+                problems.append((step, _first_line(error) if error else "unreadable on another process"))
+                continue
+            for bad_step, why in problems:
+                moved = self._quarantine(bad_step)
+                logging.warning("checkpoint %d is unreadable (%s); moved it to %s and resumed from step %d.",
+                                bad_step, why, moved, step)
+            if problems:
+                self._manager.reload()
+            return restored
+        if problems:
+            listing = "; ".join(f"step {s}: {why}" for s, why in problems)
+            raise CorruptCheckpointError(
+                f"no readable checkpoint under {self.directory} ({listing}); move that directory "
+                "aside to start afresh (or restore it from a backup)."
+            )
+        return None
+
+    def _quarantine(self, step: int) -> str:
+        """Moves checkpoint `step` to `<workdir>/corrupt_checkpoints/<step>[-<time>]`."""
+        target_dir = epath.Path(_join(self.workdir, CORRUPT_DIR))
+        target = target_dir / str(step)
+        if target.exists():
+            target = target_dir / f"{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            (epath.Path(self.directory) / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"ddpm_jax_quarantine_{step}")
+        return str(target)
 
     def restore_ema_params(self, params_template: Any, step: int | None = None) -> Any:
         """Restores only the EMA params (for sampling / evaluation) onto the template's shardings."""
         step = self._resolve(step)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{EMA: ocp.args.StandardRestore(_abstract(params_template))})
-        )
+        items = self._items(step)
+        args = {EMA: _restore_args(params_template)}
+        if INFO in items:
+            args[INFO] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        self._verify(step, restored, restored[INFO] if INFO in items else None)
         return restored[EMA]
 
     # ---- lifecycle --------------------------------------------------------------------------
     def wait(self) -> None:
-        """Blocks until pending async saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending async saves are on disk (DiskFullError if the disk filled up)."""
+        with self._reporting_disk_full():
+            self._manager.wait_until_finished()
+        self._writing = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _item_handlers() -> dict:
+    """Array items: pytree handler with replica-parallel writes only on TPU.
+
+    Replica-parallel saving splits every replicated array over its replicas with one
+    small compiled slice per (shape, device): worth it for a TPU pod, pure compile
+    time (~10 s per process for a small U-Net on 8 CPU devices) elsewhere.
+    """
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry(
+        (jax.Array, th.ArrayHandler(use_replica_parallel=jax.default_backend() == "tpu")),
+        (np.ndarray, th.NumpyHandler()),
+        (int, th.ScalarHandler()),
+        (float, th.ScalarHandler()),
+        (np.number, th.ScalarHandler()),
+    )
+    arrays = {name: ocp.PyTreeCheckpointHandler(type_handler_registry=registry) for name in _ARRAY_ITEMS}
+    return {**arrays, **{name: ocp.JsonCheckpointHandler() for name in (DATA, META, INFO)}}
 
 
 def save_pretrained(directory: str, params: Any, meta: dict) -> None:
@@ -222,7 +490,11 @@ def save_pretrained(directory: str, params: Any, meta: dict) -> None:
                 f"{ckpt.directory} already holds checkpoints {ckpt.all_steps()}; "
                 "write a converted checkpoint into an empty directory."
             )
-        items = {EMA: ocp.args.StandardSave(params), META: ocp.args.JsonSave(dict(meta))}
+        summary = summarize({EMA: params})[EMA]
+        if not summary["finite"]:
+            raise NonFiniteCheckpointError("refusing to save params holding NaN or Inf.")
+        items = {EMA: ocp.args.PyTreeSave(params), META: ocp.args.JsonSave(dict(meta)),
+                 INFO: ocp.args.JsonSave({"checksums": {EMA: summary["checksum"]}, "extra": {}})}
         ckpt._manager.save(0, args=ocp.args.Composite(**items), force=True)
 
 

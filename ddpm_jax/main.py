@@ -1,20 +1,24 @@
 """Entry point: `python -m ddpm_jax.main --config=configs/X.py --workdir=DIR [--mode=...]`.
 
 Any config field can be overridden: `--config.training.batch_size=64`. The resolved
-config is written to the workdir (`config.json` for training, `config_<mode>.json`
-for the other modes). Modes:
+config is written to the workdir: `config.json` by training once its checks pass
+(a refused run leaves the old one), `config_<mode>.json` after another mode succeeds.
+Modes:
 
     train      train (resuming from --workdir by itself)    ddpm_jax.train.train_and_evaluate
     sample     samples from the newest EMA params            ddpm_jax.sample.run
     eval, fid_stats, bpd                                     ddpm_jax.evaluation.run.run(config, workdir, mode)
 
-A bad override (unknown key, wrong type) or bad input stops with one line naming
-the problem and a non-zero exit status (`--debug` shows the traceback instead).
+A bad override (unknown key, wrong type) or bad input (a full disk, an unwritable
+workdir, ...) stops with one line naming the problem and a non-zero exit status
+(`--debug` shows the traceback instead). A preempted run (SIGTERM) checkpoints and
+exits 0: rerun the same command to resume.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import importlib.util
 import os
@@ -32,6 +36,8 @@ if _REPO_ROOT not in sys.path:
 TRAIN_MODES = ("train", "sample")
 EVAL_MODES = ("eval", "fid_stats", "bpd")  # implemented in ddpm_jax/evaluation/run.py
 MODES = TRAIN_MODES + EVAL_MODES
+_USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                errno.EISDIR)
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/digits.py.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples (resumes from it).")
@@ -124,17 +130,6 @@ def _quiet_orbax_info() -> None:
     logging.get_absl_handler().addFilter(_DropOrbaxInfo())
 
 
-def _write_config(config, workdir: str, mode: str) -> None:
-    import jax
-
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    name = "config.json" if mode == "train" else f"config_{mode}.json"
-    with open(os.path.join(workdir, name), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-
-
 def run_mode(config, workdir: str, mode: str):
     """Dispatches a mode to the module that implements it."""
     if mode == "train":
@@ -169,18 +164,33 @@ def main(argv: list[str]) -> None:
         _usage_error("--workdir is required (checkpoints, metrics and samples go there).")
     _quiet_orbax_info()
     try:
-        from ddpm_jax import parallel
+        from ddpm_jax import metrics, parallel
 
         # Multi-host: connect the processes before anything touches the devices.
         parallel.initialize(config.get("distributed"))
-        _write_config(config, FLAGS.workdir, FLAGS.mode)
-        run_mode(config, FLAGS.workdir, FLAGS.mode)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
-        if FLAGS.debug:
+        run_mode(config, FLAGS.workdir, FLAGS.mode)  # training writes config.json once its checks pass
+        if FLAGS.mode != "train":
+            metrics.write_config(config, FLAGS.workdir, f"config_{FLAGS.mode}.json")
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError) as err:
+        if FLAGS.debug or (isinstance(err, OSError) and not _user_os_error(err)):
             raise
         logging.debug("stopping on %s", type(err).__name__, exc_info=True)
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _user_os_error(err: OSError) -> bool:
+    """OS errors the user can fix (full disk, permissions, a missing file), not bugs."""
+    from ddpm_jax.checkpointing import DiskFullError
+
+    return isinstance(err, (FileNotFoundError, FileExistsError, DiskFullError)) or err.errno in _USER_ERRNOS
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += " (disk full): free space on that disk or move --workdir, then rerun the same command"
+    return text
 
 
 def run() -> None:

@@ -6,6 +6,13 @@ with linear warmup, global-norm clipping and an EMA of the params (Ho et al. 202
 App. B). The loss is L_simple (eq. (14)). The step's key is
 `fold_in(base_key, step)`, so a resumed run draws exactly what an uninterrupted one
 would; together with the checkpointed data-iterator state it sees the same batches.
+
+Exact resume: a run killed at any moment and restarted with the same command ends
+with bitwise the same params, EMA and optimiser state as an uninterrupted one. Besides
+the keys and the data state, this needs the same compiled programs: dispatches of
+`training.steps_per_dispatch` steps start at multiples of it, whatever step the run
+resumed from. Bad input stops before any work, with one line naming the fix; a
+SIGTERM checkpoints at the next step boundary and returns (`preemption.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import importlib
 import importlib.util
 import json
 import os
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -26,7 +34,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from ddpm_jax import checkpointing, data, diffusion, generate, imaging, parallel, schedules
+from ddpm_jax import (checkpointing, data, diffusion, generate, imaging, metrics, parallel, preemption,
+                      schedules)
 from ddpm_jax.models import build_model
 from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
 
@@ -36,10 +45,15 @@ EVALUATION_RUN = "ddpm_jax.evaluation.run"  # run(config, workdir, mode=...): ev
 # resumed or sampled with other values (e.g. dropout off, bfloat16 compute).
 NON_STRUCTURAL_KWARGS = ("dropout", "dtype", "param_dtype", "attention_impl", "remat")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MetricWriter = metrics.MetricWriter  # (moved to metrics.py)
 
 
 class NonFiniteError(FloatingPointError):
     """The loss or the gradient norm became NaN/Inf (training.nonfinite='error')."""
+
+
+class WorkdirError(ValueError):
+    """--workdir cannot be created or written."""
 
 
 # ---- model, schedule, state ---------------------------------------------------------------------
@@ -125,6 +139,24 @@ def create_train_state(config, model, shape, mesh) -> tuple[TrainState, optax.Gr
     return state, tx
 
 
+def abstract_train_state(config, model: nn.Module, shape: tuple, mesh) -> TrainState:
+    """Shapes, dtypes and (replicated) shardings of the train state, computing nothing.
+
+    The restore target on resume (no initialisation to compile); tracing the model
+    also checks its hyper-parameters against the data shape before any work.
+    """
+    tx = create_optimizer(config.optim)
+
+    def create():
+        x = jnp.zeros((1, *shape), jnp.float32)
+        t = jnp.zeros((1,), jnp.int32)
+        return TrainState.create(model.init({"params": jax.random.key(0)}, x, t, train=False)["params"], tx)
+
+    rep = parallel.replicated(mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+                        jax.eval_shape(create))
+
+
 # ---- the step -----------------------------------------------------------------------------------
 
 
@@ -182,47 +214,7 @@ def make_train_step(config, model: nn.Module, sched: schedules.Schedule,
                    out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-# ---- logging ------------------------------------------------------------------------------------
-
-
-class MetricWriter:
-    """metrics.jsonl (one JSON object per line with "step") + TensorBoard, on process 0 only."""
-
-    def __init__(self, workdir: str, resume_step: int = 0):
-        self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
-        if not self.enabled:
-            return
-        if os.path.exists(self.path):  # drop lines past the restored step (an interrupted run's tail)
-            with open(self.path) as f:
-                lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(lines)
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-
-    def scalars(self, step: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), **{k: _json_number(v) for k, v in values.items()}}) + "\n")
-        for key, value in values.items():
-            self._tb.add_scalar(f"train/{key}", float(value), int(step))
-
-    def image(self, step: int, tag: str, image: np.ndarray) -> None:
-        if self.enabled:
-            self._tb.add_image(tag, image, int(step), dataformats="HWC")
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _json_number(v):
-    v = float(v)
-    return v if np.isfinite(v) else str(v)
+# ---- checks before any work ---------------------------------------------------------------------
 
 
 def grid_image(samples: np.ndarray, reference: np.ndarray | None = None, title: str = "") -> np.ndarray:
@@ -233,20 +225,53 @@ def grid_image(samples: np.ndarray, reference: np.ndarray | None = None, title: 
     return imaging.upscale(grid, max(1, 512 // max(grid.shape[:2])))
 
 
-# ---- the loop -----------------------------------------------------------------------------------
-
-
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
+    """One-line ValueErrors for settings that cannot work (called before anything is touched)."""
     t = config.training
     if str(t.nonfinite) not in NONFINITE_POLICIES:
         raise ValueError(f"training.nonfinite={t.nonfinite!r} is unknown; use one of {NONFINITE_POLICIES}.")
-    for key in ("num_steps", "log_every", "checkpoint_every", "steps_per_dispatch"):
+    for key in ("num_steps", "log_every", "checkpoint_every", "steps_per_dispatch", "keep_checkpoints"):
         if int(t[key]) < 1:
             raise ValueError(f"training.{key}={t[key]} must be >= 1.")
     parallel.check_batch_size(int(t.batch_size), mesh)
+    points = str(config.data.source) == "toy2d"
+    if str(config.model.name) == "unet" and points:
+        raise ValueError("model.name='unet' cannot take the 2-D points of data.source='toy2d'; "
+                         "use --config.model.name=mlp.")
+    if str(config.model.name) == "mlp" and not points:
+        raise ValueError(f"model.name='mlp' takes 2-D points, not the images of data.source="
+                         f"{config.data.source!r}; use --config.model.name=unet.")
+    if str(config.model.name) == "unet":
+        levels, size = len(config.model.ch_mult), int(config.data.image_size)
+        factor = 2 ** (levels - 1)
+        if size % factor:
+            raise ValueError(
+                f"data.image_size={size} cannot go through the U-Net: model.ch_mult has {levels} levels, "
+                f"so images are halved {levels - 1} times and the size must be a multiple of {factor}; "
+                f"use --config.data.image_size={max(factor, size // factor * factor)} or fewer levels.")
     if bool(t.eval_bpd_after) and importlib.util.find_spec(EVALUATION_RUN) is None:
         raise ValueError("training.eval_bpd_after=True needs ddpm_jax/evaluation/run.py, which this "
                          "checkout lacks; set --config.training.eval_bpd_after=False.")
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Creates `workdir` and checks that files can be written there (WorkdirError if not)."""
+    if "://" in str(workdir):
+        raise WorkdirError(
+            f"--workdir={workdir}: metrics, samples and config.json are written with local file I/O; "
+            "mount the bucket (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) or use a shared "
+            "filesystem, and pass that path.")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
+            pass
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        raise WorkdirError(f"--workdir={workdir} is not a writable directory ({why}: {err.filename}); "
+                           "choose a directory you can write to.") from err
+
+
+# ---- the loop -----------------------------------------------------------------------------------
 
 
 def _next_dispatch(it, n: int, mesh) -> tuple[dict, dict]:
@@ -256,40 +281,68 @@ def _next_dispatch(it, n: int, mesh) -> tuple[dict, dict]:
     return parallel.host_to_global(stacked, mesh, batch_axis=1), it.get_state()
 
 
+def _crossed(prev: int, step: int, every: int) -> bool:
+    return every > 0 and step // every > prev // every
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state."""
+    """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state.
+
+    Returns early (after a checkpoint) when preempted: see `preemption.py`.
+    """
     parallel.initialize(config.get("distributed"))
     mesh = parallel.make_mesh()
     validate_config(config, mesh)
     t = config.training
-    os.makedirs(workdir, exist_ok=True)
-    shape = data.example_shape(config.data)
-    model, sched = create_model(config), create_schedule(config)
-    state, tx = create_train_state(config, model, shape, mesh)
-    meta = checkpoint_meta(config)
-
-    ckpt = checkpointing.Checkpointer(workdir, keep=int(t.keep_checkpoints), keep_every=int(t.keep_every))
-    data_state = None
-    if ckpt.latest_step() is not None:
-        checkpointing.check_meta(structural_meta(ckpt.read_meta() or {}), structural_meta(meta), workdir)
-        state, data_state = ckpt.restore(state)
-        logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
-    step = int(state.step)
     num_steps, batch_size = int(t.num_steps), int(t.batch_size)
+    shape = data.example_shape(config.data)
+    model, sched = create_model(config), create_schedule(config)  # warns if abar_T > 1e-2
+    template = abstract_train_state(config, model, shape, mesh)
+    # An unprepared dataset stops here, before the workdir is touched or anything compiles.
+    it = data.create_train_iterator(config.data, global_batch_size=batch_size, seed=int(config.seed),
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+    try:
+        return _train(config, workdir, mesh, shape, model, sched, template, it)
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def _train(config, workdir, mesh, shape, model, sched, template, it) -> TrainState:
+    t = config.training
+    num_steps, batch_size = int(t.num_steps), int(t.batch_size)
+    prepare_workdir(workdir)
+    meta = checkpoint_meta(config)
+    ckpt = checkpointing.Checkpointer(workdir, keep=int(t.keep_checkpoints), keep_every=int(t.keep_every),
+                                      cleanup_tmp=True)
+    try:
+        restored = ckpt.restore_newest_valid(template, check_meta=lambda stored: checkpointing.check_meta(
+            None if stored is None else structural_meta(stored), structural_meta(meta), workdir))
+    except BaseException:
+        ckpt.close()
+        raise
+    metrics.write_config(config, workdir)  # only now: a refused run leaves the old config.json
+    skipped = 0  # updates skipped as non-finite (policy "skip"), over the whole run
+    if restored is None:
+        state, tx = create_train_state(config, model, shape, mesh)
+    else:
+        state, tx = restored.state, create_optimizer(config.optim)
+        skipped = int(restored.extra.get("skipped_steps", 0))
+        if restored.data_state is not None:
+            it.set_state(restored.data_state)
+        logging.info("resumed from %s at step %d", ckpt.directory, restored.step)
+    step = int(state.step)
     if step >= num_steps:
         logging.info("%s is at step %d >= training.num_steps=%d: nothing to train "
                      "(raise --config.training.num_steps to go on).", workdir, step, num_steps)
         ckpt.close()
         return state
-    it = data.create_train_iterator(config.data, global_batch_size=batch_size, seed=int(config.seed),
-                                    process_index=jax.process_index(), process_count=jax.process_count())
-    if data_state is not None:
-        it.set_state(data_state)
 
     train_step = make_train_step(config, model, sched, tx, mesh)
-    writer = MetricWriter(workdir, resume_step=step)
-    sampler = None
-    reference = None
+    writer = metrics.MetricWriter(workdir, resume_step=step)
+    watcher = preemption.PreemptionWatcher()
+    sampler, reference = None, None
     if int(t.sample_every) > 0:
         sampler = generate.Sampler(generate.model_apply_fn(model), sched, mesh, shape=shape,
                                    seed=int(config.sampling.seed),
@@ -309,31 +362,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             writer.image(at_step, "samples/ema", picture)
 
     pending: list[tuple[int, dict]] = []  # (first step, device metrics) since the last log
-    skipped = 0  # steps whose update was skipped (policy "skip")
 
-    def check_finite(host: list) -> None:
-        """Raises (policy "error") or counts (policy "skip") the non-finite steps in `host`."""
-        nonlocal skipped
-        finite = np.concatenate([m["finite"] for _, m in host])
-        if finite.all():
-            return
-        if str(t.nonfinite) == "error":
-            # Step k is the k-th update (1-based), as "step" in metrics.jsonl.
-            bad = [s0 + i + 1 for s0, m in host for i, ok in enumerate(m["finite"]) if not ok]
+    def nonfinite_steps(host: list) -> list[int]:
+        """The non-finite steps in `host`; raises NonFiniteError under policy "error"."""
+        # Step k is the k-th update (1-based), as "step" in metrics.jsonl.
+        bad = [s0 + i + 1 for s0, m in host for i, ok in enumerate(m["finite"]) if not ok]
+        if bad and str(t.nonfinite) == "error":
             raise NonFiniteError(
                 f"non-finite loss or gradient at step {bad[0]}; lower optim.lr, check the data, or "
                 "set --config.training.nonfinite=skip to skip such updates.")
-        skipped += int((~finite).sum())
+        return bad
 
     def flush_metrics(at_step: int) -> dict | None:
         """Writes the mean loss etc. of the steps since the last log; checks finiteness."""
+        nonlocal skipped
         if not pending:
             return None
         host = [(s0, jax.device_get(m)) for s0, m in pending]  # waits for the steps to finish
         pending.clear()
         now = time.time()
         elapsed, last_log[:] = now - last_log[1], [at_step, now]
-        check_finite(host)
+        skipped += len(nonfinite_steps(host))
         loss = np.concatenate([m["loss"] for _, m in host])
         ok = np.isfinite(loss)
         values = dict(loss=float(np.mean(loss[ok])) if ok.any() else float("nan"),
@@ -346,10 +395,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         return values
 
     def save(at_step: int, force: bool = False) -> None:
-        if str(t.nonfinite) == "error" and pending:  # never checkpoint a NaN state unnoticed
-            check_finite([(s0, jax.device_get({"finite": m["finite"]})) for s0, m in pending])
+        # Never checkpoint past a non-finite step unnoticed (the state itself is checked too).
+        unlogged = nonfinite_steps([(s0, jax.device_get({"finite": m["finite"]})) for s0, m in pending])
         if at_step not in ckpt.all_steps():
-            ckpt.save(at_step, state, consumed_data_state, meta, force=force)
+            ckpt.save(at_step, state, consumed_data_state, meta, force=force,
+                      extra={"skipped_steps": skipped + len(unlogged)})
 
     progress = None
     if jax.process_index() == 0:
@@ -362,40 +412,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     queued_steps = step
     consumed_data_state = it.get_state()
     last_log = [step, time.time()]
+    preempted = closing = False
     try:
-        while step < num_steps:
+        while step < num_steps and not preempted:
             while len(queue) < prefetch and queued_steps < num_steps:
-                n = min(spd, num_steps - queued_steps)
+                # Dispatches start at multiples of spd: a resumed run compiles the same programs.
+                n = min(spd - queued_steps % spd, num_steps - queued_steps)
                 queue.append((n, *_next_dispatch(it, n, mesh)))
                 queued_steps += n
             n, batches, consumed_data_state = queue.popleft()
-            state, metrics = train_step(state, batches)
-            pending.append((step, metrics))
+            state, step_metrics = train_step(state, batches)
+            pending.append((step, step_metrics))
             prev, step = step, step + n
             if progress is not None:
                 progress.update(n)
-            if step // int(t.log_every) > prev // int(t.log_every) or step == num_steps:
+            preempted = watcher.reached(prev, step)
+            if _crossed(prev, step, int(t.log_every)) or step == num_steps or preempted:
                 values = flush_metrics(step)
                 if progress is not None and values:
                     progress.set_postfix(loss=f"{values['loss']:.4f}")
-            if step // int(t.checkpoint_every) > prev // int(t.checkpoint_every) and step < num_steps:
-                save(step)
-            if sampler is not None and step // int(t.sample_every) > prev // int(t.sample_every) \
-                    and step < num_steps:
+            if (_crossed(prev, step, int(t.checkpoint_every)) and step < num_steps) or preempted:
+                save(step, force=preempted)
+            if sampler is not None and _crossed(prev, step, int(t.sample_every)) and step < num_steps \
+                    and not preempted:
                 write_samples(step)
                 if not pending:  # keep sampling time out of the next images/s
                     last_log[1] = time.time()
-        save(step, force=True)
-        if sampler is not None:
-            write_samples(step)
+        if not preempted:
+            save(step, force=True)
+            if sampler is not None:
+                write_samples(step)
+        closing = True
+        ckpt.close()  # waits for the last save (DiskFullError if it did not fit)
+        if preempted:
+            logging.warning("%s: checkpoint of step %d written to %s; rerun the same command to resume.",
+                            watcher.reason, step, ckpt.directory)
+    except BaseException:
+        if not closing:
+            try:  # let pending saves finish; the error in flight is the one to report
+                ckpt.close()
+            except Exception as close_err:  # noqa: BLE001
+                logging.warning("while stopping: %s", close_err)
+        raise
     finally:
+        watcher.close()
         if progress is not None:
             progress.close()
-        ckpt.close()
         writer.close()
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
-    if bool(t.eval_bpd_after):  # test-set bits/dim of the final EMA params (evaluation owns it)
+    if bool(t.eval_bpd_after) and not preempted:  # test-set bits/dim of the final EMA params
         importlib.import_module(EVALUATION_RUN).run(config, workdir, mode="bpd")
     return state
