@@ -75,6 +75,8 @@ def _direct_features(weights_path, images_uint8):
     return {k: np.concatenate([o[k] for o in out])[:len(x)] for k in ("pool", "logits")}
 
 
+# 12 samples in 2048 dimensions: a singular covariance, as expected here.
+@pytest.mark.filterwarnings("ignore:Matrix is singular")
 def test_eval_mode_fid_and_inception_score_end_to_end(workdir, weights, tmp_path):
     workdir = _copy(workdir, tmp_path)
     results = run.run(_config(inception_weights=weights), workdir, mode="eval")

@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from ddpm_jax import data, diffusion, parallel, sampling
 from ddpm_jax.schedules import Schedule
@@ -283,7 +282,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result["step"] = step
     paths = write_report(workdir, step, result)
     line = summary_line(result)
-    logging.info("%s (step %d; %s)", line, step, paths["json"])
     if jax.process_index() == 0:
         print(f"step {step}: {line}; wrote {paths['json']} and {paths['png']}", flush=True)
     return dict(result, paths=paths)
