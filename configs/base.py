@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
     model.remat = False  # Rematerialise residual blocks (saves memory at 256x256).
     model.mlp_hidden = 128  # mlp: width of the gated layers.
+    model.mlp_gate_init = "ones"  # mlp: initial per-timestep gates: ones | uniform (the tutorial's U[0, 1)).
 
     # ---- Diffusion --------------------------------------------------------------------------
     config.diffusion = diffusion = ml_collections.ConfigDict()

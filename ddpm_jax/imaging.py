@@ -141,3 +141,72 @@ def scatter_frames(trajectory: np.ndarray, titles: Sequence[str], lim: float | N
     if lim is None:
         lim = min(max(float(np.max(np.abs(trajectory[-1]))) * 1.05, 1.0), 10.0)
     return np.stack([scatter_image(f, title=t, lim=lim) for f, t in zip(trajectory, titles)])
+
+
+def scatter_row(
+    rows: Sequence[np.ndarray],
+    titles: Sequence[str],
+    *,
+    row_labels: Sequence[str] = (),
+    reference: np.ndarray | None = None,
+    panel_px: int = 150,
+    lim: float | None = None,
+    max_points: int = 5000,
+) -> np.ndarray:
+    """One figure of K scatter panels per row: each of `rows` is a [K, N, 2] trajectory.
+
+    The tutorial's picture of the reverse chain: x_T ... x_0 left to right (and, as a second
+    row, e.g. the predicted x_0 at the same steps). `reference` points (grey) are drawn
+    under the last panel of each row. At most `max_points` points per panel are drawn.
+    Returns a uint8 [H, W, 3] image.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [np.asarray(r, np.float32)[:, :max_points] for r in rows]
+    if not rows or any(r.ndim != 3 or r.shape[-1] != 2 for r in rows):
+        raise ValueError(f"scatter_row wants [K, N, 2] trajectories, got shapes {[r.shape for r in rows]}.")
+    k = rows[0].shape[0]
+    if any(r.shape[0] != k for r in rows) or len(titles) != k:
+        raise ValueError(f"every row needs the same {k} panels and {k} titles; got "
+                         f"{[r.shape[0] for r in rows]} panels and {len(titles)} titles.")
+    if lim is None:
+        lim = min(max(float(np.percentile(np.abs(rows[0][-1]), 99.5)) * 1.15, 1.0), 10.0)
+    dpi = 100
+    fig = Figure(figsize=(k * panel_px / dpi, len(rows) * panel_px / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), k, squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(k):
+            ax = axes[i, j]
+            if reference is not None and j == k - 1:
+                ref = np.asarray(reference, np.float32).reshape(-1, 2)[:max_points]
+                ax.scatter(ref[:, 0], ref[:, 1], s=0.5, c="0.8", linewidths=0, rasterized=True)
+            ax.scatter(row[j, :, 0], row[j, :, 1], s=0.5, c="tab:blue", linewidths=0, alpha=0.6)
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j], fontsize=8)
+            if j == 0 and i < len(row_labels):
+                ax.set_ylabel(row_labels[i], fontsize=8)
+    fig.subplots_adjust(left=0.02 if not row_labels else 0.04, right=0.995, bottom=0.01, top=0.9,
+                        wspace=0.04, hspace=0.04)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of uint8 images (or [-1, 1] floats, mapped with to_uint8)."""
+    a, b = np.asarray(image), np.asarray(reference)
+    a = a if a.dtype == np.uint8 else to_uint8(a)
+    b = b if b.dtype == np.uint8 else to_uint8(b)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr needs images of one shape, got {a.shape} and {b.shape}.")
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)

@@ -10,7 +10,7 @@ from ddpm_jax.models.mlp import GatedMLP
 
 
 def test_shapes_and_parameters():
-    model = GatedMLP(num_timesteps=50, hidden=128, out_dim=2)
+    model = GatedMLP(num_timesteps=50, hidden=128, out_dim=2, gate_init="uniform")
     x = jax.random.normal(jax.random.key(0), (16, 2))
     t = jnp.arange(16) % 50
     params = model.init(jax.random.key(1), x, t)["params"]
@@ -27,7 +27,7 @@ def test_shapes_and_parameters():
 
 
 def test_output_depends_on_timestep_through_the_gates():
-    model = GatedMLP(num_timesteps=10, hidden=32)
+    model = GatedMLP(num_timesteps=10, hidden=32, gate_init="uniform")
     x = jnp.ones((4, 2))
     params = model.init(jax.random.key(0), x, jnp.zeros((4,), jnp.int32))["params"]
     y0 = model.apply({"params": params}, x, 0)
@@ -53,7 +53,7 @@ def test_bad_input_and_build_model():
 def test_gate_init_ones_starts_as_a_plain_softplus_mlp():
     x = jax.random.normal(jax.random.key(0), (8, 2))
     t = jnp.arange(8) % 10
-    ones = GatedMLP(num_timesteps=10, hidden=16, gate_init="ones")
+    ones = GatedMLP(num_timesteps=10, hidden=16)  # gate_init="ones" is the default
     params = ones.init(jax.random.key(1), x, t)["params"]
     for i in range(3):
         np.testing.assert_array_equal(params[f"gate_{i}"]["embedding"], 1.0)
@@ -65,7 +65,8 @@ def test_gate_init_ones_starts_as_a_plain_softplus_mlp():
     expected = h @ np.asarray(params["linear_out"]["kernel"]) + np.asarray(params["linear_out"]["bias"])
     np.testing.assert_allclose(ones.apply({"params": params}, x, t), expected, rtol=1e-5, atol=1e-5)
     # Same parameter tree as the tutorial's init: a checkpoint fits either.
-    uniform = GatedMLP(num_timesteps=10, hidden=16).init(jax.random.key(1), x, t)["params"]
+    uniform = GatedMLP(num_timesteps=10, hidden=16, gate_init="uniform")
+    uniform = uniform.init(jax.random.key(1), x, t)["params"]
     assert jax.tree.map(np.shape, uniform) == jax.tree.map(np.shape, params)
     with pytest.raises(ValueError, match="gate_init='normal' is unknown"):
         GatedMLP(gate_init="normal").init(jax.random.key(0), x, t)

@@ -5,12 +5,13 @@ per-timestep gate (an embedding table indexed by t), then softplus; a final line
 maps to 2-D (the predicted eps, x0 or v).
 
 `gate_init` picks how the gates start:
+  "ones" (the default): every gate starts at 1, i.e. a plain softplus MLP that learns its
+      dependence on t from there; same architecture and parameter count as the tutorial's.
   "uniform" (the tutorial's `embedding.weight.data.uniform_()`): every gate drawn from
       U[0, 1). Each unit then starts scaled differently at every t, many nearly switched
-      off, and the network first has to undo that noise: on the swiss roll it sat near
-      the loss a linear denoiser reaches for thousands of steps (docs/experiments.md).
-  "ones": every gate starts at 1, i.e. a plain softplus MLP that learns its dependence on
-      t from there; same architecture and parameter count, clearly faster to train.
+      off, and the network first has to undo that noise: with the same training recipe
+      its swiss-roll samples stayed ~4x farther from the data (energy distance) than with
+      "ones" after 20k steps (docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class GatedMLP(nn.Module):
     hidden: int = 128
     out_dim: int = 2
     num_layers: int = 3
-    gate_init: str = "uniform"  # uniform (the tutorial's) | ones
+    gate_init: str = "ones"  # ones | uniform (the tutorial's)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -39,7 +40,8 @@ class GatedMLP(nn.Module):
     def __call__(self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         del train  # No dropout: the signature matches the UNet so trainers treat both alike.
         if self.gate_init not in GATE_INITS:
-            raise ValueError(f"GatedMLP gate_init={self.gate_init!r} is unknown; use one of {sorted(GATE_INITS)}.")
+            raise ValueError(f"GatedMLP gate_init={self.gate_init!r} is unknown; "
+                             f"use one of {sorted(GATE_INITS)}.")
         if x.ndim != 2:
             raise ValueError(f"GatedMLP expects points [B, D], got shape {x.shape}; flatten the inputs.")
         t = jnp.asarray(t)

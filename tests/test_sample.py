@@ -1,0 +1,128 @@
+"""`--mode=sample` outputs of the experiments: the toy2d chain figure and scores, partial
+denoising with PSNR and GIFs; imaging helpers they use."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
+from configs import digits, toy2d
+from ddpm_jax import generate, imaging, parallel, sample, sampling, train
+from ddpm_jax.evaluation import toy2d as toy_scores
+
+
+def _toy_config():
+    config = toy2d.get_config()
+    config.diffusion.num_timesteps = 10
+    config.training.update(batch_size=32, num_steps=4, log_every=2, sample_every=0, checkpoint_every=4)
+    config.sampling.update(num_samples=120, batch_size=64, trajectory_every=5)
+    return config
+
+
+@pytest.fixture(scope="module")
+def toy_workdir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("toy") / "run")
+    train.train_and_evaluate(_toy_config(), workdir)
+    return workdir
+
+
+def test_toy2d_sample_mode_writes_chain_figure_and_scores(toy_workdir):
+    config = _toy_config()
+    paths = sample.run(config, toy_workdir)
+    assert {"grid", "npz", "gif", "chain", "scores"} <= set(paths)
+    chain = np.asarray(Image.open(paths["chain"]))
+    # x_10, x_5, x_0: three 150-px panels in one row.
+    assert chain.shape[1] == 3 * 150 and chain.shape[0] == 150
+    with open(paths["scores"]) as f:
+        report = json.load(f)
+    samples = np.load(paths["npz"])["samples"]
+    assert samples.shape == (120, 2)
+    again = toy_scores.evaluate(samples, config.data)
+    for part in ("samples", "noise_floor"):
+        for key in ("energy_distance", "sliced_w2"):
+            assert report[part][key] == pytest.approx(again[part][key], rel=1e-6)
+            assert np.isfinite(report[part][key]) and report[part][key] > 0
+    assert report["num_points"] == 120 and report["toy_name"] == "swiss_roll"
+    assert report["alpha_bar_T"] < 0.5 and report["schedule"]["num_timesteps"] == 10
+
+
+def test_toy_chain_starts_from_the_samplers_x_T(toy_workdir):
+    # The chain figure recomputes x_T; starting the sampler from it must give the same samples.
+    config = _toy_config()
+    mesh = parallel.make_mesh()
+    model, sched = train.create_model(config), train.create_schedule(config)
+    params, _ = sample.load_ema_params(config, toy_workdir, model, (2,), mesh)
+    options = generate.sampler_options(config.sampling, config.diffusion)
+    sampler = generate.Sampler(generate.model_apply_fn(model), sched, mesh, shape=(2,), seed=3, **options)
+    n = 16
+    x_T = np.asarray(sampling.image_noise(sampling.image_keys(3, np.arange(n)), 10, (2,)))
+    from_noise = generate.generate(sampler, params, num_samples=n, batch_size=n).samples
+    from_x_T = generate.generate(sampler, params, num_samples=n, batch_size=n, x_start=x_T).samples
+    np.testing.assert_allclose(from_noise, from_x_T, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def digits_workdir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("digits") / "run")
+    train.train_and_evaluate(_digits_config(), workdir)
+    return workdir
+
+
+def _digits_config():
+    config = digits.get_config()
+    config.model.ch_mult, config.model.num_res_blocks, config.model.attn_resolutions = (1,), 1, ()
+    config.diffusion.num_timesteps = 12
+    config.training.update(batch_size=16, num_steps=2, log_every=1, sample_every=0, checkpoint_every=2)
+    return config
+
+
+def test_partial_denoising_psnr_and_both_animations(digits_workdir):
+    config = _digits_config()
+    config.sampling.update(num_samples=3, batch_size=8, init_image="camera", start_step=9, trajectory_every=4)
+    paths = sample.run(config, digits_workdir)
+    with open(paths["psnr"]) as f:
+        report = json.load(f)
+    arrays = np.load(paths["npz"])
+    original = imaging.to_uint8(arrays["original"])
+    for kind, key in (("noised", "psnr_noised"), ("denoised", "psnr_denoised")):
+        per_image = [imaging.psnr(x, original) for x in arrays[kind]]
+        assert report[key] == pytest.approx(np.mean(per_image))
+        assert report[key + "_per_image"] == pytest.approx(per_image)
+    sched = train.create_schedule(config)
+    assert report["alpha_bar_k"] == pytest.approx(float(sched.alphas_cumprod[8]))
+    # The chain from x_9: the start frame, then after steps 9->5 and 5->1 (kept), and x_0.
+    assert Image.open(paths["partial_gif"]).n_frames == 1 + 2 + 1
+    # The chain from pure noise is animated too: 12 steps kept every 4.
+    assert Image.open(paths["gif"]).n_frames == 3
+    assert np.load(paths["samples_npz"])["samples"].shape == (3, 8, 8, 1)
+    assert os.path.basename(paths["samples_grid"]) == "sample_ddpm_2.png"
+
+
+def test_psnr_matches_skimage():
+    metrics = pytest.importorskip("skimage.metrics")
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    assert imaging.psnr(b, a) == pytest.approx(metrics.peak_signal_noise_ratio(a, b, data_range=255))
+    assert imaging.psnr(a, a) == float("inf")
+    # Floats in [-1, 1] are compared as the uint8 images they are shown as.
+    assert imaging.psnr(imaging.from_uint8(b), a) == pytest.approx(imaging.psnr(b, a))
+    with pytest.raises(ValueError, match="one shape"):
+        imaging.psnr(a, a[:8])
+
+
+def test_scatter_row_layout_and_errors():
+    traj = jax.random.normal(jax.random.key(0), (4, 50, 2))
+    image = imaging.scatter_row([np.asarray(traj), np.asarray(traj) * 0.5], ["a", "b", "c", "d"],
+                                row_labels=["x_t", "x0"], reference=np.zeros((10, 2)), panel_px=100)
+    assert image.shape == (200, 400, 3) and image.dtype == np.uint8
+    assert image.min() < 128  # something was drawn
+    with pytest.raises(ValueError, match="titles"):
+        imaging.scatter_row([np.asarray(traj)], ["a"])
+    with pytest.raises(ValueError, match=r"\[K, N, 2\]"):
+        imaging.scatter_row([jnp.zeros((4, 5, 3))], ["a"] * 4)
