@@ -323,12 +323,17 @@ def _train(config, workdir, mesh, shape, model, sched, template, it) -> TrainSta
         ckpt.close()
         raise
     metrics.write_config(config, workdir)  # only now: a refused run leaves the old config.json
-    skipped = 0  # updates skipped as non-finite (policy "skip"), over the whole run
+    skipped = 0  # updates skipped as non-finite (policy "skip") and logged, over the whole run
+    # (first step, metrics [n]) of the steps since the last log; a checkpoint carries them over.
+    pending: list[tuple[int, dict]] = []
     if restored is None:
         state, tx = create_train_state(config, model, shape, mesh)
     else:
         state, tx = restored.state, create_optimizer(config.optim)
         skipped = int(restored.extra.get("skipped_steps", 0))
+        pending.extend((int(m["first_step"]), {k: np.asarray(v, bool if k == "finite" else np.float32)
+                                               for k, v in m["metrics"].items()})
+                       for m in restored.extra.get("unlogged_metrics", []))
         if restored.data_state is not None:
             it.set_state(restored.data_state)
         logging.info("resumed from %s at step %d", ckpt.directory, restored.step)
@@ -360,8 +365,6 @@ def _train(config, workdir, mesh, shape, model, sched, template, it) -> TrainSta
         if jax.process_index() == 0:
             imaging.save_png(os.path.join(workdir, "samples", f"step_{at_step}.png"), picture)
             writer.image(at_step, "samples/ema", picture)
-
-    pending: list[tuple[int, dict]] = []  # (first step, device metrics) since the last log
 
     def nonfinite_steps(host: list) -> list[int]:
         """The non-finite steps in `host`; raises NonFiniteError under policy "error"."""
@@ -395,11 +398,13 @@ def _train(config, workdir, mesh, shape, model, sched, template, it) -> TrainSta
         return values
 
     def save(at_step: int, force: bool = False) -> None:
-        # Never checkpoint past a non-finite step unnoticed (the state itself is checked too).
-        unlogged = nonfinite_steps([(s0, jax.device_get({"finite": m["finite"]})) for s0, m in pending])
-        if at_step not in ckpt.all_steps():
+        pending[:] = [(s0, jax.device_get(m)) for s0, m in pending]
+        nonfinite_steps(pending)  # never checkpoint past a non-finite step unnoticed (policy "error")
+        if at_step not in ckpt.all_steps():  # the steps since the last log go along: the log reads as one run
+            unlogged = [dict(first_step=s0, metrics={k: np.asarray(v).tolist() for k, v in m.items()})
+                        for s0, m in pending]
             ckpt.save(at_step, state, consumed_data_state, meta, force=force,
-                      extra={"skipped_steps": skipped + len(unlogged)})
+                      extra={"skipped_steps": skipped, "unlogged_metrics": unlogged})
 
     progress = None
     if jax.process_index() == 0:
@@ -427,7 +432,7 @@ def _train(config, workdir, mesh, shape, model, sched, template, it) -> TrainSta
             if progress is not None:
                 progress.update(n)
             preempted = watcher.reached(prev, step)
-            if _crossed(prev, step, int(t.log_every)) or step == num_steps or preempted:
+            if _crossed(prev, step, int(t.log_every)) or step == num_steps:
                 values = flush_metrics(step)
                 if progress is not None and values:
                     progress.set_postfix(loss=f"{values['loss']:.4f}")
