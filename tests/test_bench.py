@@ -1,0 +1,289 @@
+"""The benchmark scripts in a tiny mode (tiny U-Net, a few steps): their JSON lines and fields.
+
+Nothing here asserts a time: only that each script runs the real code path, records
+what it measured with the fields docs/benchmarks.md and bench.report rely on, and
+refuses bad arguments with a one-line message.
+"""
+
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bench import bf16_quality, common, peer_diffusers, report, run_all, sample_speed, train_throughput
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config=configs/digits.py", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
+        "--config.diffusion.num_timesteps=20"]
+ENV_FIELDS = ("schema", "impl", "bench", "device", "versions", "host")
+
+
+def _check_env(r, impl="ddpm_jax"):
+    assert all(k in r for k in ENV_FIELDS), sorted(r)
+    assert r["impl"] == impl and r["schema"] == common.SCHEMA_VERSION
+    assert r["device"]["platform"] == "cpu" and r["device"]["count"] >= 1
+    assert json.loads(json.dumps(r)) == r  # plain JSON
+
+
+# The JAX scripts run in one subprocess whose XLA compiles without LLVM optimisation (the
+# tests time nothing, and compiling is most of their cost); the peer runs beside it in
+# another one, with JAX and ddpm_jax made unimportable: it must need only torch + diffusers.
+JAX_RUNS = {
+    "train": [*TINY, "--data=synthetic", "--batch=16", "--windows=2", "--steps_per_window=2", "--warmup=1",
+              "--peak_flops=1e12", "--tag=t"],
+    "sample": [*TINY, "--method=ddpm,ddim", "--steps=5", "--batch=8", "--runs=1"],
+    "quality": [*TINY, "--config.training.batch_size=8", "--steps=3", "--smooth=2", "--eval_draws=1",
+                "--no_reference", "--plot={plot}"],
+}
+JAX_CODE = """
+import json, sys
+from bench import bf16_quality, sample_speed, train_throughput
+runs = json.loads(sys.argv[1])
+train_throughput.main(runs["train"])
+sample_speed.main(runs["sample"])
+bf16_quality.main(runs["quality"])
+"""
+PEER_CODE = """
+import sys
+for m in ('jax', 'jaxlib', 'flax', 'optax', 'ddpm_jax', 'ml_collections', 'grain'):
+    sys.modules[m] = None
+from bench import peer_diffusers
+peer_diffusers.main(['--model=tiny', '--device=cpu', '--batch=4', '--windows=1', '--steps_per_window=1',
+                     '--warmup=0', '--precision=bf16'])
+peer_diffusers.main(['--mode=sample', '--model=tiny', '--device=cpu', '--batch=2', '--timesteps=10',
+                     '--method=ddpm,ddim', '--steps=3', '--runs=1'])
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{"jax": [records], "peer": [records] or None, "plot": path}: both subprocesses at once."""
+    plot = str(tmp_path_factory.mktemp("bench") / "loss.png")
+    jax_runs = {k: [a.replace("{plot}", plot) for a in v] for k, v in JAX_RUNS.items()}
+    flags = os.environ.get("XLA_FLAGS", "")
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{flags} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    procs = {"jax": subprocess.Popen([sys.executable, "-c", JAX_CODE, json.dumps(jax_runs)], cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)}
+    if importlib.util.find_spec("diffusers") is not None:
+        procs["peer"] = subprocess.Popen([sys.executable, "-c", PEER_CODE], cwd=REPO, env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = {"plot": plot, "peer": None}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}: {stderr[-3000:]}"
+        out[name] = common.read_records(stdout)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_forward_flops_per_image(batch=8):
+    """XLA's FLOPs of one forward pass of the tiny U-Net, per image (lowered from shapes only)."""
+    from ddpm_jax import data, generate, train
+
+    config = common.load_config(TINY[0][len("--config="):], [a[len("--config."):] for a in TINY[1:]])
+    model = train.create_model(config)
+    x = jax.ShapeDtypeStruct((batch, 8, 8, 1), jnp.float32)
+    t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    params = jax.eval_shape(lambda x, t: model.init({"params": jax.random.key(0)}, x, t), x, t)["params"]
+    assert data.example_shape(config.data) == (8, 8, 1)
+    return common.xla_flops(jax.jit(generate.model_apply_fn(model)).lower(params, x, t).cost_analysis()) / batch
+
+
+def test_train_throughput_records_step_pipeline_and_data_on_8_devices(runs):
+    records = [r for r in runs["jax"] if r["bench"] in ("train_step", "train", "data")]
+    assert [r["bench"] for r in records] == ["train_step", "train", "data"]
+    for r in records:
+        _check_env(r)
+        assert r["device"]["count"] == 8 and r["batch"] == 16 and r["image_shape"] == [8, 8, 1]
+        assert r["dtype"] == "float32" and r["steps_per_dispatch"] == 1 and r["prefetch"] == 2
+        assert r["data"].startswith("synthetic stand-in") and r["model"]["ch_mult"] == [1] and r["tag"] == "t"
+        assert r["peak_flops_per_device"] == 1e12 and r["peak_source"] == "flag --peak_flops"
+        assert r["paper_flops_per_image"] is None and r["images_per_sec"] > 0 and len(r["windows_s"]) == 2
+    for r in records[:2]:
+        assert r["images_per_sec"] == pytest.approx(r["steps_per_sec"] * 16)
+        assert r["all_finite"] and np.isfinite(r["last_loss"]) and r["memory"] is None
+        assert r["xla_flops_source"] == "compiled step" and r["compile_s"] > 0
+        assert r["mfu_xla"] == pytest.approx(r["xla_flops_per_image"] * r["images_per_sec"] / (8 * 1e12))
+    # The SPMD program's cost is per device: scaled back, a training image costs forward +
+    # backward, about 3 forward passes (2x..4.5x allows for the norms, softmax, Adam, EMA).
+    ratio = records[0]["xla_flops_per_image"] / _tiny_forward_flops_per_image()
+    assert 2.0 < ratio < 4.5, ratio
+    assert records[2]["batches_per_sec"] * 16 == pytest.approx(records[2]["images_per_sec"])
+
+
+def test_flops_of_a_multi_step_dispatch_come_from_one_step():
+    """XLA counts a loop body once: with steps_per_dispatch > 1 the count is of one lowered step."""
+    from ddpm_jax import parallel
+
+    d, batch = 16, 8
+    w = jnp.ones((d, d))
+
+    def step_fn(state, batches):  # n steps of one [batch, d] x [d, d] matmul each, in a scan
+        return jax.lax.scan(lambda s, b: (s + jnp.sum(b["x"] @ w), None), state, batches)
+
+    for n, devices in ((4, 1), (1, 8)):
+        mesh = parallel.make_mesh(jax.devices()[:devices])
+        fn = jax.jit(step_fn, in_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh, 1)))
+        batches = {"x": jnp.ones((n, batch, d))}
+        compiled = fn.lower(jnp.zeros(()), batches).compile()
+        flops, source = train_throughput._flops_per_image(compiled, fn, jnp.zeros(()), batches, n, batch, mesh)
+        assert source == ("compiled step" if n == 1 else "lowered 1-step HLO")
+        assert flops == pytest.approx(2 * d * d, rel=0.15), (n, devices, flops)
+
+
+def test_sample_speed_ddpm_and_ddim(runs):
+    records = [r for r in runs["jax"] if r["bench"] == "sample"]
+    assert [(r["method"], r["num_steps"]) for r in records] == [("ddpm", 20), ("ddim", 5)]
+    for r in records:
+        _check_env(r)
+        assert r["batch"] == 8 and r["var_type"] == "fixedsmall" and r["device"]["count"] == 8
+        assert r["all_finite"] and -1.0 <= r["sample_range"][0] < r["sample_range"][1] <= 1.0
+        assert r["first_call_s"] >= r["median_s"] > 0 and r["compile_s"] >= 0
+        assert r["ms_per_step"] == pytest.approx(1e3 * r["median_s"] / r["num_steps"])
+        assert r["xla_forward_flops_per_image"] == pytest.approx(_tiny_forward_flops_per_image(), rel=0.05)
+        assert r["mfu_xla"] is None and r["memory"] is None
+
+
+def test_random_params_have_the_model_shapes_and_no_zeros():
+    from ddpm_jax import parallel, train
+
+    config = common.load_config(TINY[0][len("--config="):], [a[len("--config."):] for a in TINY[1:]])
+    model = train.create_model(config)
+    params = sample_speed.random_params(model, (8, 8, 1), parallel.make_mesh(jax.devices()[:1]))
+    x = jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    shapes = jax.eval_shape(lambda x, t: model.init({"params": jax.random.key(0)}, x, t), x, t)["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(shapes)
+    assert all(p.shape == s.shape and bool((np.asarray(p) != 0).all())
+               for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(shapes)))
+
+
+def test_peer_runs_without_jax_or_ddpm_jax(runs):
+    if runs["peer"] is None:
+        pytest.skip("diffusers is not installed")
+    train, ddpm, ddim = runs["peer"]
+    for r in (train, ddpm, ddim):
+        _check_env(r, impl="diffusers")
+        assert r["versions"]["torch"] and r["versions"]["diffusers"] and r["all_finite"]
+    assert train["bench"] == "peer_train" and train["precision"] == "bf16" and train["batch"] == 4
+    assert train["images_per_sec"] == pytest.approx(4 * train["steps_per_sec"])
+    assert train["model"]["num_params"] > 0 and np.isfinite(train["last_loss"])
+    assert (ddpm["method"], ddpm["num_steps"], ddim["method"], ddim["num_steps"]) == ("ddpm", 10, "ddim", 3)
+    assert ddpm["bench"] == "peer_sample" and -1.0 <= ddpm["sample_range"][0] <= ddpm["sample_range"][1] <= 1.0
+
+
+def test_bf16_quality_compares_same_seed_runs(runs):
+    (r,) = [r for r in runs["jax"] if r["bench"] == "bf16_quality"]
+    _check_env(r)
+    assert r["steps"] == 3 and r["batch"] == 8 and set(r["runs"]) == {"float32", "bfloat16"}
+    assert r["runs"]["bfloat16"]["dtype"] == "bfloat16" and r["runs"]["float32"]["seed"] == 0
+    for run in r["runs"].values():
+        assert run["all_finite"] and np.isfinite(run["final_loss"]) and np.isfinite(run["heldout_loss"])
+    # Same seed, same batches and noise: after 3 steps only the compute precision differs.
+    d = r["bf16_vs_fp32"]
+    assert 0 <= d["mean_abs_diff_smoothed"] <= d["max_abs_diff_smoothed"] < 0.05
+    assert len(r["curves"]["float32"]) == len(r["curves"]["bfloat16"]) == 2
+    assert r["plot"] == runs["plot"] and os.path.getsize(runs["plot"]) > 1000
+
+
+def test_smooth_and_compare():
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_allclose(bf16_quality.smooth(a, 2), [1.5, 2.5, 3.5])
+    c = bf16_quality.compare(a, a + np.array([0.0, 0.0, 0.0, 2.0]), 2)
+    assert c == {"max_abs_diff_smoothed": 1.0, "mean_abs_diff_smoothed": pytest.approx(1 / 3)}
+
+
+def test_overrides_are_typed_and_bad_input_is_one_line():
+    config = common.load_config("configs/cifar10.py", [
+        "model.dtype=bfloat16", "model.remat=True", "model.ch_mult=(1,2)", "model.attn_resolutions=()",
+        "training.steps_per_dispatch=4", "optim.lr=1e-3"])
+    assert config.model.dtype == "bfloat16" and config.model.remat is True
+    assert tuple(config.model.ch_mult) == (1, 2) and tuple(config.model.attn_resolutions) == ()
+    assert config.training.steps_per_dispatch == 4 and config.optim.lr == 1e-3
+    assert common.is_paper_cifar10_model(common.load_config("configs/cifar10.py"))
+    assert not common.is_paper_cifar10_model(config)
+    for bad, words in ((["model.dtyp=bfloat16"], "unknown config key 'model.dtyp'"),
+                       (["model.remat=maybe"], "expected True or False"),
+                       (["training.batch_size=big"], "expected a int")):
+        with pytest.raises(common.BenchError, match=words):
+            common.load_config("configs/cifar10.py", bad)
+    with pytest.raises(common.BenchError, match="no such config file"):
+        common.load_config("configs/nope.py")
+    with pytest.raises(common.BenchError, match="multiple of training.steps_per_dispatch=4"):
+        train_throughput.configure(train_throughput.parse_args(
+            ["--config.training.steps_per_dispatch=4", "--steps_per_window=6"]))
+    with pytest.raises(common.BenchError, match="--modes"):
+        train_throughput.parse_args(["--modes=fast"])
+    with pytest.raises(common.BenchError, match="--steps is for --method=ddim"):
+        sample_speed.parse_args(["--method=ddpm", "--steps=50"])
+    with pytest.raises(common.BenchError, match="give a value"):
+        common.split_overrides(["--config.model.remat"])
+
+
+def test_peak_table_and_mfu():
+    assert common.peak_flops("NVIDIA H100 80GB HBM3") == (989e12, "table: H100 dense bf16")
+    assert common.peak_flops("NVIDIA H100 PCIe")[0] == 756e12
+    assert common.peak_flops("NVIDIA H200")[0] == 989e12 and common.tf32_peak("NVIDIA H200") == 494.5e12
+    assert common.peak_flops("cpu")[0] is None and common.peak_flops("cpu", 2e12)[0] == 2e12
+    assert common.mfu(37.3e9, 10_000, 989e12, 1) == pytest.approx(0.377, abs=1e-3)
+    assert common.mfu(None, 1.0, 1.0, 1) is None
+    assert common.xla_flops([{"flops": 5.0}]) == 5.0 and common.xla_flops({}) is None
+
+
+def _rec(**kw):
+    base = dict(schema=1, device=dict(platform="gpu", kind="NVIDIA H100 80GB HBM3", count=1), host={})
+    return {**base, **kw}
+
+
+def test_report_pairs_same_device_batch_and_precision():
+    ours = _rec(impl="ddpm_jax", bench="train_step", dtype="bfloat16", batch=128, image_shape=[32, 32, 3],
+                images_per_sec=8000.0, steps_per_sec=62.5, overrides=["model.dtype=bfloat16"],
+                paper_flops_per_image=37.3e9, config="configs/cifar10.py")
+    ours32 = dict(ours, dtype="float32", images_per_sec=3300.0, overrides=[])
+    peer = _rec(impl="diffusers", bench="peer_train", precision="bf16", batch=128, image_shape=[32, 32, 3],
+                images_per_sec=2000.0, steps_per_sec=15.6, compile=False)
+    peer32 = dict(peer, precision="tf32", images_per_sec=2200.0)
+    other = dict(peer, batch=64)
+    s_ours = _rec(impl="ddpm_jax", bench="sample", dtype="bfloat16", batch=256, image_shape=[32, 32, 3],
+                  method="ddpm", num_steps=1000, median_s=5.0, images_per_sec=51.2, ms_per_step=5.0,
+                  overrides=[], paper_forward_flops_per_image=12.44e9, config="configs/cifar10.py")
+    s_peer = _rec(impl="diffusers", bench="peer_sample", precision="bf16", batch=256, image_shape=[32, 32, 3],
+                  method="ddpm", num_steps=1000, median_s=15.0, images_per_sec=17.1, ms_per_step=15.0)
+    records = [ours, ours32, peer, peer32, other, s_ours, s_peer]
+    got = {(r["kind"], r["ours"], r["peer"]): r["ratio"] for r in report.ratios(records)}
+    assert got == {("train (train_step)", "ddpm_jax bf16", "diffusers bf16"): 4.0,
+                   ("train (train_step)", "ddpm_jax tf32", "diffusers tf32"): 1.5,
+                   ("sample ddpm-1000", "ddpm_jax bf16", "diffusers bf16"): 3.0}
+    text = report.markdown(records + [dict(bench="skipped", name="x", reason="budget")])
+    assert "| 4.00x |" in text and "### Not measured" in text
+    assert "training bf16, batch 128: 8,000 images/s" in text and ": met" in text
+    assert "sampling ddpm-1000, 256 images (ddpm_jax bf16): 5.000 s vs target <= 7.0 s: met" in text
+    cpu = dict(ours32, device=dict(platform="cpu", kind="cpu", count=1))
+    assert report.precision_class(cpu) == "fp32" and report.targets([cpu]) == []
+
+
+@pytest.mark.parametrize("plan", ["gpu1", "gpu2", "cpu"])
+def test_plans_parse_and_a_zero_budget_skips_everything(plan, tmp_path):
+    items = run_all.plan_items(plan)
+    parsers = {"train_throughput": train_throughput.parse_args, "sample_speed": sample_speed.parse_args,
+               "peer_diffusers": peer_diffusers.parse_args, "bf16_quality": bf16_quality.parse_args}
+    for item in items:  # every planned command is accepted by its script
+        args = parsers[item.module](item.command(str(tmp_path))[3:])
+        if item.module == "train_throughput":
+            train_throughput.configure(args)
+    records = run_all.run_plan(items, str(tmp_path), budget_s=0)
+    assert records[0]["bench"] == "env" and records[0]["packages"]["jax"] == jax.__version__
+    assert [r["name"] for r in records[1:]] == [i.name for i in items]
+    assert all(r["bench"] == "skipped" for r in records[1:])
+    with open(tmp_path / "results.jsonl") as f:
+        assert [json.loads(line)["bench"] for line in f] == [r["bench"] for r in records]
+    with pytest.raises(common.BenchError, match="--plan=nope"):
+        run_all.plan_items("nope")
