@@ -69,7 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.training = training = ml_collections.ConfigDict()
     training.batch_size = 128  # Global batch over all devices and hosts.
     training.num_steps = 800_000
-    training.log_every = 100  # Steps between metrics.jsonl / TensorBoard / progress-bar updates.
+    training.log_every = 100  # Steps between metrics.jsonl / TensorBoard / progress-bar updates
+    # (at dispatch boundaries: with steps_per_dispatch > log_every, once per dispatch).
     training.sample_every = 10_000  # Steps between EMA sample grids (0 = never).
     training.num_grid_samples = 64  # Images in each sample grid.
     training.checkpoint_every = 5000  # Steps between checkpoints.

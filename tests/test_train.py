@@ -133,8 +133,9 @@ def test_toy2d_main_writes_scatter_grid(tmp_path):
 def _toy_config(num_steps):
     config = toy2d.get_config()
     config.diffusion.num_timesteps = 10
+    # One step per dispatch: the toy2d config dispatches 10, and logs fall on dispatch boundaries.
     config.training.update(batch_size=32, num_steps=num_steps, log_every=1, sample_every=0,
-                           checkpoint_every=3)
+                           checkpoint_every=3, steps_per_dispatch=1)
     return config
 
 
