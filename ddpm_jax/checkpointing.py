@@ -265,7 +265,7 @@ class Checkpointer:
         if bad:
             raise NonFiniteCheckpointError(
                 f"refusing to checkpoint step {step}: {', '.join(bad)} hold NaN or Inf (nothing was "
-                f"written; the newest checkpoint, {self._newest_other(step)}, is intact); lower "
+                f"written; {self._newest_other(step)}); lower "
                 "optim.lr or check the data, then rerun the same command."
             )
         items = {
@@ -284,8 +284,10 @@ class Checkpointer:
         return started
 
     def _newest_other(self, step: int | None) -> str:
+        """Where a resume would start: the newest complete checkpoint other than `step`."""
         done = [s for s in self.all_steps() if s != step]
-        return f"step {done[-1]}" if done else "none yet"
+        return f"the newest complete checkpoint, step {done[-1]}, is intact" if done else \
+            "there is no complete checkpoint yet"
 
     @contextlib.contextmanager
     def _reporting_disk_full(self) -> Iterator[None]:
@@ -298,9 +300,9 @@ class Checkpointer:
             step, self._writing = self._writing, None
             raise DiskFullError(
                 f"disk full while writing checkpoint step {step} under {self.directory} "
-                f"({_first_line(err, 120)}); the newest complete checkpoint ({self._newest_other(step)}) "
-                "is intact: free space (or lower training.keep_checkpoints, or move --workdir to a "
-                "larger disk), then rerun the same command to resume from it."
+                f"({_first_line(err, 120)}); {self._newest_other(step)}: free space (or lower "
+                "training.keep_checkpoints, or move --workdir to a larger disk), then rerun the same "
+                "command to resume from it."
             ) from err
 
     # ---- restore ----------------------------------------------------------------------------

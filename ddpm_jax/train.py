@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import collections
 import importlib
-import importlib.util
 import json
 import os
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -34,26 +32,22 @@ import numpy as np
 import optax
 from absl import logging
 
-from ddpm_jax import (checkpointing, data, diffusion, generate, imaging, metrics, parallel, preemption,
-                      schedules)
+from ddpm_jax import (checkpointing, checks, data, diffusion, generate, imaging, metrics, parallel,
+                      preemption, schedules)
+from ddpm_jax.checks import NONFINITE_POLICIES, WorkdirError, prepare_workdir, validate_config  # noqa: F401
 from ddpm_jax.models import build_model
 from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
 
-NONFINITE_POLICIES = ("error", "skip")
-EVALUATION_RUN = "ddpm_jax.evaluation.run"  # run(config, workdir, mode=...): eval | fid_stats | bpd
+EVALUATION_RUN = checks.EVALUATION_RUN
 # Model hyper-parameters that do not change the params' shapes: a checkpoint may be
 # resumed or sampled with other values (e.g. dropout off, bfloat16 compute).
-NON_STRUCTURAL_KWARGS = ("dropout", "dtype", "param_dtype", "attention_impl", "remat")
+NON_STRUCTURAL_KWARGS = ("dropout", "dtype", "param_dtype", "attention_impl", "remat", "gate_init")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 MetricWriter = metrics.MetricWriter  # (moved to metrics.py)
 
 
 class NonFiniteError(FloatingPointError):
     """The loss or the gradient norm became NaN/Inf (training.nonfinite='error')."""
-
-
-class WorkdirError(ValueError):
-    """--workdir cannot be created or written."""
 
 
 # ---- model, schedule, state ---------------------------------------------------------------------
@@ -71,7 +65,7 @@ def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
         )
     if m.name == "mlp":
         return "mlp", dict(num_timesteps=int(config.diffusion.num_timesteps), hidden=int(m.mlp_hidden),
-                           out_dim=2, dtype=str(m.dtype))
+                           out_dim=2, dtype=str(m.dtype), gate_init=str(m.get("mlp_gate_init", "ones")))
     raise ValueError(f"unknown model.name={m.name!r}; use unet or mlp (--config.model.name=unet).")
 
 
@@ -214,7 +208,7 @@ def make_train_step(config, model: nn.Module, sched: schedules.Schedule,
                    out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-# ---- checks before any work ---------------------------------------------------------------------
+# ---- the loop -----------------------------------------------------------------------------------
 
 
 def grid_image(samples: np.ndarray, reference: np.ndarray | None = None, title: str = "") -> np.ndarray:
@@ -223,55 +217,6 @@ def grid_image(samples: np.ndarray, reference: np.ndarray | None = None, title: 
         return imaging.scatter_image(samples, reference=reference, title=title)
     grid = imaging.make_grid(samples)
     return imaging.upscale(grid, max(1, 512 // max(grid.shape[:2])))
-
-
-def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-    """One-line ValueErrors for settings that cannot work (called before anything is touched)."""
-    t = config.training
-    if str(t.nonfinite) not in NONFINITE_POLICIES:
-        raise ValueError(f"training.nonfinite={t.nonfinite!r} is unknown; use one of {NONFINITE_POLICIES}.")
-    for key in ("num_steps", "log_every", "checkpoint_every", "steps_per_dispatch", "keep_checkpoints"):
-        if int(t[key]) < 1:
-            raise ValueError(f"training.{key}={t[key]} must be >= 1.")
-    parallel.check_batch_size(int(t.batch_size), mesh)
-    points = str(config.data.source) == "toy2d"
-    if str(config.model.name) == "unet" and points:
-        raise ValueError("model.name='unet' cannot take the 2-D points of data.source='toy2d'; "
-                         "use --config.model.name=mlp.")
-    if str(config.model.name) == "mlp" and not points:
-        raise ValueError(f"model.name='mlp' takes 2-D points, not the images of data.source="
-                         f"{config.data.source!r}; use --config.model.name=unet.")
-    if str(config.model.name) == "unet":
-        levels, size = len(config.model.ch_mult), int(config.data.image_size)
-        factor = 2 ** (levels - 1)
-        if size % factor:
-            raise ValueError(
-                f"data.image_size={size} cannot go through the U-Net: model.ch_mult has {levels} levels, "
-                f"so images are halved {levels - 1} times and the size must be a multiple of {factor}; "
-                f"use --config.data.image_size={max(factor, size // factor * factor)} or fewer levels.")
-    if bool(t.eval_bpd_after) and importlib.util.find_spec(EVALUATION_RUN) is None:
-        raise ValueError("training.eval_bpd_after=True needs ddpm_jax/evaluation/run.py, which this "
-                         "checkout lacks; set --config.training.eval_bpd_after=False.")
-
-
-def prepare_workdir(workdir: str) -> None:
-    """Creates `workdir` and checks that files can be written there (WorkdirError if not)."""
-    if "://" in str(workdir):
-        raise WorkdirError(
-            f"--workdir={workdir}: metrics, samples and config.json are written with local file I/O; "
-            "mount the bucket (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) or use a shared "
-            "filesystem, and pass that path.")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
-            pass
-    except OSError as err:
-        why = err.strerror or type(err).__name__
-        raise WorkdirError(f"--workdir={workdir} is not a writable directory ({why}: {err.filename}); "
-                           "choose a directory you can write to.") from err
-
-
-# ---- the loop -----------------------------------------------------------------------------------
 
 
 def _next_dispatch(it, n: int, mesh) -> tuple[dict, dict]:
@@ -316,27 +261,27 @@ def _train(config, workdir, mesh, shape, model, sched, template, it) -> TrainSta
     meta = checkpoint_meta(config)
     ckpt = checkpointing.Checkpointer(workdir, keep=int(t.keep_checkpoints), keep_every=int(t.keep_every),
                                       cleanup_tmp=True)
-    try:
-        restored = ckpt.restore_newest_valid(template, check_meta=lambda stored: checkpointing.check_meta(
-            None if stored is None else structural_meta(stored), structural_meta(meta), workdir))
-    except BaseException:
-        ckpt.close()
-        raise
-    metrics.write_config(config, workdir)  # only now: a refused run leaves the old config.json
     skipped = 0  # updates skipped as non-finite (policy "skip") and logged, over the whole run
     # (first step, metrics [n]) of the steps since the last log; a checkpoint carries them over.
     pending: list[tuple[int, dict]] = []
-    if restored is None:
-        state, tx = create_train_state(config, model, shape, mesh)
-    else:
-        state, tx = restored.state, create_optimizer(config.optim)
-        skipped = int(restored.extra.get("skipped_steps", 0))
-        pending.extend((int(m["first_step"]), {k: np.asarray(v, bool if k == "finite" else np.float32)
-                                               for k, v in m["metrics"].items()})
-                       for m in restored.extra.get("unlogged_metrics", []))
-        if restored.data_state is not None:
-            it.set_state(restored.data_state)
-        logging.info("resumed from %s at step %d", ckpt.directory, restored.step)
+    try:
+        restored = ckpt.restore_newest_valid(template, check_meta=lambda stored: checkpointing.check_meta(
+            None if stored is None else structural_meta(stored), structural_meta(meta), workdir))
+        if restored is None:
+            state, tx = create_train_state(config, model, shape, mesh)
+        else:
+            state, tx = restored.state, create_optimizer(config.optim)
+            if restored.data_state is not None:
+                it.set_state(restored.data_state)  # refuses another batch size / data / seed
+            skipped = int(restored.extra.get("skipped_steps", 0))
+            pending.extend((int(m["first_step"]), {k: np.asarray(v, bool if k == "finite" else np.float32)
+                                                   for k, v in m["metrics"].items()})
+                           for m in restored.extra.get("unlogged_metrics", []))
+            logging.info("resumed from %s at step %d", ckpt.directory, restored.step)
+        metrics.write_config(config, workdir)  # only now: a refused run leaves the old config.json
+    except BaseException:
+        ckpt.close()
+        raise
     step = int(state.step)
     if step >= num_steps:
         logging.info("%s is at step %d >= training.num_steps=%d: nothing to train "

@@ -155,6 +155,8 @@ TINY_FLAGS = [a for a in kr.command("x", VALUES)[5:]]
                                r"use a fresh --workdir or the config it was trained with"),
     (["--config.training.batch_size=12"], r"training.batch_size=12 is not divisible by the 8 devices of the mesh; "
                                           r"use a multiple of 8"),
+    (["--config.training.batch_size=32"], r"The data state was saved with global_batch_size=16 but this run has "
+                                          r"global_batch_size=32: resume with the same data config, seed and batch size"),
 ])
 def test_bad_input_on_an_existing_run_changes_nothing(reference, env, tmp_path, args, expected):
     import re
@@ -345,7 +347,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(monkeypatch, tmp_p
         train.train_and_evaluate(_toy(6), workdir)
     message = str(info.value)
     assert "disk full while writing checkpoint step 4" in message and "\n" not in message
-    assert "the newest complete checkpoint (step 2) is intact" in message and "rerun the same command" in message
+    assert "the newest complete checkpoint, step 2, is intact: free space" in message
+    assert "rerun the same command" in message
     assert kr.finished_checkpoints(workdir) == [2]
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", original)
     # In this process the array writes of the failed save may still be landing (a real run
