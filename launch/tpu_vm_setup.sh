@@ -3,15 +3,16 @@
 # install ddpm_jax on every worker.
 #
 #   launch/tpu_vm_setup.sh --name=ddpm --zone=us-central2-b --accelerator=v4-32 \
-#       --repo=https://github.com/<you>/ddpm_jax.git [--spot] [--dry-run]
+#       --repo=https://github.com/<you>/ddpm_jax.git [--bucket=BUCKET] [--spot] [--dry-run]
 #
 # Options: --name, --zone, --accelerator (v3-8, v4-8, v4-32, v5litepod-16, ...),
 # --version (TPU software, default tpu-ubuntu2204-base), --repo (git URL to
-# clone on every worker), --spot (preemptible capacity; resume is automatic).
+# clone on every worker), --bucket (install gcsfuse, for tpu_pod.sh --bucket to
+# mount gs://BUCKET as the shared workdir), --spot (preemptible; resume is automatic).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-usage() { sed -n '2,12p' "$0"; }
-KNOWN_OPTS="name zone accelerator version repo spot"
+usage() { sed -n '2,13p' "$0"; }
+KNOWN_OPTS="name zone accelerator version repo spot bucket"
 NEEDS_CONFIG=0
 parse_args "$@"
 (( ${#MAIN_ARGS[@]} == 0 )) || die "unknown option ${MAIN_ARGS[0]} (see --help)"
@@ -30,4 +31,9 @@ install="set -e; git clone $OPT_repo ddpm_jax || (cd ddpm_jax && git pull); cd d
 python3 -m venv .venv; .venv/bin/pip install -q -r requirements.txt;
 .venv/bin/pip install -q \"jax[tpu]==\$(.venv/bin/python -c 'import jax; print(jax.__version__)')\";
 .venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count())'"
+if [[ -n "${OPT_bucket:-}" ]]; then  # gcsfuse from Google's apt repository (its documented install)
+  install+="; echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list;
+curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc > /dev/null;
+sudo apt-get update -q && sudo apt-get install -y -q gcsfuse"
+fi
 run gcloud compute tpus tpu-vm ssh "$OPT_name" --zone="$OPT_zone" --worker=all --command="$install"

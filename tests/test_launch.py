@@ -37,14 +37,17 @@ def test_local_multiprocess_dry_run_starts_one_process_per_rank():
 
 def test_tpu_scripts_dry_run_use_every_worker():
     setup = _run("tpu_vm_setup.sh", "--name=t", "--zone=us-central2-b", "--accelerator=v4-32",
-                 "--repo=https://example.com/ddpm_jax.git", "--spot", "--dry-run")
+                 "--repo=https://example.com/ddpm_jax.git", "--spot", "--bucket=b", "--dry-run")
     assert setup.returncode == 0, setup.stderr
     assert "tpu-vm create t --zone=us-central2-b --accelerator-type=v4-32" in setup.stdout
     assert "--spot" in setup.stdout and "--worker=all" in setup.stdout
+    assert "apt-get install -y -q gcsfuse" in setup.stdout
     pod = _run("tpu_pod.sh", "--name=t", "--zone=z", "--config=configs/cifar10.py",
-               "--workdir=gs://b/run", "--dry-run")
+               "--bucket=b", "--workdir=/mnt/b/run", "--dry-run")
     assert pod.returncode == 0, pod.stderr
     assert "--worker=all" in pod.stdout
+    remote = pod.stdout.replace("\\", "")  # the printed command escapes spaces
+    assert "gcsfuse --implicit-dirs b /mnt/b" in remote and "--workdir=/mnt/b/run" in remote
     assert "coordinator_address=auto" in pod.stdout
 
 
