@@ -42,7 +42,7 @@ TMP_MARK = ".orbax-checkpoint-tmp"
 TINY = {
     "model.ch_mult": (1,), "model.num_res_blocks": 1, "model.attn_resolutions": (), "model.dropout": 0.1,
     "diffusion.num_timesteps": 20, "training.batch_size": 16, "training.sample_every": 0,
-    "optim.warmup_steps": 2,
+    "optim.warmup_steps": 2, "training.eval_bpd_after": False,
 }
 
 

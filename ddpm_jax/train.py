@@ -219,6 +219,19 @@ def grid_image(samples: np.ndarray, reference: np.ndarray | None = None, title: 
     return imaging.upscale(grid, max(1, 512 // max(grid.shape[:2])))
 
 
+def print_outputs(workdir: str, step: int, loss: float | None, seconds: float, sampled: bool) -> None:
+    """The closing lines of a run: where its samples, metrics and checkpoints are."""
+    loss_text = "" if loss is None else f", final loss {loss:.4f}"
+    lines = [f"trained to step {step} in {seconds:.0f} s (compilation included){loss_text}"]
+    if sampled:
+        lines.append(f"  samples:     {os.path.join(workdir, 'samples', f'step_{step}.png')}")
+    lines += [f"  metrics:     {os.path.join(workdir, 'metrics.jsonl')} "
+              f"(TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tb')})",
+              f"  checkpoints: {os.path.join(workdir, 'checkpoints')} (rerun the command to resume; "
+              "--mode=sample to sample)"]
+    print("\n".join(lines), flush=True)
+
+
 def _next_dispatch(it, n: int, mesh) -> tuple[dict, dict]:
     """n host batches stacked to [n, b, ...] -> global arrays, and the iterator state after them."""
     batches = [next(it) for _ in range(n)]
@@ -255,6 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 
 def _train(config, workdir, mesh, shape, model, sched, template, it) -> TrainState:
+    started = time.time()
     t = config.training
     num_steps, batch_size = int(t.num_steps), int(t.batch_size)
     prepare_workdir(workdir)
@@ -351,6 +365,7 @@ def _train(config, workdir, mesh, shape, model, sched, template, it) -> TrainSta
             ckpt.save(at_step, state, consumed_data_state, meta, force=force,
                       extra={"skipped_steps": skipped, "unlogged_metrics": unlogged})
 
+    last_logged: dict = {}  # the newest metrics.jsonl values, for the closing summary
     progress = None
     if jax.process_index() == 0:
         from tqdm.auto import tqdm
@@ -379,6 +394,8 @@ def _train(config, workdir, mesh, shape, model, sched, template, it) -> TrainSta
             preempted = watcher.reached(prev, step)
             if _crossed(prev, step, int(t.log_every)) or step == num_steps:
                 values = flush_metrics(step)
+                if values:
+                    last_logged.update(values)
                 if progress is not None and values:
                     progress.set_postfix(loss=f"{values['loss']:.4f}")
             if (_crossed(prev, step, int(t.checkpoint_every)) and step < num_steps) or preempted:
@@ -409,6 +426,8 @@ def _train(config, workdir, mesh, shape, model, sched, template, it) -> TrainSta
         if progress is not None:
             progress.close()
         writer.close()
+    if not preempted and jax.process_index() == 0:
+        print_outputs(workdir, step, last_logged.get("loss"), time.time() - started, sampled=sampler is not None)
     if bool(t.eval_bpd_after) and not preempted:  # test-set bits/dim of the final EMA params
         importlib.import_module(EVALUATION_RUN).run(config, workdir, mode="bpd")
     return state

@@ -25,7 +25,8 @@ def _config(**eval_fields):
     config = digits.get_config()
     config.model.update(**TINY)
     config.diffusion.num_timesteps = 10
-    config.training.update(num_steps=2, batch_size=16, log_every=1, sample_every=0, checkpoint_every=2)
+    config.training.update(num_steps=2, batch_size=16, log_every=1, sample_every=0, checkpoint_every=2,
+                           eval_bpd_after=False)
     config.eval.update(**{**dict(num_samples=12, chunk_size=5, batch_size=8, inception_batch_size=8),
                           **eval_fields})
     return config

@@ -77,7 +77,8 @@ def _digits_config():
     config = digits.get_config()
     config.model.ch_mult, config.model.num_res_blocks, config.model.attn_resolutions = (1,), 1, ()
     config.diffusion.num_timesteps = 12
-    config.training.update(batch_size=16, num_steps=2, log_every=1, sample_every=0, checkpoint_every=2)
+    config.training.update(batch_size=16, num_steps=2, log_every=1, sample_every=0, checkpoint_every=2,
+                           eval_bpd_after=False)
     return config
 
 

@@ -58,12 +58,14 @@ def test_cifar10_mock_tfds_end_to_end(tmp_path):
 
 @pytest.fixture(scope="module")
 def digits_workdir(tmp_path_factory):
-    """A tiny digits run through the command line: 4 steps, checkpoints at 2 and 4."""
+    """A tiny digits run through the command line, as `make demo` runs it: 4 steps, checkpoints
+    at 2 and 4, then test bits/dim (the digits default) on 32 test digits. (workdir, stdout)"""
     workdir = str(tmp_path_factory.mktemp("digits") / "run")
-    _main(workdir, *TINY_UNET, "--config.training.num_steps=4", "--config.training.log_every=2",
-          "--config.training.sample_every=4", "--config.training.checkpoint_every=2",
-          "--config.training.batch_size=16", "--config.training.num_grid_samples=8")
-    return workdir
+    proc = _main(workdir, *TINY_UNET, "--config.training.num_steps=4", "--config.training.log_every=2",
+                 "--config.training.sample_every=4", "--config.training.checkpoint_every=2",
+                 "--config.training.batch_size=16", "--config.training.num_grid_samples=8",
+                 "--config.eval.bpd_num_examples=32")
+    return workdir, proc.stdout
 
 
 def _tiny_digits_config():
@@ -74,7 +76,7 @@ def _tiny_digits_config():
 
 
 def test_digits_main_writes_config_metrics_samples_checkpoints(digits_workdir):
-    workdir = digits_workdir
+    workdir, stdout = digits_workdir
     with open(os.path.join(workdir, "config.json")) as f:
         written = json.load(f)
     assert written["training"]["num_steps"] == 4 and written["model"]["ch_mult"] == [1]
@@ -83,10 +85,19 @@ def test_digits_main_writes_config_metrics_samples_checkpoints(digits_workdir):
     with checkpointing.Checkpointer(workdir) as ckpt:
         assert ckpt.all_steps() == [2, 4]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tb")))
+    # The closing lines say where everything is, then the test bits/dim (the digits default).
+    loss = _metrics(workdir)[-1]["loss"]
+    assert "trained to step 4 in " in stdout and f"final loss {loss:.4f}" in stdout
+    assert f"samples:     {os.path.join(workdir, 'samples', 'step_4.png')}" in stdout
+    assert f"metrics:     {os.path.join(workdir, 'metrics.jsonl')}" in stdout
+    with open(os.path.join(workdir, "eval", "bpd_4.json")) as f:
+        bpd = json.load(f)
+    assert bpd["num_examples"] == 32 and bpd["total_bpd"] > 0
+    assert f"step 4: bits/dim on test (32 examples): {bpd['total_bpd']:.4f}" in stdout
 
 
 def test_sample_mode_writes_grid_npz_and_trajectory_gif(digits_workdir):
-    workdir = digits_workdir
+    workdir, _ = digits_workdir
     _main(workdir, *TINY_UNET, "--mode=sample", "--config.sampling.num_samples=10",
           "--config.sampling.batch_size=8", "--config.sampling.trajectory_every=5")
     assert os.path.isfile(os.path.join(workdir, "config_sample.json"))
@@ -101,10 +112,11 @@ def test_sample_mode_writes_grid_npz_and_trajectory_gif(digits_workdir):
 
 
 def test_sample_mode_partial_denoising_ddim_and_model_mismatch(digits_workdir):
+    workdir, _ = digits_workdir
     config = _tiny_digits_config()
     config.sampling.update(num_samples=4, batch_size=8, init_image="camera", start_step=10,
                            method="ddim", ddim_steps=5)
-    paths = sample.run(config, digits_workdir)
+    paths = sample.run(config, workdir)
     for kind in ("original", "noised", "denoised"):
         assert os.path.basename(paths[kind]) == f"partial_ddim_4_k10_{kind}.png"
         assert os.path.isfile(paths[kind])
@@ -114,7 +126,7 @@ def test_sample_mode_partial_denoising_ddim_and_model_mismatch(digits_workdir):
 
     config.model.ch = 64
     with pytest.raises(checkpointing.CheckpointMismatchError, match="model.kwargs.ch=32"):
-        sample.run(config, digits_workdir)
+        sample.run(config, workdir)
 
 
 def test_toy2d_main_writes_scatter_grid(tmp_path):
