@@ -33,14 +33,17 @@ def parse_args(argv):
     p.add_argument("--method", default="ddpm", help="ddpm, ddim, or a comma list of them")
     p.add_argument("--steps", type=int, default=0, help="ddim: steps (0: sampling.ddim_steps); ddpm: all T")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--runs", type=int, default=3, help="timed calls after the first (compiling) one")
+    p.add_argument("--runs", type=int, default=3,
+                   help="timed calls after the first (compiling) one; 0: the first call only")
     p.add_argument("--num_devices", type=int, default=0)
     p.add_argument("--peak_flops", type=float, default=0.0)
     p.add_argument("--matmul_precision", default="")
     p.add_argument("--tag", default="")
     args = p.parse_args(rest)
     args.overrides = overrides
-    common.check_positive(batch=args.batch, runs=args.runs)
+    common.check_positive(batch=args.batch)
+    if args.runs < 0:
+        raise common.BenchError(f"--runs={args.runs}: use 0 (time the first, compiling call only) or more.")
     args.methods = [m for m in args.method.split(",") if m]
     if not args.methods or set(args.methods) - {"ddpm", "ddim"}:
         raise common.BenchError(f"--method={args.method}: use ddpm, ddim or ddpm,ddim.")
@@ -91,17 +94,19 @@ def measure(args) -> list[dict]:
             out = jax.block_until_ready(sampler(params, indices))
             times.append(time.perf_counter() - start)
         samples = np.asarray(out.samples)
-        median_s = common.median(times)
-        images_per_sec = args.batch / median_s
+        # --runs=0 (a long CPU chain timed once): the first call stands for the run.
+        median_s = common.median(times) if times else None
+        images_per_sec = args.batch / (median_s or first_s)
         records.append(common.emit(dict(
             impl="ddpm_jax", bench="sample", **common.jax_env(devices), config=args.config,
             overrides=args.overrides, tag=args.tag, model=dict(name=name, **kwargs),
             method=method, num_steps=steps, var_type=options["var_type"], batch=args.batch,
             image_shape=list(shape), dtype=str(config.model.dtype),
             attention_impl=str(config.model.attention_impl), matmul_precision=args.matmul_precision or "default",
-            first_call_s=first_s, compile_s=max(first_s - median_s, 0.0), runs_s=[round(s, 4) for s in times],
-            median_s=median_s, images_per_sec=images_per_sec, ms_per_step=1e3 * median_s / steps,
-            run_spread=common.spread(times), xla_forward_flops_per_image=fwd_per_image,
+            first_call_s=first_s, compile_s=None if median_s is None else max(first_s - median_s, 0.0),
+            runs_s=[round(s, 4) for s in times], median_s=median_s, images_per_sec=images_per_sec,
+            ms_per_step=1e3 * (median_s or first_s) / steps,
+            run_spread=common.spread(times) if times else None, xla_forward_flops_per_image=fwd_per_image,
             paper_forward_flops_per_image=paper, peak_flops_per_device=peak, peak_source=peak_source,
             mfu_xla=common.mfu(fwd_per_image and fwd_per_image * steps, images_per_sec, peak, len(devices)),
             mfu_paper=common.mfu(paper and paper * steps, images_per_sec, peak, len(devices)),

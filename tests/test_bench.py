@@ -39,6 +39,7 @@ JAX_RUNS = {
     "train": [*TINY, "--data=synthetic", "--batch=16", "--windows=2", "--steps_per_window=2", "--warmup=1",
               "--peak_flops=1e12", "--tag=t"],
     "sample": [*TINY, "--method=ddpm,ddim", "--steps=5", "--batch=8", "--runs=1"],
+    "sample_once": [*TINY, "--method=ddim", "--steps=3", "--batch=8", "--runs=0", "--tag=once"],
     "quality": [*TINY, "--config.training.batch_size=8", "--steps=3", "--smooth=2", "--eval_draws=1",
                 "--no_reference", "--plot={plot}"],
 }
@@ -48,6 +49,7 @@ from bench import bf16_quality, sample_speed, train_throughput
 runs = json.loads(sys.argv[1])
 train_throughput.main(runs["train"])
 sample_speed.main(runs["sample"])
+sample_speed.main(runs["sample_once"])
 bf16_quality.main(runs["quality"])
 """
 PEER_CODE = """
@@ -140,7 +142,7 @@ def test_flops_of_a_multi_step_dispatch_come_from_one_step():
 
 
 def test_sample_speed_ddpm_and_ddim(runs):
-    records = [r for r in runs["jax"] if r["bench"] == "sample"]
+    records = [r for r in runs["jax"] if r["bench"] == "sample" and r["tag"] != "once"]
     assert [(r["method"], r["num_steps"]) for r in records] == [("ddpm", 20), ("ddim", 5)]
     for r in records:
         _check_env(r)
@@ -150,6 +152,16 @@ def test_sample_speed_ddpm_and_ddim(runs):
         assert r["ms_per_step"] == pytest.approx(1e3 * r["median_s"] / r["num_steps"])
         assert r["xla_forward_flops_per_image"] == pytest.approx(_tiny_forward_flops_per_image(), rel=0.05)
         assert r["mfu_xla"] is None and r["memory"] is None
+
+
+def test_sample_speed_can_time_only_the_first_call(runs):
+    """--runs=0, for chains too long to run twice on a CPU: the compiling call is the measurement."""
+    (r,) = [r for r in runs["jax"] if r["bench"] == "sample" and r["tag"] == "once"]
+    assert r["num_steps"] == 3 and r["runs_s"] == [] and r["median_s"] is None and r["compile_s"] is None
+    assert r["images_per_sec"] == pytest.approx(8 / r["first_call_s"])
+    assert r["ms_per_step"] == pytest.approx(1e3 * r["first_call_s"] / 3) and r["all_finite"]
+    with pytest.raises(common.BenchError, match="--runs=-1"):
+        sample_speed.parse_args(["--runs=-1"])
 
 
 def test_random_params_have_the_model_shapes_and_no_zeros():
