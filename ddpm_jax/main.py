@@ -119,15 +119,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
-def _quiet_orbax_info() -> None:
-    """Orbax logs every save at INFO (a dozen lines per checkpoint); keep its warnings only."""
+def _quiet_library_info() -> None:
+    """Keep only the warnings of Orbax (a dozen INFO lines per checkpoint) and of JAX's backend
+    probing ("Unable to initialize backend 'tpu'" on every machine without one)."""
     import logging as py_logging
 
-    class _DropOrbaxInfo(py_logging.Filter):
-        def filter(self, record: py_logging.LogRecord) -> bool:
-            return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+    noisy = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}xla_bridge.py")
 
-    logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+    class _DropLibraryInfo(py_logging.Filter):
+        def filter(self, record: py_logging.LogRecord) -> bool:
+            return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in noisy)
+
+    logging.get_absl_handler().addFilter(_DropLibraryInfo())
 
 
 def run_mode(config, workdir: str, mode: str):
@@ -162,7 +165,7 @@ def main(argv: list[str]) -> None:
         _usage_error("--config is required, e.g. --config=configs/digits.py.")
     if not FLAGS.workdir:
         _usage_error("--workdir is required (checkpoints, metrics and samples go there).")
-    _quiet_orbax_info()
+    _quiet_library_info()
     try:
         from ddpm_jax import metrics, parallel
 

@@ -197,7 +197,6 @@ def _from_noise(config, params, model, sched, mesh, shape, step, out_dir, option
     if scores is not None:
         paths["scores"] = _write_json(os.path.join(out_dir, f"scores_{method}_{step}.json"),
                                       _toy_report(config, scores, method, step))
-        logging.info("%s", _toy_summary(config, scores))
         print(_toy_summary(config, scores), flush=True)
     if every:
         if out.trajectory is None or out.trajectory.shape[0] == 0:
@@ -287,7 +286,6 @@ def _partial_denoising(config, params, model, sched, mesh, shape, step, out_dir,
     line = (f"partial denoising of {s.init_image} from step k={k} (alpha_bar_k={report['alpha_bar_k']:.4f}), "
             f"{n} images: PSNR noised {report['psnr_noised']:.2f} dB, "
             f"denoised {report['psnr_denoised']:.2f} dB")
-    logging.info("%s", line)
     print(line, flush=True)
     if every and out.trajectory is not None and out.trajectory.shape[0]:
         if jax.process_index() == 0:
