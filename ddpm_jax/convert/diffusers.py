@@ -156,8 +156,11 @@ def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"no {' or '.join(WEIGHTS_NAMES)} in {model_dir}; download the weights "
                                 "file next to config.json.")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as err:
+            raise ImportError(f"reading {path} needs the safetensors package; "
+                              "`pip install -r requirements.txt` installs it.") from err
         try:
             state = load_file(path)
         except (KeyError, TypeError) as err:  # dtypes NumPy lacks (bfloat16)
