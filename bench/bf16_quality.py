@@ -190,13 +190,7 @@ def plot(results: dict, window: int, path: str, title: str) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    try:
-        return measure(parse_args(sys.argv[1:] if argv is None else argv))
-    except common.BenchError as err:
-        if argv is not None:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return common.run_cli(lambda args: measure(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

@@ -261,6 +261,27 @@ def spread(values: Sequence[float]) -> float:
     return float((max(values) - min(values)) / m) if m else 0.0
 
 
+def run_cli(measure: Callable[[list[str]], list[dict]], argv: list[str] | None) -> list[dict]:
+    """`measure(argv)`; from the command line (argv None) a BenchError is one line and exit 2."""
+    try:
+        return measure(sys.argv[1:] if argv is None else argv)
+    except BenchError as err:
+        if argv is not None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def sampling_methods(method: str, ddim_steps: int) -> list[str]:
+    """`--method` (ddpm, ddim or a comma list) as a list; `--steps` only applies to DDIM."""
+    methods = [m for m in method.split(",") if m]
+    if not methods or set(methods) - {"ddpm", "ddim"}:
+        raise BenchError(f"--method={method}: use ddpm, ddim or ddpm,ddim.")
+    if ddim_steps and "ddim" not in methods:
+        raise BenchError("--steps is for --method=ddim; ancestral DDPM runs all T steps.")
+    return methods
+
+
 def check_positive(**values: int) -> None:
     for name, value in values.items():
         if int(value) < 1:

@@ -80,11 +80,7 @@ def parse_args(argv):
     args.batch = args.batch or (128 if args.mode == "train" else 256)
     common.check_positive(windows=args.windows, steps_per_window=args.steps_per_window, runs=args.runs,
                           timesteps=args.timesteps)
-    args.methods = [m for m in args.method.split(",") if m]
-    if not args.methods or set(args.methods) - {"ddpm", "ddim"}:
-        raise common.BenchError(f"--method={args.method}: use ddpm, ddim or ddpm,ddim.")
-    if args.steps and "ddim" not in args.methods:
-        raise common.BenchError("--steps is for --method=ddim; ancestral DDPM runs all T steps.")
+    args.methods = common.sampling_methods(args.method, args.steps)
     return args
 
 
@@ -266,15 +262,12 @@ def _cuda_memory(torch, device) -> dict | None:
 
 
 def main(argv=None) -> list[dict]:
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        records = [measure_train(args)] if args.mode == "train" else measure_sample(args)
-        return [common.emit(r) for r in records]
-    except common.BenchError as err:
-        if argv is not None:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return common.run_cli(lambda args: measure(parse_args(args)), argv)
+
+
+def measure(args) -> list[dict]:
+    records = [measure_train(args)] if args.mode == "train" else measure_sample(args)
+    return [common.emit(r) for r in records]
 
 
 if __name__ == "__main__":

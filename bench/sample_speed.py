@@ -44,11 +44,7 @@ def parse_args(argv):
     common.check_positive(batch=args.batch)
     if args.runs < 0:
         raise common.BenchError(f"--runs={args.runs}: use 0 (time the first, compiling call only) or more.")
-    args.methods = [m for m in args.method.split(",") if m]
-    if not args.methods or set(args.methods) - {"ddpm", "ddim"}:
-        raise common.BenchError(f"--method={args.method}: use ddpm, ddim or ddpm,ddim.")
-    if args.steps and "ddim" not in args.methods:
-        raise common.BenchError("--steps is for --method=ddim; ancestral DDPM runs all T steps.")
+    args.methods = common.sampling_methods(args.method, args.steps)
     return args
 
 
@@ -141,13 +137,7 @@ def random_params(model, shape: tuple, mesh, seed: int = 0):
 
 
 def main(argv=None) -> list[dict]:
-    try:
-        return measure(parse_args(sys.argv[1:] if argv is None else argv))
-    except common.BenchError as err:
-        if argv is not None:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return common.run_cli(lambda args: measure(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

@@ -227,14 +227,7 @@ def _time_data(args, it, batch) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        return measure(args)
-    except common.BenchError as err:
-        if argv is not None:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return common.run_cli(lambda args: measure(parse_args(args)), argv)
 
 
 if __name__ == "__main__":
