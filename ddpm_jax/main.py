@@ -17,6 +17,7 @@ exits 0: rerun the same command to resume.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import errno
 import importlib
@@ -61,20 +62,64 @@ def _load_config_file(path: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
+def _expected(default) -> str | None:
+    """What an override of a field whose default is `default` must look like."""
+    if isinstance(default, bool):
+        return "True or False"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number (e.g. 2e-4)"
+    if isinstance(default, (tuple, list)):
+        return f"a tuple like {tuple(default)!r} (quote it in the shell)"
+    return None
+
+
+def _parses_as(default, text: str) -> bool:
+    try:
+        if isinstance(default, bool):  # as absl's boolean parser
+            return text.lower() in ("true", "t", "1", "false", "f", "0")
+        if isinstance(default, int):
+            try:
+                int(text)
+            except ValueError:
+                int(text, 0)  # 0x10, 0o7, 1_000 as absl reads them
+            return True
+        if isinstance(default, float):
+            float(text)
+            return True
+        if isinstance(default, (tuple, list)):
+            value = ast.literal_eval(text)
+            element_types = {type(v) for v in default}
+            return isinstance(value, (tuple, list)) and all(type(v) in element_types for v in value) \
+                if element_types else isinstance(value, (tuple, list))
+    except (ValueError, SyntaxError):
+        return False
+    return True
+
+
 def _explain_override_error(argv: list[str], err: Exception) -> str:
     """One line naming the offending `--config.` override and how to fix it."""
     text = " ".join(str(err).split())
+    problem = _bad_override(argv)
+    if problem:
+        return problem
     bad_value = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", text)
     if bad_value:
         key, value, why = bad_value.groups()
         return f"bad value {value!r} for config key {key!r}: {why}"
+    return f"bad --config override: {text}"
+
+
+def _bad_override(argv: list[str]) -> str | None:
+    """The first `--config.` override naming no field or not of its field's type, explained."""
     config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     try:
         config = _load_config_file(config_arg) if config_arg else None
     except Exception:  # noqa: BLE001 - fall back to the raw message below
         config = None
     for arg in argv:
-        m = re.match(r"--config\.([\w.]+)(=|$)", arg)
+        m = re.match(r"--config\.([\w.]+)(=|$)(.*)", arg)
         if not m or config is None:
             continue
         node, walked = config, []
@@ -85,7 +130,10 @@ def _explain_override_error(argv: list[str], err: Exception) -> str:
                 hint = f" (did you mean {'.'.join(walked + close)}?)" if close else ""
                 return f"unknown config key {m.group(1)!r}{hint}; see configs/base.py for the fields."
             node, walked = node[part], walked + [part]
-    return f"bad --config override: {text}"
+        expected = _expected(node)
+        if m.group(2) and expected and not _parses_as(node, m.group(3)):
+            return f"bad value {m.group(3)!r} for config key {m.group(1)!r}: expected {expected}."
+    return None
 
 
 def _usage_error(message: str) -> None:
@@ -163,6 +211,9 @@ def main(argv: list[str]) -> None:
         _exit_config_load_error(sys.argv, err)
     if config is None:
         _usage_error("--config is required, e.g. --config=configs/digits.py.")
+    problem = _bad_override(sys.argv)  # what config_flags lets through, e.g. ch_mult=(1,a)
+    if problem:
+        _usage_error(problem)
     if not FLAGS.workdir:
         _usage_error("--workdir is required (checkpoints, metrics and samples go there).")
     _quiet_library_info()

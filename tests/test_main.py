@@ -30,7 +30,13 @@ def _error_line(proc):
          r"unknown config key 'training.batchsize' \(did you mean training.batch_size\?\)"),
         ("--config.nope.x=1", r"unknown config key 'nope.x'"),
         ("--config.training.batch_size=abc", r"bad value 'abc' for config key 'training.batch_size'"),
-        ("--config.optim.lr=fast", r"bad value 'fast' for config key 'optim.lr'"),
+        ("--config.optim.lr=fast", r"bad value 'fast' for config key 'optim.lr': expected a number"),
+        ("--config.training.num_steps=many",
+         r"bad value 'many' for config key 'training.num_steps': expected an integer\.$"),
+        ("--config.model.remat=maybe", r"bad value 'maybe' for config key 'model.remat': expected True or False"),
+        # config_flags itself takes this one (as (1, 'a')); the check after parsing does not.
+        ("--config.model.ch_mult=(1,a)",
+         r"bad value '\(1,a\)' for config key 'model.ch_mult': expected a tuple like \(1, 2\)"),
     ],
 )
 def test_bad_override_exits_with_one_line_naming_the_key(tmp_path, override, expected):
