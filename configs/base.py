@@ -79,10 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.checkpoint_every = 5000  # Steps between checkpoints.
     training.keep_checkpoints = 3  # Most recent checkpoints kept.
     training.keep_every = 100_000  # Also keep every K-th step permanently (0 = none).
-    training.steps_per_dispatch = 1  # Train steps fused into one compiled call.
-    # How those steps are fused: auto (lax.scan on accelerators, unrolled on the CPU, where XLA runs
-    # convolution gradients inside a loop ~25x slower) | scan | unroll. Both give bitwise-equal states.
-    training.dispatch_loop = "auto"
+    training.steps_per_dispatch = 1  # Train steps fused into one compiled call (lax.scan).
     training.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
     training.eval_bpd_after = False  # Report test bits/dim when training ends.
 
