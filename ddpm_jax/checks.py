@@ -1,36 +1,89 @@
-"""Checks made before a run touches anything: the config, and the workdir.
+"""Checks made before a run touches anything: the config, the files it names, the workdir.
 
-Each failure is one line naming the problem and the fix (a `ValueError`), raised
-before any file is written or anything is compiled.
+Each failure is one line naming the field and the fix (a `ValueError`), raised
+before any file is written or anything is compiled. One entry point per mode,
+`check_config(config, mode, mesh)`, runs the checks of each concern that mode uses:
+
+    train      validate_config: the training loop, the schedule, the sampler of the grids
+    sample     the schedule, the sampler, the partial-denoising picture
+    eval       the schedule, the sampler, eval's sizes and files (check_eval_inputs)
+    bpd        the schedule, the bits/dim sizes
+    fid_stats  eval's files (no model is involved)
+
+Call it after `parallel.initialize` (the schedule tables are built with jax.numpy).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
+import math
 import os
 import tempfile
 
 import ml_collections
+import numpy as np
 
-from ddpm_jax import parallel
+from ddpm_jax import parallel, sampling, schedules
 
 NONFINITE_POLICIES = ("error", "skip")
-EVALUATION_RUN = "ddpm_jax.evaluation.run"  # run(config, workdir, mode=...): eval | fid_stats | bpd
+EVALUATION_RUN = "ddpm_jax.evaluation.run"  # where train.py finds the evaluation modes (until modes/)
+MODES = ("train", "sample", "eval", "bpd", "fid_stats")
+# The β fields each schedule reads (cosine and jsd have neither), with the paper's values.
+_BETA_FIELDS = {"linear": ("beta_start", "beta_end"), "quadratic": ("beta_start", "beta_end"),
+                "sigmoid": ("beta_start", "beta_end"), "warmup10": ("beta_start", "beta_end"),
+                "warmup50": ("beta_start", "beta_end"), "const": ("beta_end",)}
+_PAPER = {"beta_start": 1e-4, "beta_end": 0.02}
+_POOL_DIM = 2048  # the FID Inception's pool_3 features, what eval.fid_stats must describe
 
 
 class WorkdirError(ValueError):
     """--workdir cannot be created or written."""
 
 
+def check_config(config: ml_collections.ConfigDict, mode: str, mesh=None) -> None:
+    """Every check of `mode` that can run before work (see the module docstring); `mesh` for train."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}.")
+    if mode == "train":
+        validate_config(config, mesh)
+        return
+    if mode != "fid_stats":
+        check_schedule(config.diffusion)
+    if mode in ("sample", "eval"):
+        check_sampler(config.sampling, int(config.diffusion.num_timesteps))
+    if mode == "sample":
+        _positive(config.sampling, "sampling", ("num_samples", "batch_size"))
+        check_init_image(config)
+    if mode == "bpd":
+        _positive(config.eval, "eval", ("bpd_batch_size",))
+        if int(config.eval.bpd_num_examples) < 0:
+            raise ValueError(f"eval.bpd_num_examples={config.eval.bpd_num_examples} must be >= 0 "
+                             "(0 = the whole split).")
+    if mode in ("eval", "fid_stats"):
+        check_eval_inputs(config, mode)
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-    """One-line ValueErrors for settings that cannot work (called before anything is touched)."""
+    """The checks of the training mode: loop settings, model vs data, schedule, grid sampler."""
     t = config.training
     if str(t.nonfinite) not in NONFINITE_POLICIES:
         raise ValueError(f"training.nonfinite={t.nonfinite!r} is unknown; use one of {NONFINITE_POLICIES}.")
-    for key in ("num_steps", "log_every", "checkpoint_every", "steps_per_dispatch", "keep_checkpoints"):
-        if int(t[key]) < 1:
-            raise ValueError(f"training.{key}={t[key]} must be >= 1.")
+    _positive(t, "training", ("batch_size", "num_steps", "log_every", "checkpoint_every",
+                              "steps_per_dispatch", "keep_checkpoints"))
     parallel.check_batch_size(int(t.batch_size), mesh)
+    _check_model(config)
+    check_schedule(config.diffusion)
+    if int(t.sample_every) > 0:  # the grids written during and after training
+        check_sampler(config.sampling, int(config.diffusion.num_timesteps))
+
+
+def _positive(section: ml_collections.ConfigDict, name: str, keys: tuple) -> None:
+    for key in keys:
+        if int(section[key]) < 1:
+            raise ValueError(f"{name}.{key}={section[key]} must be >= 1.")
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
     points = str(config.data.source) == "toy2d"
     if str(config.model.name) == "unet" and points:
         raise ValueError("model.name='unet' cannot take the 2-D points of data.source='toy2d'; "
@@ -46,10 +99,171 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                 f"data.image_size={size} cannot go through the U-Net: model.ch_mult has {levels} levels, "
                 f"so images are halved {levels - 1} times and the size must be a multiple of {factor}; "
                 f"use --config.data.image_size={max(factor, size // factor * factor)} or fewer levels.")
-    if bool(t.eval_bpd_after) and importlib.util.find_spec(EVALUATION_RUN) is None:
-        raise ValueError("training.eval_bpd_after=True needs ddpm_jax/evaluation/run.py, which this "
-                         "checkout lacks; set --config.training.eval_bpd_after=False.")
 
+
+# ---- the diffusion schedule ---------------------------------------------------------------------
+
+def check_schedule(diffusion: ml_collections.ConfigDict) -> None:
+    """β in (0, 1) at every step and finite float32 tables, naming the `diffusion.` field at fault."""
+    name, T = str(diffusion.schedule), diffusion.num_timesteps
+    if name not in schedules.SCHEDULES:
+        raise ValueError(f"diffusion.schedule={name!r} is unknown; use one of {', '.join(schedules.SCHEDULES)}.")
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
+        raise ValueError(f"diffusion.num_timesteps={T!r} must be an integer >= 1 (the paper uses 1000).")
+    for key in _BETA_FIELDS.get(name, ()):
+        value = float(diffusion[key])
+        if not (math.isfinite(value) and 0.0 < value < 1.0):
+            raise ValueError(
+                f"diffusion.{key}={value} must lie strictly between 0 and 1 (a β of 1 leaves no signal: "
+                f"ᾱ = 0 and the tables divide by it; β <= 0 adds no noise); use e.g. "
+                f"--config.diffusion.{key}={_PAPER[key]} (the paper's value).")
+    betas = schedules.get_betas(name, int(T), beta_start=float(diffusion.beta_start),
+                                beta_end=float(diffusion.beta_end))
+    if np.max(betas) >= 1.0:
+        step = int(np.argmax(betas >= 1.0))
+        raise ValueError(
+            f"diffusion.schedule={name!r} reaches β = 1 at t={step} (of T={T}): ᾱ_t = 0 there, so "
+            f"x_0 cannot be recovered from ε and the tables hold 1/√ᾱ = inf; use another schedule, "
+            f"e.g. --config.diffusion.schedule=linear.")
+    with np.errstate(all="ignore"):  # what overflows is reported below, as one line
+        tables = schedules.Schedule.from_betas(betas)
+    for field in dataclasses.fields(tables):
+        values = np.asarray(getattr(tables, field.name))
+        if not np.all(np.isfinite(values)):
+            abar_T = schedules.alpha_bar_final(betas)
+            fix = ("a smaller --config.diffusion.beta_end or fewer --config.diffusion.num_timesteps"
+                   if abar_T < 0.5 else "larger --config.diffusion.beta_start / beta_end")
+            raise ValueError(
+                f"diffusion: schedule {name!r} with T={T}, beta_start={diffusion.beta_start}, beta_end="
+                f"{diffusion.beta_end} gives a non-finite {field.name} at t="
+                f"{int(np.argmin(np.isfinite(values)))} in float32 (ᾱ_T = {abar_T:.3g}); use {fix}.")
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+
+def check_sampler(s: ml_collections.ConfigDict, num_timesteps: int) -> None:
+    """sampling.method / ddim_spacing known, and DDIM's steps in 1..T (refused, never clamped)."""
+    method = str(s.method)
+    if method not in sampling.METHODS:
+        raise ValueError(f"sampling.method={method!r} is unknown; use one of {', '.join(sampling.METHODS)}.")
+    if method != "ddim":
+        return
+    steps = int(s.ddim_steps)
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(
+            f"sampling.ddim_steps={steps} must lie in 1..T={num_timesteps} (diffusion.num_timesteps) with "
+            f"sampling.method=ddim; use e.g. --config.sampling.ddim_steps={min(50, num_timesteps)}, or "
+            f"--config.sampling.method=ddpm for all T steps.")
+    if str(s.ddim_spacing) not in sampling.SPACINGS:
+        raise ValueError(f"sampling.ddim_spacing={s.ddim_spacing!r} is unknown; use one of "
+                         f"{', '.join(sampling.SPACINGS)}.")
+
+
+def check_init_image(config: ml_collections.ConfigDict) -> None:
+    """sampling.init_image (if set): a readable picture (or a scikit-image name), an image model,
+    and sampling.start_step in 1..T."""
+    s = config.sampling
+    path = str(s.init_image)
+    if not path:
+        return
+    from ddpm_jax.data.sources import SKIMAGE_PICTURES
+
+    if str(config.data.source) == "toy2d":
+        raise ValueError("sampling.init_image needs an image model; toy2d points cannot be partially "
+                         "denoised: set --config.sampling.init_image=''.")
+    T = int(config.diffusion.num_timesteps)
+    if not 1 <= int(s.start_step) <= T:
+        raise ValueError(f"sampling.start_step={s.start_step} must lie in 1..T={T} when sampling.init_image "
+                         f"is set (the step to noise the picture to); use e.g. "
+                         f"--config.sampling.start_step={max(1, T // 2)}.")
+    if os.path.isfile(path):
+        problem = _image_problem(path)
+        if problem:
+            raise ValueError(f"sampling.init_image={path!r} is not a readable image ({problem}); give a "
+                             "PNG or JPEG file.")
+    elif path not in SKIMAGE_PICTURES:
+        what = "is a directory" if os.path.isdir(path) else "not found"
+        raise ValueError(f"sampling.init_image={path!r} {what}: give an image file or one of the "
+                         f"scikit-image pictures ({', '.join(SKIMAGE_PICTURES)}).")
+
+
+def _image_problem(path: str) -> str | None:
+    """Why PIL cannot decode the file at `path` (a short phrase), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes it all: a truncated file fails here, not later
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return " ".join(str(err).split()) or type(err).__name__
+    return None
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+def check_eval_inputs(config: ml_collections.ConfigDict, mode: str) -> None:
+    """eval / fid_stats: sizes >= 1 and the files they need, usable, before a sample is made.
+
+    Both modes need eval.inception_weights (a converted .npz); eval also reads
+    eval.fid_stats when it is set (without it only the Inception Score is computed).
+    """
+    ev = config.eval
+    if mode == "eval":
+        _positive(ev, "eval", ("num_samples", "batch_size", "chunk_size", "inception_batch_size"))
+    else:
+        _positive(ev, "eval", ("inception_batch_size",))
+    problem = inception_weights_problem(str(ev.inception_weights))
+    if problem:
+        raise ValueError(f"--mode={mode} needs the FID Inception: {problem}")
+    if mode == "eval" and str(ev.fid_stats):
+        problem = fid_stats_problem(str(ev.fid_stats))
+        if problem:
+            raise ValueError(f"--mode=eval cannot compute FID: {problem}")
+
+
+def inception_weights_problem(path: str) -> str | None:
+    """Why `path` is not a converted FID Inception file (one line naming the field), or None."""
+    from ddpm_jax.evaluation import inception
+
+    convert = (f"download {inception.FID_WEIGHTS_URL}, convert it once with `python -m "
+               f"ddpm_jax.evaluation.convert_inception --pth {inception.FID_WEIGHTS_PTH} --out "
+               f"inception_fid.npz` and pass --config.eval.inception_weights=inception_fid.npz")
+    if not path:
+        return "eval.inception_weights is not set: " + convert
+    if not os.path.isfile(path):
+        return "eval.inception_weights: " + inception.missing_weights_message(path)
+    if path.endswith(".pth"):
+        return (f"eval.inception_weights={path!r} is the PyTorch state dict; convert it first with `python -m "
+                f"ddpm_jax.evaluation.convert_inception --pth {path} --out inception_fid.npz`")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            tag = str(f["format"]) if "format" in f.files else None
+    except (OSError, ValueError):
+        return f"eval.inception_weights={path!r} is not an .npz file: " + convert
+    if tag != inception.FORMAT_TAG:
+        return f"eval.inception_weights={path!r} is not a converted FID Inception file: " + convert
+    return None
+
+
+def fid_stats_problem(path: str) -> str | None:
+    """Why `path` is not pytorch-fid statistics of the Inception's pool_3 (one line), or None."""
+    from ddpm_jax.evaluation import fid
+
+    how = ("compute them with --mode=fid_stats (or `python -m pytorch_fid --save-stats DATA_DIR FILE.npz`) "
+           "and pass --config.eval.fid_stats=FILE.npz")
+    if not os.path.isfile(path):
+        return f"eval.fid_stats={path!r} not found: {how}"
+    try:
+        mu, _ = fid.load_stats(path)
+    except (OSError, ValueError, KeyError) as err:
+        return f"eval.fid_stats={path!r} cannot be read ({' '.join(str(err).split())}): {how}"
+    if mu.shape != (_POOL_DIM,):
+        return (f"eval.fid_stats={path!r} holds {mu.shape[0]}-d statistics, not the {_POOL_DIM}-d pool_3 "
+                f"features of the FID Inception: {how}")
+    return None
+
+
+# ---- the workdir --------------------------------------------------------------------------------
 
 def prepare_workdir(workdir: str) -> None:
     """Creates `workdir` and checks that files can be written there (WorkdirError if not)."""
