@@ -11,6 +11,8 @@ path), 130 after Ctrl-C, as a shell expects of an interrupted command (128 + SIG
 * One process: a SIGTERM (or SIGUSR1, which some schedulers send first) or SIGINT
   handler sets a flag; the loop checks it. A second Ctrl-C raises KeyboardInterrupt
   at once, in whatever the process is doing (the newest checkpoint is not touched).
+  A process started with SIGINT ignored (nohup, a script's background job) keeps
+  ignoring it; launch/local_multiprocess.sh turns its Ctrl-C into SIGTERMs instead.
 * Several processes (multi-host): a signal reaches one host, or the hosts at
   different moments, but a checkpoint is a collective operation, so every host must
   stop at the same step. `jax.distributed.initialize` starts JAX's preemption
@@ -69,6 +71,8 @@ class PreemptionWatcher:
             logging.warning("training runs outside the main thread: SIGTERM and Ctrl-C will not "
                             "trigger a checkpoint.")
             return
+        # An ignored SIGINT (nohup, a script's background job) stays ignored, as Python itself does.
+        handle_interrupt = handle_interrupt and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
         if self._multihost:  # JAX's preemption service owns SIGTERM (a handler here would replace its own)
             if handle_interrupt and _preemption_service_running():
                 self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle_interrupt)

@@ -85,6 +85,14 @@ def test_handle_interrupt_false_leaves_ctrl_c_alone(handlers):
         assert not watcher.reached(0, 1)
 
 
+def test_an_ignored_ctrl_c_stays_ignored(handlers):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a background job of a script, or nohup
+    with PreemptionWatcher() as watcher:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        assert not watcher.interrupted and not watcher.reached(0, 1)
+
+
 def test_outside_the_main_thread_no_handler_is_installed(handlers, warnings):
     before = signal.getsignal(signal.SIGINT)
     made = []
