@@ -49,10 +49,10 @@ def initial_state(config):
     """The trainer's initial TrainState of `config`, on the host (the same for every dtype)."""
     import jax
 
-    from ddpm_jax import data, parallel, train
+    from ddpm_jax import data, parallel, setup, train
 
-    model = train.create_model(config)
-    state, _ = train.create_train_state(config, model, data.example_shape(config.data), parallel.make_mesh())
+    model = setup.create_model(config)
+    state, _ = setup.create_train_state(config, model, data.example_shape(config.data), parallel.make_mesh())
     return jax.device_get(state)
 
 
@@ -61,10 +61,10 @@ def train_run(config, steps: int, host_state) -> dict:
     import jax
     import numpy as np
 
-    from ddpm_jax import data, parallel, train, train_state
+    from ddpm_jax import data, parallel, setup, train, train_state
 
     mesh = parallel.make_mesh()
-    model, sched = train.create_model(config), train.create_schedule(config)
+    model, sched = setup.create_model(config), setup.create_schedule(config)
     tx = train_state.create_optimizer(config.optim)
     state = jax.device_put(host_state, parallel.replicated(mesh))
     step_fn = train.make_train_step(config, model, sched, tx, mesh)
@@ -75,7 +75,7 @@ def train_run(config, steps: int, host_state) -> dict:
     start = time.perf_counter()
     while done < steps:
         n = min(spd, steps - done)
-        batches, _ = train._next_dispatch(it, n, mesh)
+        batches, _ = train.next_dispatch(it, n, mesh)
         state, metrics = step_fn(state, batches)
         losses.append(metrics["loss"])
         done += n
@@ -90,11 +90,11 @@ def heldout_loss_fn(config, draws: int, seed: int = 1234):
     import jax.numpy as jnp
     import numpy as np
 
-    from ddpm_jax import data, diffusion, train
+    from ddpm_jax import data, diffusion, setup
 
     cfg = config.copy_and_resolve_references()
     cfg.model.dtype = "float32"
-    model, sched = train.create_model(cfg), train.create_schedule(cfg)
+    model, sched = setup.create_model(cfg), setup.create_schedule(cfg)
     x0 = np.concatenate([b["x"][b["mask"]] for b in data.create_eval_iterator(
         cfg.data, cfg.data.eval_split, batch_size=64)])
     x0 = jnp.asarray(np.tile(x0, (draws,) + (1,) * (x0.ndim - 1)))

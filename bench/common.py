@@ -10,7 +10,6 @@ diffusers peer uses it with only torch + diffusers installed.
 
 from __future__ import annotations
 
-import ast
 import datetime
 import json
 import os
@@ -127,64 +126,15 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
-def _parse_value(text: str, current: Any, key: str) -> Any:
-    if isinstance(current, bool):
-        low = text.strip().lower()
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
-        raise BenchError(f"--config.{key}={text}: expected True or False.")
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        try:
-            return type(current)(float(text) if isinstance(current, float) else int(text))
-        except ValueError:
-            raise BenchError(f"--config.{key}={text}: expected a {type(current).__name__}.") from None
-    if isinstance(current, (tuple, list)):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise BenchError(f"--config.{key}={text}: expected a tuple such as (1,2,2,2) or ().") from None
-        value = value if isinstance(value, (tuple, list)) else (value,)
-        return type(current)(value)
-    if current is None:
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return text
-    return text
-
-
-def apply_overrides(config, overrides: Sequence[str]) -> None:
-    """Applies 'a.b=value' overrides in place; the value is parsed as the field's current type."""
-    for item in overrides:
-        key, _, text = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            if part not in node:
-                raise BenchError(f"unknown config key {key!r}; see configs/base.py for the fields.")
-            node = node[part]
-        if leaf not in node:
-            raise BenchError(f"unknown config key {key!r}; see configs/base.py for the fields.")
-        node[leaf] = _parse_value(text, node[leaf], key)
-
-
 def load_config(path: str, overrides: Sequence[str] = ()):
-    """The ConfigDict of `configs/X.py` (relative to the repository root or absolute), overridden."""
-    import importlib.util
+    """The ConfigDict of `configs/X.py` with 'a.b=value' overrides: `ddpm_jax.config_loading`, as a
+    BenchError (imported here, so the diffusers peer runs without JAX installed)."""
+    from ddpm_jax import config_loading
 
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)  # config files do `from configs import base`
-    full = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
-    if not os.path.isfile(full):
-        raise BenchError(f"--config={path}: no such config file; give e.g. --config=configs/cifar10.py.")
-    spec = importlib.util.spec_from_file_location("_bench_config", full)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    apply_overrides(config, overrides)
-    return config
+    try:
+        return config_loading.load_config(path, overrides)
+    except config_loading.ConfigError as err:
+        raise BenchError(str(err)) from err
 
 
 def is_paper_cifar10_model(config) -> bool:
@@ -226,11 +176,17 @@ def mfu(flops_per_image: float | None, images_per_sec: float, peak: float | None
     return flops_per_image * images_per_sec / (peak * num_devices)
 
 
-def xla_flops(cost: Any) -> float | None:
-    """The 'flops' of an XLA cost analysis (a dict, or a list of one dict in older JAX)."""
+def xla_cost(cost: Any) -> dict:
+    """An XLA cost analysis as one dict (JAX gives a dict, older JAX a list of one; {} if None)."""
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
+    return dict(cost or {})
+
+
+def xla_flops(cost: Any) -> float | None:
+    """The 'flops' of an XLA cost analysis (a dict, or a list of one dict in older JAX)."""
+    cost = xla_cost(cost)
+    if "flops" not in cost:
         return None
     value = float(cost["flops"])
     return value if value > 0 else None

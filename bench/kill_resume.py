@@ -65,21 +65,9 @@ def command(workdir: str, values: dict, config: str = "configs/digits.py") -> li
 
 def config_of(values: dict, config: str = "configs/digits.py"):
     """The ConfigDict the command line of `command(..., values)` resolves to."""
-    import importlib.util
+    from ddpm_jax import config_loading
 
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
-    spec = importlib.util.spec_from_file_location("_kill_resume_config", os.path.join(REPO_ROOT, config))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-    for key, value in values.items():
-        *path, leaf = key.split(".")
-        node = cfg
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return cfg
+    return config_loading.load_config(config, [f"{k}={_flag_value(v)}" for k, v in values.items()])
 
 
 def environment(cache_dir: str | None, devices: int = 8) -> dict:
@@ -178,12 +166,12 @@ def final_state(workdir: str, values: dict) -> dict:
     import jax
     import numpy as np
 
-    from ddpm_jax import checkpointing, data, parallel, train
+    from ddpm_jax import checkpointing, data, parallel, setup
 
     config = config_of(values)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    model = train.create_model(config)
-    template = train.abstract_train_state(config, model, data.example_shape(config.data), mesh)
+    model = setup.create_model(config)
+    template = setup.abstract_train_state(config, model, data.example_shape(config.data), mesh)
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
         restored = ckpt.restore_train(template)
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(restored.state))[0]

@@ -1,4 +1,4 @@
-"""Sampling time of the real sampler: `generate.Sampler` (one jitted `lax.scan` over the steps).
+"""Sampling time of the real sampler: `sampler.Sampler` (one jitted `lax.scan` over the steps).
 
     python -m bench.sample_speed --config=configs/cifar10.py --method=ddpm --batch=256
     python -m bench.sample_speed --config=configs/cifar10.py --method=ddpm,ddim --steps=50 --batch=256
@@ -55,7 +55,7 @@ def measure(args) -> list[dict]:
 
     if args.matmul_precision:
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
-    from ddpm_jax import data, generate, parallel, train
+    from ddpm_jax import data, parallel, run_meta, sampler, setup
 
     config = common.load_config(args.config, args.overrides)
     if args.steps:
@@ -64,9 +64,9 @@ def measure(args) -> list[dict]:
     mesh = parallel.make_mesh(devices)
     parallel.check_batch_size(args.batch, mesh, what="--batch")
     shape = data.example_shape(config.data)
-    model, sched = train.create_model(config), train.create_schedule(config)
+    model, sched = setup.create_model(config), setup.create_schedule(config)
     params = random_params(model, shape, mesh)
-    apply_fn = generate.model_apply_fn(model)
+    apply_fn = setup.model_apply_fn(model)
     indices = np.arange(args.batch, dtype=np.int32)
     x = jnp.zeros((args.batch, *shape), jnp.float32)
     t = jnp.zeros((args.batch,), jnp.int32)
@@ -74,20 +74,20 @@ def measure(args) -> list[dict]:
     fwd_per_image = fwd / args.batch if fwd else None
     peak, peak_source = common.peak_flops(devices[0].device_kind, args.peak_flops)
     paper = common.PAPER_FORWARD_FLOPS_PER_IMAGE if common.is_paper_cifar10_model(config) else None
-    name, kwargs = train.model_spec(config)
+    name, kwargs = run_meta.model_spec(config)
     records = []
     for method in args.methods:
         config.sampling.method = method
-        options = generate.sampler_options(config.sampling, config.diffusion)
+        options = setup.sampler_options(config)
         steps = int(options["num_steps"] or sched.num_timesteps)
-        sampler = generate.Sampler(apply_fn, sched, mesh, shape=shape, seed=0, **options)
+        sampler_fn = sampler.Sampler(apply_fn, sched, mesh, shape=shape, seed=0, **options)
         start = time.perf_counter()
-        out = jax.block_until_ready(sampler(params, indices))
+        out = jax.block_until_ready(sampler_fn(params, indices))
         first_s = time.perf_counter() - start
         times = []
         for _ in range(args.runs):
             start = time.perf_counter()
-            out = jax.block_until_ready(sampler(params, indices))
+            out = jax.block_until_ready(sampler_fn(params, indices))
             times.append(time.perf_counter() - start)
         samples = np.asarray(out.samples)
         # --runs=0 (a long CPU chain timed once): the first call stands for the run.
@@ -116,14 +116,11 @@ def measure(args) -> list[dict]:
 def random_params(model, shape: tuple, mesh, seed: int = 0):
     """Random weights with the model's param shapes (no zeros), replicated on `mesh`."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from ddpm_jax import parallel
+    from ddpm_jax import parallel, setup
 
-    x, t = jax.ShapeDtypeStruct((1, *shape), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
-    init = lambda x, t: model.init({"params": jax.random.key(0)}, x, t, train=False)  # noqa: E731
-    shapes = jax.eval_shape(init, x, t)["params"]
+    shapes = setup.abstract_params(model, shape, mesh)
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):

@@ -5,7 +5,7 @@
         [--config.data.prefetch=4] [--config.model.remat=True] [--batch=128] [--modes=step,train,data]
 
 The step is the trainer's own (EMA, gradient clipping, donated state, `lax.scan` over
-`steps_per_dispatch` steps), built with `train.create_train_state` / `make_train_step`,
+`steps_per_dispatch` steps), built with `setup.create_train_state` / `make_train_step`,
 and fed exactly as `train.train_and_evaluate` feeds it: `data.create_train_iterator`
 (grain), `steps_per_dispatch` host batches stacked and made global by
 `parallel.host_to_global`, `data.prefetch` dispatches queued ahead of the step.
@@ -102,24 +102,24 @@ def measure(args) -> list[dict]:
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     if args.prng_impl:
         jax.config.update("jax_default_prng_impl", args.prng_impl)
-    from ddpm_jax import data, parallel, train
+    from ddpm_jax import checks, data, parallel, run_meta, setup, train
 
     config, data_label = configure(args)
     devices = jax.devices()[: args.num_devices] if args.num_devices else jax.devices()
     mesh = parallel.make_mesh(devices)
-    train.validate_config(config, mesh)
+    checks.validate_config(config, mesh)
     batch = int(config.training.batch_size)
     spd = int(config.training.steps_per_dispatch)
     prefetch = max(int(config.data.prefetch), 1)
     shape = data.example_shape(config.data)
-    model, sched = train.create_model(config), train.create_schedule(config)
-    state, tx = train.create_train_state(config, model, shape, mesh)
+    model, sched = setup.create_model(config), setup.create_schedule(config)
+    state, tx = setup.create_train_state(config, model, shape, mesh)
     num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
     step_fn = train.make_train_step(config, model, sched, tx, mesh)
     it = data.create_train_iterator(config.data, global_batch_size=batch, seed=int(config.seed))
 
     def next_dispatch():  # the trainer's own stacking + host_to_global
-        return train._next_dispatch(it, spd, mesh)[0]
+        return train.next_dispatch(it, spd, mesh)[0]
 
     first = next_dispatch()
     start = time.perf_counter()
@@ -128,7 +128,7 @@ def measure(args) -> list[dict]:
     flops_per_image, flops_source = _flops_per_image(compiled, step_fn, state, first, spd, batch, mesh)
     peak, peak_source = common.peak_flops(devices[0].device_kind, args.peak_flops)
     paper = common.PAPER_TRAIN_FLOPS_PER_IMAGE if common.is_paper_cifar10_model(config) else None
-    name, kwargs = train.model_spec(config)
+    name, kwargs = run_meta.model_spec(config)
     base = dict(
         impl="ddpm_jax", **common.jax_env(devices), config=args.config, overrides=args.overrides,
         tag=args.tag, model=dict(name=name, num_params=num_params, **kwargs), data=data_label,

@@ -72,14 +72,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.training = training = ml_collections.ConfigDict()
     training.batch_size = 128  # Global batch over all devices and hosts.
     training.num_steps = 800_000
-    training.log_every = 100  # Steps between metrics.jsonl / TensorBoard / progress-bar updates
-    # (at dispatch boundaries: with steps_per_dispatch > log_every, once per dispatch).
+    # Steps between metrics.jsonl / TensorBoard / progress-bar updates (at dispatch boundaries:
+    # with steps_per_dispatch > log_every, once per dispatch).
+    training.log_every = 100
     training.sample_every = 10_000  # Steps between EMA sample grids (0 = never).
     training.num_grid_samples = 64  # Images in each sample grid.
     training.checkpoint_every = 5000  # Steps between checkpoints.
     training.keep_checkpoints = 3  # Most recent checkpoints kept.
     training.keep_every = 100_000  # Also keep every K-th step permanently (0 = none).
-    training.steps_per_dispatch = 1  # Train steps fused into one compiled call (lax.scan).
+    training.steps_per_dispatch = 1  # Train steps fused into one compiled call.
+    # How those steps are fused: auto (lax.scan on accelerators, unrolled on the CPU, where XLA runs
+    # convolution gradients inside a loop ~25x slower) | scan | unroll. Either resumes bitwise.
+    training.dispatch_loop = "auto"
     training.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
     training.eval_bpd_after = False  # Report test bits/dim when training ends.
 
@@ -110,6 +114,9 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.inception_batch_size = 200  # Images per Inception call (global; resized to 299x299).
     evaluation.fid_stats_split = ""  # fid_stats split ("" = data.train_split, as the paper).
     evaluation.fid_stats_out = ""  # fid_stats .npz ("" = workdir/fid_stats_<dataset>_<split>.npz).
+    # Feature classifier of the classifier metrics (ddpm_jax/evaluation/classifier.py), trained once
+    # with `python -m ddpm_jax.evaluation.classifier --config=...` ("" = workdirs/classifiers/<source>_<size>).
+    evaluation.classifier_path = ""
 
     # ---- Multi-host ---------------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()

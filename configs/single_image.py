@@ -6,11 +6,12 @@ Command (train, then the two animations and the PSNR):
     # another picture: --config.data.path=astronaut (a scikit-image picture name) or an image file
 
 `--mode=sample` noises the photo to step k = 180 with q(x_k | x_0) (eq. (4)), runs the 180
-reverse steps, and writes under workdirs/single_image/samples/: partial_ddpm_600_k180.gif
+reverse steps, and writes under workdirs/single_image/samples/: partial_ddpm_step600_seed0_n4_k180.gif
 (the chain from x_180: x_t left, predicted x_0 right), partial_..._{original,noised,
-denoised}.png, partial_..._psnr.json and one log line with the PSNR of the noised input
+denoised}.png, partial_..._psnr.json and one line with the PSNR of the noised input
 and of the denoised output against the photo; and the chain from pure noise,
-trajectory_ddpm_600.gif and sample_ddpm_600.png.
+trajectory_ddpm_step600_seed0_n4_every10.gif and
+sample_ddpm_step600_seed0_n4.png (files are named by method, step, seed and count).
 
 Schedule as the tutorial: linear beta from 1e-4 to 0.04, T = 300 (alpha_bar_T = 2e-3;
 alpha_bar at k = 180 is 0.11: a third of the signal amplitude is left). The network

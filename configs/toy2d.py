@@ -8,9 +8,9 @@ Command (train, then the reverse-chain figure and the sample-quality scores):
     #                         (linear | sigmoid | quadratic ...; T: --config.diffusion.num_timesteps)
     # the tutorial's own recipe: --config=configs/toy2d.py:tutorial
 
-`--mode=sample` writes under workdirs/toy2d/samples/: chain_ddpm_<step>.png (the reverse
-chain, x_100, x_90, ..., x_0, as the tutorial plots it), scores_ddpm_<step>.json and one
-log line: energy distance D² and sliced W2 of 10,000 samples against 10,000 fresh points
+`--mode=sample` writes under workdirs/toy2d/samples/: chain_ddpm_noclip_step<step>_seed0_n10000_every10.png (the reverse
+chain, x_100, x_90, ..., x_0, as the tutorial plots it), scores_ddpm_noclip_step<step>_seed0_n10000.json and one
+line: energy distance D² and sliced W2 of 10,000 samples against 10,000 fresh points
 (the toy2d test split), next to the same scores of another fresh draw (the noise floor).
 
 Recipe ("ours", the default): the tutorial's network (three 128-unit linear layers

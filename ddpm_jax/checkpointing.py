@@ -50,10 +50,6 @@ _ARRAY_ITEMS = (TRAIN, EMA)
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class CheckpointMismatchError(ValueError):
-    """The workdir holds a checkpoint of a different model / data / schedule."""
-
-
 class CorruptCheckpointError(ValueError):
     """A checkpoint cannot be read back, or reads back other values than were saved."""
 
@@ -430,6 +426,42 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"ddpm_jax_quarantine_{step}")
         return str(target)
 
+    def restore_newest_valid_ema(self, params_template: Any,
+                                 check_meta: Callable[[dict | None], None] | None = None) -> tuple[int, Any]:
+        """(step, EMA params) of the newest checkpoint whose params read back intact.
+
+        The rule of the read-only modes (sample, eval, bpd): a damaged checkpoint is skipped
+        with a warning naming it and the step used instead, and left where it is (a training
+        run may be writing this workdir; only training quarantines). `check_meta(meta)` may
+        refuse a checkpoint of another model (its error propagates). FileNotFoundError if the
+        workdir has no checkpoint; CorruptCheckpointError if none reads back.
+        """
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"no checkpoint in {self.directory}; train first (--mode=train) or convert a "
+                "released checkpoint (python -m ddpm_jax.convert) into this workdir.")
+        problems: list[tuple[int, str]] = []
+        for step in reversed(steps):
+            try:
+                meta = self.read_meta(step)
+            except Exception as err:  # noqa: BLE001 - any read failure means a damaged checkpoint
+                problems.append((step, _first_line(err)))
+                continue
+            if meta is not None and check_meta is not None:
+                check_meta(meta)
+            try:
+                params = self.restore_ema_params(params_template, step)
+            except Exception as err:  # noqa: BLE001
+                problems.append((step, _first_line(err)))
+                continue
+            for bad_step, why in problems:
+                logging.warning("checkpoint %d is unreadable (%s); skipped it and used step %d.",
+                                bad_step, why, step)
+            return step, params
+        listing = "; ".join(f"step {s}: {why}" for s, why in problems)
+        raise CorruptCheckpointError(f"no readable checkpoint under {self.directory} ({listing}).")
+
     def restore_ema_params(self, params_template: Any, step: int | None = None) -> Any:
         """Restores only the EMA params (for sampling / evaluation) onto the template's shardings."""
         step = self._resolve(step)
@@ -501,33 +533,8 @@ def save_pretrained(directory: str, params: Any, meta: dict) -> None:
 
 
 def read_meta(workdir: str) -> dict | None:
-    """The meta (model name + kwargs, data shape, schedule) of the workdir's newest checkpoint."""
+    """The stored meta (a `RunMeta` as JSON) of the workdir's newest checkpoint, or None."""
     if not (epath.Path(workdir) / CHECKPOINT_DIR).is_dir():
         return None
     with Checkpointer(workdir, async_save=False) as ckpt:
         return ckpt.read_meta()
-
-
-def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
-    """(dotted key, stored value, current value) of the first difference, or None."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            found = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
-            if found:
-                return found
-        return None
-    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))  # tuples == lists
-    return None if a == b else (path, a, b)
-
-
-def check_meta(stored: dict | None, current: dict, workdir: str) -> None:
-    """Raises CheckpointMismatchError naming the first differing entry of the meta."""
-    if stored is None:
-        return
-    found = _first_difference(stored, current)
-    if found:
-        key, a, b = found
-        raise CheckpointMismatchError(
-            f"{workdir} holds a checkpoint with {key}={json.dumps(a)}, but the config gives "
-            f"{key}={json.dumps(b)}; use a fresh --workdir or the config it was trained with."
-        )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from typing import Sequence
 
 import numpy as np
+
+from ddpm_jax import files
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -19,6 +19,11 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 def from_uint8(x: np.ndarray) -> np.ndarray:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return np.asarray(x, np.float32) / 127.5 - 1.0
+
+
+def is_image_shape(shape: Sequence[int]) -> bool:
+    """True for an example shape [H, W, C] (images), False for points [D] (2-D toy data)."""
+    return len(tuple(shape)) == 3
 
 
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1, pad_value: int = 255) -> np.ndarray:
@@ -51,18 +56,6 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
 
 
-def _write(path: str, pil_save) -> str:
-    """Runs `pil_save(file_obj)` into `path` (local, or any etils.epath URL such as gs://)."""
-    from etils import epath
-
-    out = epath.Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    pil_save(buffer)
-    out.write_bytes(buffer.getvalue())
-    return os.fspath(path)
-
-
 def _to_pil_array(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype != np.uint8:
@@ -76,7 +69,7 @@ def save_png(path: str, image: np.ndarray) -> str:
     """Writes an [H, W, C] (C = 1 or 3) or [H, W] image; floats are taken as [-1, 1]."""
     from PIL import Image
 
-    return _write(path, lambda f: Image.fromarray(_to_pil_array(image)).save(f, format="PNG"))
+    return files.write_image_file(path, lambda f: Image.fromarray(_to_pil_array(image)).save(f, format="PNG"))
 
 
 def save_gif(path: str, frames: np.ndarray, fps: float = 10.0, loop: int = 0) -> str:
@@ -88,12 +81,20 @@ def save_gif(path: str, frames: np.ndarray, fps: float = 10.0, loop: int = 0) ->
         raise ValueError(f"save_gif wants [K, H, W, C] frames with K >= 1, got shape {frames.shape}.")
     pics = [Image.fromarray(_to_pil_array(f)) for f in frames]
     duration = max(int(round(1000.0 / fps)), 20)
-    return _write(
+    return files.write_image_file(
         path,
         lambda f: pics[0].save(
             f, format="GIF", save_all=True, append_images=pics[1:], duration=duration, loop=loop
         ),
     )
+
+
+def grid_image(samples: np.ndarray, reference: np.ndarray | None = None, title: str = "") -> np.ndarray:
+    """A uint8 picture of samples: an image grid (small images enlarged) or a 2-D scatter plot."""
+    if not is_image_shape(samples.shape[1:]):
+        return scatter_image(samples, reference=reference, title=title)
+    grid = make_grid(samples)
+    return upscale(grid, max(1, 512 // max(grid.shape[:2])))
 
 
 def scatter_image(

@@ -3,11 +3,8 @@
 Any config field can be overridden: `--config.training.batch_size=64`. The resolved
 config is written to the workdir: `config.json` by training once its checks pass
 (a refused run leaves the old one), `config_<mode>.json` after another mode succeeds.
-Modes:
-
-    train      train (resuming from --workdir by itself)    ddpm_jax.train.train_and_evaluate
-    sample     samples from the newest EMA params            ddpm_jax.sample.run
-    eval, fid_stats, bpd                                     ddpm_jax.evaluation.run.run(config, workdir, mode)
+The modes are listed in `ddpm_jax/modes/__init__.py`; this module parses the command line,
+picks the mode and turns the errors a user can fix into one line.
 
 A bad override (unknown key, wrong type) or bad input (a full disk, an unwritable
 workdir, ...) stops with one line naming the problem and a non-zero exit status
@@ -17,11 +14,7 @@ exits 0: rerun the same command to resume.
 
 from __future__ import annotations
 
-import ast
-import difflib
 import errno
-import importlib
-import importlib.util
 import os
 import re
 import sys
@@ -29,14 +22,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# Config files do `from configs import base`: make the repository root importable.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
+from ddpm_jax import config_loading
 
-TRAIN_MODES = ("train", "sample")
-EVAL_MODES = ("eval", "fid_stats", "bpd")  # implemented in ddpm_jax/evaluation/run.py
-MODES = TRAIN_MODES + EVAL_MODES
+config_loading.ensure_configs_importable()
+
+MODES = ("train", "sample", "eval", "fid_stats", "bpd")
 _USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
                 errno.EISDIR)
 
@@ -44,96 +34,21 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. co
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples (resumes from it).")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
+flags.DEFINE_bool("print_config", False, "Print every config field with its value and comment, then exit.")
 FLAGS = flags.FLAGS
-
-
-class UsageError(ValueError):
-    """A bad command line: the message is printed as is."""
-
-
-def _load_config_file(path: str):
-    """The ConfigDict of a config file (path[:arg]), loaded as config_flags does."""
-    path, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("_ddpm_config", path)
-    if spec is None or not os.path.isfile(path):
-        raise UsageError(f"--config={path}: no such config file; give e.g. --config=configs/digits.py.")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def _expected(default) -> str | None:
-    """What an override of a field whose default is `default` must look like."""
-    if isinstance(default, bool):
-        return "True or False"
-    if isinstance(default, int):
-        return "an integer"
-    if isinstance(default, float):
-        return "a number (e.g. 2e-4)"
-    if isinstance(default, (tuple, list)):
-        return f"a tuple like {tuple(default)!r} (quote it in the shell)"
-    return None
-
-
-def _parses_as(default, text: str) -> bool:
-    try:
-        if isinstance(default, bool):  # as absl's boolean parser
-            return text.lower() in ("true", "t", "1", "false", "f", "0")
-        if isinstance(default, int):
-            try:
-                int(text)
-            except ValueError:
-                int(text, 0)  # 0x10, 0o7, 1_000 as absl reads them
-            return True
-        if isinstance(default, float):
-            float(text)
-            return True
-        if isinstance(default, (tuple, list)):
-            value = ast.literal_eval(text)
-            element_types = {type(v) for v in default}
-            return isinstance(value, (tuple, list)) and all(type(v) in element_types for v in value) \
-                if element_types else isinstance(value, (tuple, list))
-    except (ValueError, SyntaxError):
-        return False
-    return True
 
 
 def _explain_override_error(argv: list[str], err: Exception) -> str:
     """One line naming the offending `--config.` override and how to fix it."""
-    text = " ".join(str(err).split())
-    problem = _bad_override(argv)
+    problem = config_loading.override_problem(argv)
     if problem:
         return problem
+    text = " ".join(str(err).split())
     bad_value = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", text)
     if bad_value:
         key, value, why = bad_value.groups()
         return f"bad value {value!r} for config key {key!r}: {why}"
     return f"bad --config override: {text}"
-
-
-def _bad_override(argv: list[str]) -> str | None:
-    """The first `--config.` override naming no field or not of its field's type, explained."""
-    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    try:
-        config = _load_config_file(config_arg) if config_arg else None
-    except Exception:  # noqa: BLE001 - fall back to the raw message below
-        config = None
-    for arg in argv:
-        m = re.match(r"--config\.([\w.]+)(=|$)(.*)", arg)
-        if not m or config is None:
-            continue
-        node, walked = config, []
-        for part in m.group(1).split("."):
-            if not hasattr(node, "keys") or part not in node:
-                options = list(node.keys()) if hasattr(node, "keys") else []
-                close = difflib.get_close_matches(part, options, n=1)
-                hint = f" (did you mean {'.'.join(walked + close)}?)" if close else ""
-                return f"unknown config key {m.group(1)!r}{hint}; see configs/base.py for the fields."
-            node, walked = node[part], walked + [part]
-        expected = _expected(node)
-        if m.group(2) and expected and not _parses_as(node, m.group(3)):
-            return f"bad value {m.group(3)!r} for config key {m.group(1)!r}: expected {expected}."
-    return None
 
 
 def _usage_error(message: str) -> None:
@@ -143,14 +58,13 @@ def _usage_error(message: str) -> None:
 
 def _exit_config_load_error(argv: list[str], err: OSError) -> None:
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
-    path = path.partition(":")[0]
-    if path and not os.path.isfile(path):
-        message = f"--config={path}: no such config file; give e.g. --config=configs/digits.py."
-    else:
+    try:
+        config_loading.load_config_file(path)
         cause = err.__cause__ or err
         message = f"could not load --config={path}: {type(cause).__name__}: {' '.join(str(cause).split())}"
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    except config_loading.ConfigError as load_err:
+        message = str(load_err)
+    _usage_error(message)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -182,22 +96,13 @@ def _quiet_library_info() -> None:
 
 
 def run_mode(config, workdir: str, mode: str):
-    """Dispatches a mode to the module that implements it."""
-    if mode == "train":
-        from ddpm_jax import train
+    """Runs `mode` (the modules are imported only now: `--help` stays fast)."""
+    from ddpm_jax import train
+    from ddpm_jax.modes import bpd, evaluate, sample
 
-        return train.train_and_evaluate(config, workdir)
-    if mode == "sample":
-        from ddpm_jax import sample
-
-        return sample.run(config, workdir)
-    try:
-        evaluation_run = importlib.import_module("ddpm_jax.evaluation.run")
-    except ModuleNotFoundError as err:
-        if err.name != "ddpm_jax.evaluation.run":
-            raise
-        raise UsageError(f"--mode={mode} needs ddpm_jax/evaluation/run.py, which this checkout lacks.") from err
-    return evaluation_run.run(config, workdir, mode=mode)
+    modes = {"train": train.train_and_evaluate, "sample": sample.run, "eval": evaluate.run_eval,
+             "fid_stats": evaluate.run_fid_stats, "bpd": bpd.run}
+    return modes[mode](config, workdir)
 
 
 def main(argv: list[str]) -> None:
@@ -211,9 +116,12 @@ def main(argv: list[str]) -> None:
         _exit_config_load_error(sys.argv, err)
     if config is None:
         _usage_error("--config is required, e.g. --config=configs/digits.py.")
-    problem = _bad_override(sys.argv)  # what config_flags lets through, e.g. ch_mult=(1,a)
+    problem = config_loading.override_problem(sys.argv)  # what config_flags lets through, e.g. ch_mult=(1,a)
     if problem:
         _usage_error(problem)
+    if FLAGS.print_config:
+        print(config_loading.describe(config))
+        return
     if not FLAGS.workdir:
         _usage_error("--workdir is required (checkpoints, metrics and samples go there).")
     _quiet_library_info()

@@ -4,7 +4,7 @@ All of it is written by process 0 only, and so that an interrupted run (SIGKILL,
 preemption) leaves nothing half-written or doubled:
 
 * `config.json` (and any other JSON record) is written to a temporary file and
-  renamed over the old one (`write_json_atomic`).
+  renamed over the old one (`files.py`).
 * On resume from step s, `MetricWriter` drops the lines of metrics.jsonl past s (the
   steps the interrupted run did after its last checkpoint, which the resumed run
   redoes) and a torn last line, and tells TensorBoard to purge its events past s, so
@@ -15,36 +15,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes `text` to `path` through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+from ddpm_jax import files
 
 
 def write_config(config: Any, workdir: str, name: str = "config.json") -> None:
     """The resolved config as JSON in the workdir (process 0; atomic)."""
     if jax.process_index() == 0:
         text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
-        write_text_atomic(os.path.join(workdir, name), text)
+        files.write_text(os.path.join(workdir, name), text)
 
 
 def _json_number(v: Any) -> Any:
@@ -68,7 +52,7 @@ def truncate_jsonl(path: str, last_step: int) -> int:
             elif line.strip():
                 dropped += 1
     if dropped:
-        write_text_atomic(path, "".join(kept))
+        files.write_text(path, "".join(kept))
     return dropped
 
 
@@ -124,3 +108,75 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradient norm became NaN/Inf (training.nonfinite='error')."""
+
+
+class MetricBuffer:
+    """The per-step metrics of the dispatches since the last log line.
+
+    Each dispatch adds (first step, {name: [n] array}) without waiting for the device;
+    `summary` fetches them, checks finiteness and averages them into one log line. The
+    part not yet logged when a checkpoint is written travels with it (`to_json` /
+    `from_json`), so a resumed run's metrics.jsonl reads as one uninterrupted run.
+    Step k is the k-th update (1-based), as "step" in metrics.jsonl.
+    """
+
+    def __init__(self, batch_size: int, nonfinite: str = "error", skipped: int = 0):
+        self.batch_size, self.nonfinite = int(batch_size), str(nonfinite)
+        self.skipped = int(skipped)  # updates skipped as non-finite and logged, over the whole run
+        self._pending: list[tuple[int, dict]] = []
+
+    def add(self, first_step: int, step_metrics: dict) -> None:
+        self._pending.append((int(first_step), step_metrics))
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def fetch(self) -> None:
+        """Waits for the pending steps and brings their metrics to the host."""
+        self._pending = [(s0, jax.device_get(m)) for s0, m in self._pending]
+
+    def check_finite(self) -> list[int]:
+        """The non-finite steps pending; raises NonFiniteError under policy "error"."""
+        self.fetch()
+        bad = [s0 + i + 1 for s0, m in self._pending for i, ok in enumerate(m["finite"]) if not ok]
+        if bad and self.nonfinite == "error":
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {bad[0]}; lower optim.lr, check the data, or "
+                "set --config.training.nonfinite=skip to skip such updates.")
+        return bad
+
+    def summary(self, seconds: float) -> dict | None:
+        """The mean loss, last grad norm and lr, and throughput over `seconds`; empties the buffer."""
+        if not self._pending:
+            return None
+        self.skipped += len(self.check_finite())
+        host, self._pending = self._pending, []
+        loss = np.concatenate([m["loss"] for _, m in host])
+        ok = np.isfinite(loss)
+        seconds = max(seconds, 1e-9)
+        values = dict(loss=float(np.mean(loss[ok])) if ok.any() else float("nan"),
+                      grad_norm=float(host[-1][1]["grad_norm"][-1]), lr=float(host[-1][1]["lr"][-1]),
+                      images_per_sec=len(loss) * self.batch_size / seconds,
+                      steps_per_sec=len(loss) / seconds)
+        if self.nonfinite == "skip":
+            values["skipped_steps"] = self.skipped
+        return values
+
+    def to_json(self) -> dict:
+        """The unlogged steps and the skip count, as a checkpoint's loop counters."""
+        self.fetch()
+        return {"skipped_steps": self.skipped,
+                "unlogged_metrics": [dict(first_step=s0, metrics={k: np.asarray(v).tolist() for k, v in m.items()})
+                                     for s0, m in self._pending]}
+
+    @classmethod
+    def from_json(cls, saved: dict, batch_size: int, nonfinite: str) -> "MetricBuffer":
+        buffer = cls(batch_size, nonfinite, skipped=int(saved.get("skipped_steps", 0)))
+        for m in saved.get("unlogged_metrics", []):
+            buffer.add(int(m["first_step"]), {k: np.asarray(v, bool if k == "finite" else np.float32)
+                                              for k, v in m["metrics"].items()})
+        return buffer

@@ -1,4 +1,4 @@
-"""The training loop: `train_and_evaluate(config, workdir)`.
+"""`--mode=train`: the train step and the loop, `train_and_evaluate(config, workdir)`.
 
 One data-parallel step, `jax.jit` over the ('data',) mesh: params replicated, the
 global batch sharded on its batch axis, the train state donated. Optimiser: Adam
@@ -18,11 +18,9 @@ SIGTERM checkpoints at the next step boundary and returns (`preemption.py`).
 from __future__ import annotations
 
 import collections
-import importlib
-import json
 import os
 import time
-from typing import Any, Callable
+from typing import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -32,140 +30,36 @@ import numpy as np
 import optax
 from absl import logging
 
-from ddpm_jax import (checkpointing, checks, data, diffusion, generate, imaging, metrics, parallel,
-                      preemption, schedules)
-from ddpm_jax.checks import NONFINITE_POLICIES, WorkdirError, prepare_workdir, validate_config  # noqa: F401
-from ddpm_jax.models import build_model
+from ddpm_jax import (checkpointing, checks, data, diffusion, files, imaging, metrics, parallel,
+                      preemption, sampler, schedules, setup)
+from ddpm_jax.evaluation import bpd
+from ddpm_jax.run_meta import RunMeta
 from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
 
-EVALUATION_RUN = checks.EVALUATION_RUN
-# Model hyper-parameters that do not change the params' shapes: a checkpoint may be
-# resumed or sampled with other values (e.g. dropout off, bfloat16 compute).
-NON_STRUCTURAL_KWARGS = ("dropout", "dtype", "param_dtype", "attention_impl", "remat", "gate_init")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-MetricWriter = metrics.MetricWriter  # (moved to metrics.py)
-
-
-class NonFiniteError(FloatingPointError):
-    """The loss or the gradient norm became NaN/Inf (training.nonfinite='error')."""
-
-
-# ---- model, schedule, state ---------------------------------------------------------------------
-
-
-def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
-    """(name, JSON-able keyword hyper-parameters) of the configured network."""
-    m = config.model
-    if m.name == "unet":
-        return "unet", dict(
-            ch=int(m.ch), out_ch=int(config.data.num_channels), ch_mult=[int(c) for c in m.ch_mult],
-            num_res_blocks=int(m.num_res_blocks), attn_resolutions=[int(r) for r in m.attn_resolutions],
-            dropout=float(m.dropout), resamp_with_conv=bool(m.resamp_with_conv), dtype=str(m.dtype),
-            attention_impl=str(m.attention_impl), remat=bool(m.remat),
-        )
-    if m.name == "mlp":
-        return "mlp", dict(num_timesteps=int(config.diffusion.num_timesteps), hidden=int(m.mlp_hidden),
-                           out_dim=2, dtype=str(m.dtype), gate_init=str(m.get("mlp_gate_init", "ones")))
-    raise ValueError(f"unknown model.name={m.name!r}; use unet or mlp (--config.model.name=unet).")
-
-
-def build_from_spec(name: str, kwargs: dict) -> nn.Module:
-    """The module for a (name, kwargs) spec, with the dtype names turned into dtypes."""
-    kwargs = dict(kwargs)
-    for key in ("dtype", "param_dtype"):
-        if isinstance(kwargs.get(key), str):
-            if kwargs[key] not in _DTYPES:
-                raise ValueError(f"model.{key}={kwargs[key]!r} is unknown; use one of {sorted(_DTYPES)}.")
-            kwargs[key] = _DTYPES[kwargs[key]]
-    return build_model(name, **kwargs)
-
-
-def create_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The network of `config.model` (explicit kwargs; the model never sees the config)."""
-    return build_from_spec(*model_spec(config))
-
-
-def schedule_spec(config: ml_collections.ConfigDict) -> dict:
-    d = config.diffusion
-    return dict(name=str(d.schedule), num_timesteps=int(d.num_timesteps),
-                beta_start=float(d.beta_start), beta_end=float(d.beta_end))
-
-
-def create_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
-    """The float32 Schedule tables of `config.diffusion` (computed in float64)."""
-    spec = schedule_spec(config)
-    betas = schedules.get_betas(spec.pop("name"), spec.pop("num_timesteps"), **spec)
-    schedules.warn_if_not_noise(betas)
-    return schedules.Schedule.from_betas(betas)
-
-
-def checkpoint_meta(config: ml_collections.ConfigDict) -> dict:
-    """What a checkpoint must agree with to be resumed / sampled: model, data shape, schedule."""
-    name, kwargs = model_spec(config)
-    return dict(model=dict(name=name, kwargs=kwargs), data_shape=list(data.example_shape(config.data)),
-                schedule=schedule_spec(config), pred=str(config.diffusion.pred))
-
-
-def structural_meta(meta: dict) -> dict:
-    """`meta` without the model kwargs that leave the params' shapes unchanged."""
-    meta = json.loads(json.dumps(meta))
-    kwargs = meta.get("model", {}).get("kwargs", {})
-    for key in NON_STRUCTURAL_KWARGS:
-        kwargs.pop(key, None)
-    return meta
-
-
-def init_params(model: nn.Module, shape: tuple, seed: int, mesh) -> Any:
-    """Initial params, replicated on the mesh (every process computes the same values)."""
-    key = jax.random.fold_in(jax.random.key(seed), 0x1417)  # disjoint from the per-step keys' base
-
-    def init():
-        x = jnp.zeros((1, *shape), jnp.float32)
-        return model.init({"params": key}, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
-
-    return jax.jit(init, out_shardings=parallel.replicated(mesh))()
-
-
-def create_train_state(config, model, shape, mesh) -> tuple[TrainState, optax.GradientTransformation]:
-    tx = create_optimizer(config.optim)
-    params = init_params(model, shape, int(config.seed), mesh)
-    state = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=parallel.replicated(mesh))(params)
-    return state, tx
-
-
-def abstract_train_state(config, model: nn.Module, shape: tuple, mesh) -> TrainState:
-    """Shapes, dtypes and (replicated) shardings of the train state, computing nothing.
-
-    The restore target on resume (no initialisation to compile); tracing the model
-    also checks its hyper-parameters against the data shape before any work.
-    """
-    tx = create_optimizer(config.optim)
-
-    def create():
-        x = jnp.zeros((1, *shape), jnp.float32)
-        t = jnp.zeros((1,), jnp.int32)
-        return TrainState.create(model.init({"params": jax.random.key(0)}, x, t, train=False)["params"], tx)
-
-    rep = parallel.replicated(mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
-                        jax.eval_shape(create))
+DISPATCH_LOOPS = ("auto", "scan", "unroll")
 
 
 # ---- the step -----------------------------------------------------------------------------------
 
 
-def make_train_step(config, model: nn.Module, sched: schedules.Schedule,
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: schedules.Schedule,
                     tx: optax.GradientTransformation, mesh) -> Callable:
     """`step(state, batches) -> (state, metrics)`, compiled; batches: {"x": [n, B, ...]}.
 
-    n = steps_per_dispatch steps run in one call (lax.scan); metrics are [n] arrays.
-    The state argument is donated: its buffers are reused for the new state.
+    n = steps_per_dispatch steps run in one call; metrics are [n] arrays. The n steps are
+    a `lax.scan` on accelerators and unrolled on the CPU (`training.dispatch_loop`: auto),
+    or either one everywhere (scan | unroll). The state argument is donated.
     """
     base_key = jax.random.key(int(config.seed))
     decay = float(config.optim.ema_decay)
     pred = str(config.diffusion.pred)
     skip = str(config.training.nonfinite) == "skip"
     lr_fn = learning_rate_schedule(config.optim)
+    loop = str(config.training.get("dispatch_loop", "auto"))
+    if loop not in DISPATCH_LOOPS:
+        raise ValueError(f"training.dispatch_loop={loop!r} is unknown; use one of {DISPATCH_LOOPS}.")
+    # XLA:CPU runs convolution gradients inside a while loop (scan) ~25x slower than outside it.
+    use_scan = loop == "scan" or (loop == "auto" and jax.default_backend() != "cpu")
 
     def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_key, loss_key = jax.random.split(jax.random.fold_in(base_key, state.step))
@@ -187,21 +81,19 @@ def make_train_step(config, model: nn.Module, sched: schedules.Schedule,
             params, ema = keep(params, state.params), keep(ema, state.ema_params)
             opt_state = keep(opt_state, state.opt_state)
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-        metrics = dict(loss=loss, grad_norm=grad_norm, lr=jnp.asarray(lr_fn(state.step), jnp.float32),
-                       finite=finite)
-        return new_state, metrics
+        step_metrics = dict(loss=loss, grad_norm=grad_norm, lr=jnp.asarray(lr_fn(state.step), jnp.float32),
+                            finite=finite)
+        return new_state, step_metrics
 
     def multi_step(state, batches):
         n = jax.tree.leaves(batches)[0].shape[0]
-        if n > 1 and jax.default_backend() != "cpu":
+        if n > 1 and use_scan:
             return jax.lax.scan(one_step, state, batches)
-        # One step, or XLA:CPU, which runs convolution gradients inside a while loop (scan)
-        # ~25x slower than outside it: unroll the n steps in the compiled program instead.
-        metrics = []
+        step_metrics = []
         for i in range(n):
             state, m = one_step(state, jax.tree.map(lambda b: b[i], batches))
-            metrics.append(m)
-        return state, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
+            step_metrics.append(m)
+        return state, jax.tree.map(lambda *ms: jnp.stack(ms), *step_metrics)
 
     rep = parallel.replicated(mesh)
     return jax.jit(multi_step, in_shardings=(rep, parallel.data_sharded(mesh, batch_axis=1)),
@@ -211,12 +103,194 @@ def make_train_step(config, model: nn.Module, sched: schedules.Schedule,
 # ---- the loop -----------------------------------------------------------------------------------
 
 
-def grid_image(samples: np.ndarray, reference: np.ndarray | None = None, title: str = "") -> np.ndarray:
-    """A uint8 picture of samples: an image grid (small images enlarged) or a 2-D scatter plot."""
-    if samples.ndim == 2:
-        return imaging.scatter_image(samples, reference=reference, title=title)
-    grid = imaging.make_grid(samples)
-    return imaging.upscale(grid, max(1, 512 // max(grid.shape[:2])))
+def next_dispatch(it: data.TrainIterator, n: int, mesh) -> tuple[dict, dict]:
+    """n host batches stacked to global [n, B, ...] arrays, and the iterator state after them."""
+    host = [next(it) for _ in range(n)]
+    stacked = {k: np.stack([b[k] for b in host]) for k in host[0]}
+    return parallel.host_to_global(stacked, mesh, batch_axis=1), it.get_state()
+
+
+def _crossed(prev: int, step: int, every: int) -> bool:
+    """True if a multiple of `every` lies in (prev, step]: a periodic action is due."""
+    return every > 0 and step // every > prev // every
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state.
+
+    Returns early (after a checkpoint) when preempted: see `preemption.py`.
+    """
+    parallel.initialize(config.get("distributed"))
+    mesh = parallel.make_mesh()
+    checks.validate_config(config, mesh)
+    run = setup.create_run(config, mesh)  # warns if abar_T > 1e-2
+    template = setup.abstract_train_state(config, run.model, run.shape, mesh)
+    # An unprepared dataset stops here, before the workdir is touched or anything compiles.
+    it = data.create_train_iterator(config.data, global_batch_size=int(config.training.batch_size),
+                                    seed=int(config.seed), process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    try:
+        return _TrainingLoop(config, workdir, run, template, it).run()
+    finally:
+        it.close()
+
+
+class _TrainingLoop:
+    """One training run: restore or initialise, then dispatch steps and do the periodic actions."""
+
+    def __init__(self, config, workdir: str, run: setup.Run, template: TrainState, it: data.TrainIterator):
+        self.config, self.workdir, self.run_, self.it = config, workdir, run, it
+        self.t = config.training
+        self.num_steps = int(self.t.num_steps)
+        self.started = time.time()
+        self.closing = False  # set once the final checkpoint is being waited for
+        checks.prepare_workdir(workdir)
+        self.ckpt = checkpointing.Checkpointer(workdir, keep=int(self.t.keep_checkpoints),
+                                               keep_every=int(self.t.keep_every), cleanup_tmp=True)
+        try:
+            self.state, self.tx, self.buffer = self._restore_or_init(template)
+            metrics.write_config(config, workdir)  # only now: a refused run leaves the old config.json
+        except BaseException:
+            self.ckpt.close()
+            raise
+
+    def _restore_or_init(self, template: TrainState):
+        meta = self.run_.meta
+        check = lambda stored: meta.check_matches(RunMeta.from_dict(stored), self.workdir) \
+            if stored is not None else None  # noqa: E731
+        restored = self.ckpt.restore_newest_valid(template, check_meta=check)
+        batch, policy = int(self.t.batch_size), str(self.t.nonfinite)
+        if restored is None:
+            state, tx = setup.create_train_state(self.config, self.run_.model, self.run_.shape, self.run_.mesh)
+            return state, tx, metrics.MetricBuffer(batch, policy)
+        if restored.data_state is not None:
+            self.it.set_state(restored.data_state)  # refuses another batch size / data / seed
+        logging.info("resumed from %s at step %d", self.ckpt.directory, restored.step)
+        return (restored.state, create_optimizer(self.config.optim),
+                metrics.MetricBuffer.from_json(restored.extra, batch, policy))
+
+    def _dispatches(self, step: int) -> Iterator[tuple[int, dict, dict]]:
+        """(n, global batches [n, B, ...], data state after them), `data.prefetch` ahead."""
+        spd, prefetch = int(self.t.steps_per_dispatch), max(int(self.config.data.prefetch), 1)
+        queue: collections.deque = collections.deque()
+        queued = step
+        while queue or queued < self.num_steps:
+            while len(queue) < prefetch and queued < self.num_steps:
+                # Dispatches start at multiples of spd: a resumed run compiles the same programs.
+                n = min(spd - queued % spd, self.num_steps - queued)
+                queue.append((n, *next_dispatch(self.it, n, self.run_.mesh)))
+                queued += n
+            yield queue.popleft()
+
+    def run(self) -> TrainState:
+        step = int(self.state.step)
+        if step >= self.num_steps:
+            logging.info("%s is at step %d >= training.num_steps=%d: nothing to train "
+                         "(raise --config.training.num_steps to go on).", self.workdir, step, self.num_steps)
+            self.ckpt.close()
+            return self.state
+        t, run = self.t, self.run_
+        train_step = make_train_step(self.config, run.model, run.sched, self.tx, run.mesh)
+        self.writer = metrics.MetricWriter(self.workdir, resume_step=step)
+        self.grids = _SampleGrids(self.config, run, self.writer, self.workdir) if int(t.sample_every) else None
+        self.data_state, self.last_log, self.last_values = self.it.get_state(), (step, time.time()), {}
+        watcher, preempted = preemption.PreemptionWatcher(), False
+        try:
+            with files.progress_bar(self.num_steps, "train", unit="step", initial=step) as bar:
+                for n, batches, data_state in self._dispatches(step):
+                    self.state, step_metrics = train_step(self.state, batches)
+                    self.buffer.add(step, step_metrics)
+                    prev, step, self.data_state = step, step + n, data_state
+                    bar.update(n)
+                    preempted = watcher.reached(prev, step)
+                    if _crossed(prev, step, int(t.log_every)) or step == self.num_steps:
+                        self._log(step, bar)
+                    if (_crossed(prev, step, int(t.checkpoint_every)) and step < self.num_steps) or preempted:
+                        self._save(step, force=preempted)
+                    if preempted:
+                        break
+                    if self.grids and _crossed(prev, step, int(t.sample_every)) and step < self.num_steps:
+                        self.grids.write(self.state.ema_params, step)
+                        if not len(self.buffer):  # keep sampling time out of the next images/s
+                            self.last_log = (step, time.time())
+            if not preempted:
+                self._save(step, force=True)
+                if self.grids:
+                    self.grids.write(self.state.ema_params, step)
+            self._close(step, preempted, watcher.reason)
+        except BaseException:
+            self._close_after_error()
+            raise
+        finally:
+            watcher.close()
+            self.writer.close()
+        if not preempted:
+            self._report(step)
+        return self.state
+
+    def _log(self, step: int, bar) -> None:
+        values = self.buffer.summary(time.time() - self.last_log[1])
+        self.last_log = (step, time.time())
+        if values:
+            self.writer.scalars(step, values)
+            self.last_values.update(values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+
+    def _save(self, step: int, force: bool = False) -> None:
+        self.buffer.check_finite()  # never checkpoint past a non-finite step unnoticed (policy "error")
+        if step not in self.ckpt.all_steps():  # unlogged steps go along: the log reads as one run
+            self.ckpt.save(step, self.state, self.data_state, self.run_.meta.to_dict(), force=force,
+                           extra=self.buffer.to_json())
+
+    def _close(self, step: int, preempted: bool, reason: str) -> None:
+        self.closing = True
+        self.ckpt.close()  # waits for the last save (DiskFullError if it did not fit)
+        if preempted:
+            logging.warning("%s: checkpoint of step %d written to %s; rerun the same command to resume.",
+                            reason, step, self.ckpt.directory)
+
+    def _close_after_error(self) -> None:
+        if self.closing:
+            return
+        try:  # let pending saves finish; the error in flight is the one to report
+            self.ckpt.close()
+        except Exception as close_err:  # noqa: BLE001
+            logging.warning("while stopping: %s", close_err)
+
+    def _report(self, step: int) -> None:
+        """The closing lines; with `training.eval_bpd_after`, the test bits/dim of the EMA params."""
+        if jax.process_index() == 0:
+            print_outputs(self.workdir, step, self.last_values.get("loss"), time.time() - self.started,
+                          sampled=self.grids is not None)
+        if bool(self.t.eval_bpd_after):
+            run = self.run_
+            result = dict(bpd.evaluate_bpd(self.config, self.state.ema_params, run.model, run.sched, run.mesh),
+                          step=step)
+            paths = bpd.write_report(self.workdir, step, result)
+            if jax.process_index() == 0:
+                print(f"step {step}: {bpd.summary_line(result)}; wrote {paths['json']}", flush=True)
+
+
+class _SampleGrids:
+    """The periodic EMA sample grid: `workdir/samples/step_<k>.png` and TensorBoard."""
+
+    def __init__(self, config, run: setup.Run, writer: metrics.MetricWriter, workdir: str):
+        self.sampler = setup.make_sampler(run, config)
+        self.num, self.batch = int(config.training.num_grid_samples), int(config.sampling.batch_size)
+        self.writer, self.workdir = writer, workdir
+        self.reference = None
+        if not imaging.is_image_shape(run.shape):  # toy2d: plot the samples over training points
+            ref_it = data.create_train_iterator(config.data, global_batch_size=int(config.training.batch_size),
+                                                seed=int(config.seed) + 1)
+            self.reference = next(ref_it)["x"]
+            ref_it.close()
+
+    def write(self, ema_params, step: int) -> None:
+        out = sampler.generate(self.sampler, ema_params, num_samples=self.num, batch_size=self.batch)
+        picture = imaging.grid_image(out.samples, self.reference, title=f"EMA samples, step {step}")
+        if jax.process_index() == 0:
+            imaging.save_png(os.path.join(self.workdir, "samples", f"step_{step}.png"), picture)
+            self.writer.image(step, "samples/ema", picture)
 
 
 def print_outputs(workdir: str, step: int, loss: float | None, seconds: float, sampled: bool) -> None:
@@ -230,204 +304,3 @@ def print_outputs(workdir: str, step: int, loss: float | None, seconds: float, s
               f"  checkpoints: {os.path.join(workdir, 'checkpoints')} (rerun the command to resume; "
               "--mode=sample to sample)"]
     print("\n".join(lines), flush=True)
-
-
-def _next_dispatch(it, n: int, mesh) -> tuple[dict, dict]:
-    """n host batches stacked to [n, b, ...] -> global arrays, and the iterator state after them."""
-    batches = [next(it) for _ in range(n)]
-    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-    return parallel.host_to_global(stacked, mesh, batch_axis=1), it.get_state()
-
-
-def _crossed(prev: int, step: int, every: int) -> bool:
-    return every > 0 and step // every > prev // every
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state.
-
-    Returns early (after a checkpoint) when preempted: see `preemption.py`.
-    """
-    parallel.initialize(config.get("distributed"))
-    mesh = parallel.make_mesh()
-    validate_config(config, mesh)
-    t = config.training
-    num_steps, batch_size = int(t.num_steps), int(t.batch_size)
-    shape = data.example_shape(config.data)
-    model, sched = create_model(config), create_schedule(config)  # warns if abar_T > 1e-2
-    template = abstract_train_state(config, model, shape, mesh)
-    # An unprepared dataset stops here, before the workdir is touched or anything compiles.
-    it = data.create_train_iterator(config.data, global_batch_size=batch_size, seed=int(config.seed),
-                                    process_index=jax.process_index(), process_count=jax.process_count())
-    try:
-        return _train(config, workdir, mesh, shape, model, sched, template, it)
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
-
-
-def _train(config, workdir, mesh, shape, model, sched, template, it) -> TrainState:
-    started = time.time()
-    t = config.training
-    num_steps, batch_size = int(t.num_steps), int(t.batch_size)
-    prepare_workdir(workdir)
-    meta = checkpoint_meta(config)
-    ckpt = checkpointing.Checkpointer(workdir, keep=int(t.keep_checkpoints), keep_every=int(t.keep_every),
-                                      cleanup_tmp=True)
-    skipped = 0  # updates skipped as non-finite (policy "skip") and logged, over the whole run
-    # (first step, metrics [n]) of the steps since the last log; a checkpoint carries them over.
-    pending: list[tuple[int, dict]] = []
-    try:
-        restored = ckpt.restore_newest_valid(template, check_meta=lambda stored: checkpointing.check_meta(
-            None if stored is None else structural_meta(stored), structural_meta(meta), workdir))
-        if restored is None:
-            state, tx = create_train_state(config, model, shape, mesh)
-        else:
-            state, tx = restored.state, create_optimizer(config.optim)
-            if restored.data_state is not None:
-                it.set_state(restored.data_state)  # refuses another batch size / data / seed
-            skipped = int(restored.extra.get("skipped_steps", 0))
-            pending.extend((int(m["first_step"]), {k: np.asarray(v, bool if k == "finite" else np.float32)
-                                                   for k, v in m["metrics"].items()})
-                           for m in restored.extra.get("unlogged_metrics", []))
-            logging.info("resumed from %s at step %d", ckpt.directory, restored.step)
-        metrics.write_config(config, workdir)  # only now: a refused run leaves the old config.json
-    except BaseException:
-        ckpt.close()
-        raise
-    step = int(state.step)
-    if step >= num_steps:
-        logging.info("%s is at step %d >= training.num_steps=%d: nothing to train "
-                     "(raise --config.training.num_steps to go on).", workdir, step, num_steps)
-        ckpt.close()
-        return state
-
-    train_step = make_train_step(config, model, sched, tx, mesh)
-    writer = metrics.MetricWriter(workdir, resume_step=step)
-    watcher = preemption.PreemptionWatcher()
-    sampler, reference = None, None
-    if int(t.sample_every) > 0:
-        sampler = generate.Sampler(generate.model_apply_fn(model), sched, mesh, shape=shape,
-                                   seed=int(config.sampling.seed),
-                                   **generate.sampler_options(config.sampling, config.diffusion))
-        if len(shape) == 1:  # toy2d: plot the samples over a batch of training points
-            ref_it = data.create_train_iterator(config.data, global_batch_size=batch_size,
-                                                seed=int(config.seed) + 1)
-            reference = next(ref_it)["x"]
-            ref_it.close()
-
-    def write_samples(at_step: int) -> None:
-        out = generate.generate(sampler, state.ema_params, num_samples=int(t.num_grid_samples),
-                                batch_size=int(config.sampling.batch_size))
-        picture = grid_image(out.samples, reference, title=f"EMA samples, step {at_step}")
-        if jax.process_index() == 0:
-            imaging.save_png(os.path.join(workdir, "samples", f"step_{at_step}.png"), picture)
-            writer.image(at_step, "samples/ema", picture)
-
-    def nonfinite_steps(host: list) -> list[int]:
-        """The non-finite steps in `host`; raises NonFiniteError under policy "error"."""
-        # Step k is the k-th update (1-based), as "step" in metrics.jsonl.
-        bad = [s0 + i + 1 for s0, m in host for i, ok in enumerate(m["finite"]) if not ok]
-        if bad and str(t.nonfinite) == "error":
-            raise NonFiniteError(
-                f"non-finite loss or gradient at step {bad[0]}; lower optim.lr, check the data, or "
-                "set --config.training.nonfinite=skip to skip such updates.")
-        return bad
-
-    def flush_metrics(at_step: int) -> dict | None:
-        """Writes the mean loss etc. of the steps since the last log; checks finiteness."""
-        nonlocal skipped
-        if not pending:
-            return None
-        host = [(s0, jax.device_get(m)) for s0, m in pending]  # waits for the steps to finish
-        pending.clear()
-        now = time.time()
-        elapsed, last_log[:] = now - last_log[1], [at_step, now]
-        skipped += len(nonfinite_steps(host))
-        loss = np.concatenate([m["loss"] for _, m in host])
-        ok = np.isfinite(loss)
-        values = dict(loss=float(np.mean(loss[ok])) if ok.any() else float("nan"),
-                      grad_norm=float(host[-1][1]["grad_norm"][-1]), lr=float(host[-1][1]["lr"][-1]),
-                      images_per_sec=len(loss) * batch_size / max(elapsed, 1e-9),
-                      steps_per_sec=len(loss) / max(elapsed, 1e-9))
-        if str(t.nonfinite) == "skip":
-            values["skipped_steps"] = skipped
-        writer.scalars(at_step, values)
-        return values
-
-    def save(at_step: int, force: bool = False) -> None:
-        pending[:] = [(s0, jax.device_get(m)) for s0, m in pending]
-        nonfinite_steps(pending)  # never checkpoint past a non-finite step unnoticed (policy "error")
-        if at_step not in ckpt.all_steps():  # the steps since the last log go along: the log reads as one run
-            unlogged = [dict(first_step=s0, metrics={k: np.asarray(v).tolist() for k, v in m.items()})
-                        for s0, m in pending]
-            ckpt.save(at_step, state, consumed_data_state, meta, force=force,
-                      extra={"skipped_steps": skipped, "unlogged_metrics": unlogged})
-
-    last_logged: dict = {}  # the newest metrics.jsonl values, for the closing summary
-    progress = None
-    if jax.process_index() == 0:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=num_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-
-    spd, prefetch = int(t.steps_per_dispatch), max(int(config.data.prefetch), 1)
-    queue: collections.deque = collections.deque()
-    queued_steps = step
-    consumed_data_state = it.get_state()
-    last_log = [step, time.time()]
-    preempted = closing = False
-    try:
-        while step < num_steps and not preempted:
-            while len(queue) < prefetch and queued_steps < num_steps:
-                # Dispatches start at multiples of spd: a resumed run compiles the same programs.
-                n = min(spd - queued_steps % spd, num_steps - queued_steps)
-                queue.append((n, *_next_dispatch(it, n, mesh)))
-                queued_steps += n
-            n, batches, consumed_data_state = queue.popleft()
-            state, step_metrics = train_step(state, batches)
-            pending.append((step, step_metrics))
-            prev, step = step, step + n
-            if progress is not None:
-                progress.update(n)
-            preempted = watcher.reached(prev, step)
-            if _crossed(prev, step, int(t.log_every)) or step == num_steps:
-                values = flush_metrics(step)
-                if values:
-                    last_logged.update(values)
-                if progress is not None and values:
-                    progress.set_postfix(loss=f"{values['loss']:.4f}")
-            if (_crossed(prev, step, int(t.checkpoint_every)) and step < num_steps) or preempted:
-                save(step, force=preempted)
-            if sampler is not None and _crossed(prev, step, int(t.sample_every)) and step < num_steps \
-                    and not preempted:
-                write_samples(step)
-                if not pending:  # keep sampling time out of the next images/s
-                    last_log[1] = time.time()
-        if not preempted:
-            save(step, force=True)
-            if sampler is not None:
-                write_samples(step)
-        closing = True
-        ckpt.close()  # waits for the last save (DiskFullError if it did not fit)
-        if preempted:
-            logging.warning("%s: checkpoint of step %d written to %s; rerun the same command to resume.",
-                            watcher.reason, step, ckpt.directory)
-    except BaseException:
-        if not closing:
-            try:  # let pending saves finish; the error in flight is the one to report
-                ckpt.close()
-            except Exception as close_err:  # noqa: BLE001
-                logging.warning("while stopping: %s", close_err)
-        raise
-    finally:
-        watcher.close()
-        if progress is not None:
-            progress.close()
-        writer.close()
-    if not preempted and jax.process_index() == 0:
-        print_outputs(workdir, step, last_logged.get("loss"), time.time() - started, sampled=sampler is not None)
-    if bool(t.eval_bpd_after) and not preempted:  # test-set bits/dim of the final EMA params
-        importlib.import_module(EVALUATION_RUN).run(config, workdir, mode="bpd")
-    return state

@@ -1,12 +1,14 @@
 """Orbax checkpoints: round trip, other device counts, retention, EMA-only and pretrained reads, meta."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from ddpm_jax import checkpointing, parallel
+from ddpm_jax import checkpointing, parallel, run_meta
 from ddpm_jax.train_state import TrainState
 
 
@@ -25,7 +27,8 @@ def _assert_tree_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-META = {"model": {"name": "unet", "kwargs": {"ch": 32}}, "data_shape": [8, 8, 1]}
+META = {"model": {"name": "unet", "kwargs": {"ch": 32}}, "data_shape": [8, 8, 1], "pred": "eps",
+        "schedule": {"name": "linear", "num_timesteps": 10, "beta_start": 1e-4, "beta_end": 0.02}}
 
 
 def test_round_trip_onto_fewer_devices(tmp_path):
@@ -94,10 +97,15 @@ def test_missing_checkpoint_and_meta(tmp_path):
             ckpt.restore_ema_params({"a": jnp.zeros(2)})
 
 
-def test_check_meta_names_the_difference():
-    checkpointing.check_meta(None, META, "w")
-    checkpointing.check_meta(META, dict(META), "w")
-    other = {"model": {"name": "unet", "kwargs": {"ch": 64}}, "data_shape": [8, 8, 1]}
-    expected = r"model.kwargs.ch=32, but the config gives model.kwargs.ch=64"
-    with pytest.raises(checkpointing.CheckpointMismatchError, match=expected):
-        checkpointing.check_meta(META, other, "w")
+def test_run_meta_names_the_first_structural_difference():
+    stored = run_meta.RunMeta.from_dict(META)
+    stored.check_matches(run_meta.RunMeta.from_dict(json.loads(json.dumps(META))), "w")
+    other = json.loads(json.dumps(META))
+    other["model"]["kwargs"].update(ch=64, dropout=0.3, dtype="bfloat16")  # dropout, dtype: not structural
+    expected = r"w holds a checkpoint with model.kwargs.ch=32, but the config gives model.kwargs.ch=64"
+    with pytest.raises(run_meta.CheckpointMismatchError, match=expected):
+        run_meta.RunMeta.from_dict(other).check_matches(stored, "w")
+    other["model"]["kwargs"]["ch"] = 32
+    run_meta.RunMeta.from_dict(other).check_matches(stored, "w")
+    with pytest.raises(run_meta.CheckpointMismatchError, match="lacks 'schedule'"):
+        run_meta.RunMeta.from_dict({"model": {"name": "unet", "kwargs": {}}, "data_shape": [8, 8, 1]})

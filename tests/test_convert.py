@@ -233,11 +233,10 @@ def test_cli_end_to_end(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout
 
-    with open(out / "model_kwargs.json") as f:
-        stored = json.load(f)
+    assert sorted(os.listdir(out)) == ["checkpoints"]  # the meta lives in the checkpoint, nowhere else
     kwargs, params = load_diffusers_unet(folder)
-    assert stored == {"name": "unet", "kwargs": kwargs}
     meta = checkpointing.read_meta(str(out))
+    assert meta["source"]["format"] == "diffusers" and meta["source"]["scheduler"]["beta_end"] == 0.02
     assert meta["model"] == {"name": "unet", "kwargs": kwargs}
     assert meta["data_shape"] == [8, 8, 3] and meta["pred"] == "eps"
     assert meta["schedule"] == dict(name="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02)

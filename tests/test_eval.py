@@ -1,19 +1,23 @@
 """--mode=eval / fid_stats / bpd end to end on a tiny digits run, with random FID Inception weights."""
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
 from configs import digits
-from ddpm_jax import train
-from ddpm_jax.evaluation import fid, generation, inception, run
+from ddpm_jax import parallel, train
+from ddpm_jax.evaluation import chunked_generation, fid, inception
+from ddpm_jax.evaluation import inception_metrics as im
+from ddpm_jax.modes import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
@@ -69,7 +73,7 @@ def _copy(workdir, tmp_path):
 
 def _direct_features(weights_path, images_uint8):
     """The network on all images at once (pieces of 8: the shape the evaluation compiled)."""
-    run_fn = run.inception_runner(weights_path, run._local_mesh())
+    run_fn = im.inception_runner(weights_path, parallel.make_mesh(jax.local_devices()))
     x = images_uint8.astype(np.float32) / 127.5 - 1.0
     pad = -len(x) % 8
     out = [run_fn(b) for b in np.split(np.concatenate([x, np.repeat(x[-1:], pad, 0)]), (len(x) + pad) // 8)]
@@ -80,12 +84,12 @@ def _direct_features(weights_path, images_uint8):
 @pytest.mark.filterwarnings("ignore:Matrix is singular")
 def test_eval_mode_fid_and_inception_score_end_to_end(workdir, weights, tmp_path):
     workdir = _copy(workdir, tmp_path)
-    results = run.run(_config(inception_weights=weights), workdir, mode="eval")
+    results = evaluate.run_eval(_config(inception_weights=weights), workdir)
     step_dir = os.path.join(workdir, "eval", "step_2")
     assert results["step"] == 2 and results["generation"]["chunks_generated"] == 3
     assert "fid" not in results and "eval.fid_stats is not set" in results["not_computed"]
     # IS and the samples' statistics equal a direct computation on the uint8 chunk files.
-    images = np.concatenate([im for _, im in generation.read_chunks(
+    images = np.concatenate([im for _, im in chunked_generation.read_chunks(
         os.path.join(step_dir, "samples"), range(3), num_samples=12, chunk_size=5)])
     assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
     feats = _direct_features(weights, images)
@@ -101,8 +105,8 @@ def test_eval_mode_fid_and_inception_score_end_to_end(workdir, weights, tmp_path
         assert json.load(f)["inception_score"] == results["inception_score"]
 
     # Against the samples' own statistics: FID ≈ 0; the finished chunks are not regenerated.
-    again = run.run(_config(inception_weights=weights, fid_stats=os.path.join(step_dir, "sample_stats.npz")),
-                    workdir, mode="eval")
+    again = evaluate.run_eval(_config(inception_weights=weights, fid_stats=os.path.join(step_dir, "sample_stats.npz")),
+                              workdir)
     assert again["generation"]["chunks_skipped"] == 3 and again["generation"]["images_generated"] == 0
     assert abs(again["fid"]) < 1e-3 * np.trace(sigma)
     assert "not_computed" not in again
@@ -117,29 +121,35 @@ def _main(workdir, *args):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def test_eval_command_without_weights_samples_and_says_what_is_missing(workdir, tmp_path):
+def test_eval_command_without_weights_stops_before_sampling(workdir, tmp_path):
     workdir = _copy(workdir, tmp_path)
+    before = _tree_checksums(workdir)
     args = ["--mode=eval", "--config.eval.num_samples=7", "--config.eval.chunk_size=4",
             "--config.eval.batch_size=8", "--config.sampling.seed=11"]
     proc = _main(workdir, *args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if "not computed" in ln]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "eval.inception_weights is not set" in lines[0]
     assert "convert_inception" in lines[0] and "--mode=fid_stats" in lines[0]
-    samples = os.path.join(workdir, "eval", "step_2", "samples")
-    assert generation.pending_chunks(samples, num_samples=7, chunk_size=4, shape=(8, 8, 1)) == []
-    mtime = os.path.getmtime(generation.chunk_path(samples, 0))
+    assert _tree_checksums(workdir) == before  # no sample made, nothing written
 
-    # An explicit but missing path: the same samples (none regenerated), then the error, which
-    # main prints as one line with exit status 1 (MissingWeightsError is a FileNotFoundError).
+    # An explicit but missing path: the same, as one line (MissingWeightsError is a FileNotFoundError).
     missing = str(tmp_path / "nope.npz")
     config = _config(num_samples=7, chunk_size=4, inception_weights=missing)
-    config.sampling.seed = 11
     with pytest.raises(inception.MissingWeightsError, match="convert_inception") as err:
-        run.run(config, workdir, mode="eval")
+        evaluate.run_eval(config, workdir)
     assert missing in str(err.value) and "\n" not in str(err.value)
     assert isinstance(err.value, FileNotFoundError)
-    assert os.path.getmtime(generation.chunk_path(samples, 0)) == mtime
+    assert _tree_checksums(workdir) == before
+
+
+def _tree_checksums(root):
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.relpath(os.path.join(folder, name), root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
 
 
 def test_bpd_command_writes_json_and_plot(workdir, tmp_path):
@@ -165,7 +175,7 @@ def test_fid_stats_mode_equals_direct_computation(tmp_path, weights):
         Image.fromarray(picture).save(folder / f"{i}.png")
     config = _config(inception_weights=weights)
     config.data.update(source="folder", path=str(folder))
-    out = run.run(config, str(tmp_path / "work"), mode="fid_stats")
+    out = evaluate.run_fid_stats(config, str(tmp_path / "work"))
     assert out == str(tmp_path / "work" / "fid_stats_folder_images_train.npz")
     mu, sigma = fid.load_stats(out)
     feats = _direct_features(weights, pictures[..., None])["pool"]
@@ -177,13 +187,11 @@ def test_fid_stats_mode_equals_direct_computation(tmp_path, weights):
 
 def test_fid_stats_needs_weights_and_eval_needs_images(tmp_path):
     with pytest.raises(inception.MissingWeightsError, match="eval.inception_weights is not set"):
-        run.run(_config(), str(tmp_path), mode="fid_stats")
+        evaluate.run_fid_stats(_config(), str(tmp_path))
     config = _config()
     config.data.source = "toy2d"
     with pytest.raises(ValueError, match="needs image data"):
-        run.run(config, str(tmp_path), mode="eval")
-    with pytest.raises(ValueError, match="unknown evaluation mode"):
-        run.run(config, str(tmp_path), mode="fid")
+        evaluate.run_eval(config, str(tmp_path))
 
 
 def test_metrics_plan_decides_what_is_an_error(tmp_path, weights):
@@ -197,5 +205,5 @@ def test_metrics_plan_decides_what_is_an_error(tmp_path, weights):
              ("", str(stats)): (False, False, True, True),
              (weights, missing): (True, False, True, True)}
     for (w, s), (with_is, with_fid, has_note, fatal) in cases.items():
-        got = run.metrics_plan(_config(inception_weights=w, fid_stats=s).eval)
+        got = im.metrics_plan(_config(inception_weights=w, fid_stats=s).eval)
         assert (got[0], got[1], got[2] is not None, got[3]) == (with_is, with_fid, has_note, fatal), (w, s)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import generate, parallel, schedules
-from ddpm_jax.evaluation import generation, run
+from ddpm_jax import parallel, sampler, schedules, setup
+from ddpm_jax.evaluation import chunked_generation
+from ddpm_jax.evaluation import inception_metrics as im
 from ddpm_jax.models.unet import UNet
 
 SHAPE = (8, 8, 1)
@@ -25,7 +26,7 @@ def _apply(params, x, t):
 
 def _sampler(devices, apply_fn=_apply, seed=3):
     mesh = parallel.make_mesh(jax.devices()[:devices])
-    return generate.Sampler(apply_fn, SCHED, mesh, shape=SHAPE, seed=seed, method="ddpm",
+    return sampler.Sampler(apply_fn, SCHED, mesh, shape=SHAPE, seed=seed, method="ddpm",
                             var_type="fixedlarge", clip_denoised=True, pred="eps")
 
 
@@ -41,7 +42,7 @@ class Spy:
 
 
 def _all_images(out_dir, num_samples, chunk_size):
-    pieces = list(generation.read_chunks(out_dir, range(generation.num_chunks(num_samples, chunk_size)),
+    pieces = list(chunked_generation.read_chunks(out_dir, range(chunked_generation.num_chunks(num_samples, chunk_size)),
                                          num_samples=num_samples, chunk_size=chunk_size))
     indices = np.concatenate([p[0] for p in pieces])
     np.testing.assert_array_equal(indices, np.arange(num_samples))   # no duplicates, no gaps
@@ -49,7 +50,7 @@ def _all_images(out_dir, num_samples, chunk_size):
 
 
 def _generate(sampler, out_dir, num_samples=23, chunk_size=5, batch_size=8, **kw):
-    return generation.generate_samples(sampler, PARAMS, str(out_dir), num_samples=num_samples,
+    return chunked_generation.generate_samples(sampler, PARAMS, str(out_dir), num_samples=num_samples,
                                        chunk_size=chunk_size, batch_size=batch_size, shape=SHAPE,
                                        progress=False, **kw)
 
@@ -63,7 +64,7 @@ def test_interrupted_generation_resumes_without_regenerating_finished_chunks(tmp
     assert len({im.tobytes() for im in whole}) == 23   # per-image noise: all different
 
     # Interrupt while writing the third chunk: its temporary file is left, no chunk file.
-    real_write, written = generation._write_chunk, []
+    real_write, written = chunked_generation._write_chunk, []
 
     def failing_write(path, indices, images):
         if len(written) == 2:
@@ -74,13 +75,13 @@ def test_interrupted_generation_resumes_without_regenerating_finished_chunks(tmp
         real_write(path, indices, images)
 
     out = str(tmp_path / "interrupted")
-    monkeypatch.setattr(generation, "_write_chunk", failing_write)
+    monkeypatch.setattr(chunked_generation, "_write_chunk", failing_write)
     with pytest.raises(KeyboardInterrupt):
         _generate(sampler, out)
-    monkeypatch.setattr(generation, "_write_chunk", real_write)
+    monkeypatch.setattr(chunked_generation, "_write_chunk", real_write)
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "chunk_*.npz"))) == \
         ["chunk_00000.npz", "chunk_00001.npz"]
-    assert generation.pending_chunks(out, num_samples=23, chunk_size=5, shape=SHAPE) == [2, 3, 4]
+    assert chunked_generation.pending_chunks(out, num_samples=23, chunk_size=5, shape=SHAPE) == [2, 3, 4]
     before = {p: os.stat(p).st_mtime_ns for p in written}
 
     spy = Spy(sampler)
@@ -100,11 +101,11 @@ def test_samples_do_not_depend_on_device_count_or_batch_size(tmp_path):
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *SHAPE)), jnp.zeros((1,), jnp.int32))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.normal(size=s.shape), jnp.float32), shapes["params"])
-    apply_fn = generate.model_apply_fn(model)
+    apply_fn = setup.model_apply_fn(model)
     runs = {}
     for devices, batch, chunk in ((8, 16, 6), (1, 3, 6), (8, 8, 4)):
         out = str(tmp_path / f"{devices}_{batch}_{chunk}")
-        generation.generate_samples(_sampler(devices, apply_fn), params, out, num_samples=13,
+        chunked_generation.generate_samples(_sampler(devices, apply_fn), params, out, num_samples=13,
                                     chunk_size=chunk, batch_size=batch, shape=SHAPE, progress=False)
         runs[(devices, batch, chunk)] = _all_images(out, 13, chunk).astype(int)
     ref = runs[(8, 16, 6)]
@@ -120,35 +121,35 @@ def test_processes_share_the_chunks_without_duplicates_or_gaps(tmp_path, monkeyp
     _generate(sampler, tmp_path / "one")
     out = str(tmp_path / "three")
     _generate(sampler, out, num_samples=23, chunk_size=5)           # chunks 0..4
-    os.remove(generation.chunk_path(out, 1))
-    os.remove(generation.chunk_path(out, 3))
-    os.remove(generation.chunk_path(out, 4))
-    pending = generation.pending_chunks(out, num_samples=23, chunk_size=5, shape=SHAPE)
+    os.remove(chunked_generation.chunk_path(out, 1))
+    os.remove(chunked_generation.chunk_path(out, 3))
+    os.remove(chunked_generation.chunk_path(out, 4))
+    pending = chunked_generation.pending_chunks(out, num_samples=23, chunk_size=5, shape=SHAPE)
     assert pending == [1, 3, 4]
-    real_write, writes = generation._write_chunk, []
-    monkeypatch.setattr(generation, "_write_chunk",
+    real_write, writes = chunked_generation._write_chunk, []
+    monkeypatch.setattr(chunked_generation, "_write_chunk",
                         lambda path, i, im: (writes.append(path), real_write(path, i, im)))
     for p in range(3):   # three processes, each with the list all of them saw
         _generate(sampler, out, pending=pending, process_index=p, process_count=3)
-    assert writes == [generation.chunk_path(out, c) for c in (1, 3, 4)]   # each once, by its process
+    assert writes == [chunked_generation.chunk_path(out, c) for c in (1, 3, 4)]   # each once, by its process
     np.testing.assert_array_equal(_all_images(out, 23, 5), _all_images(str(tmp_path / "one"), 23, 5))
 
 
 def test_other_settings_are_refused_and_broken_chunks_redone(tmp_path):
     out = str(tmp_path)
     meta = dict(step=4, sampling_seed=3, shape=list(SHAPE), chunk_size=5, sampler={"method": "ddpm"})
-    generation.check_meta(out, meta)
-    generation.check_meta(out, meta)                       # the same settings: fine
+    chunked_generation.check_samples_meta(out, meta)
+    chunked_generation.check_samples_meta(out, meta)                       # the same settings: fine
     with pytest.raises(ValueError, match=r"sampling_seed=3.*sampling_seed=4.*delete"):
-        generation.check_meta(out, dict(meta, sampling_seed=4))
+        chunked_generation.check_samples_meta(out, dict(meta, sampling_seed=4))
     with open(os.path.join(out, "meta.json")) as f:
         assert json.load(f)["sampler"] == {"method": "ddpm"}
     # A chunk with the wrong range or an unreadable file is pending again.
-    generation._write_chunk(generation.chunk_path(out, 0), np.arange(1, 6), np.zeros((5, *SHAPE), np.uint8))
-    with open(generation.chunk_path(out, 1), "wb") as f:
+    chunked_generation._write_chunk(chunked_generation.chunk_path(out, 0), np.arange(1, 6), np.zeros((5, *SHAPE), np.uint8))
+    with open(chunked_generation.chunk_path(out, 1), "wb") as f:
         f.write(b"not a zip")
-    generation._write_chunk(generation.chunk_path(out, 2), np.arange(10, 13), np.zeros((3, *SHAPE), np.uint8))
-    assert generation.pending_chunks(out, num_samples=13, chunk_size=5, shape=SHAPE) == [0, 1]
+    chunked_generation._write_chunk(chunked_generation.chunk_path(out, 2), np.arange(10, 13), np.zeros((3, *SHAPE), np.uint8))
+    assert chunked_generation.pending_chunks(out, num_samples=13, chunk_size=5, shape=SHAPE) == [0, 1]
     with pytest.raises(ValueError, match="must all be >= 1"):
         _generate(_sampler(1), out, num_samples=0)
 
@@ -156,7 +157,7 @@ def test_other_settings_are_refused_and_broken_chunks_redone(tmp_path):
 def test_fixed_batches_recut_pieces_and_pad_the_last():
     pieces = [(np.arange(0, 3), np.arange(0, 3)[:, None] * np.ones((1, 2))),
               (np.arange(3, 10), np.arange(3, 10)[:, None] * np.ones((1, 2)))]
-    out = list(run.fixed_batches(pieces, 4))
+    out = list(im.fixed_batches(pieces, 4))
     assert [n for _, _, n in out] == [4, 4, 2]
     assert all(len(i) == 4 and len(x) == 4 for i, x, _ in out)
     np.testing.assert_array_equal(np.concatenate([i[:n] for i, _, n in out]), np.arange(10))

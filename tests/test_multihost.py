@@ -22,7 +22,8 @@ import pytest
 import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
 from bench import kill_resume as kr
 from configs import digits, toy2d
-from ddpm_jax import checkpointing, data, parallel, sample, train
+from ddpm_jax import checkpointing, data, parallel, run_meta, setup, train
+from ddpm_jax.modes import sample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
@@ -58,8 +59,8 @@ def _launch(workdir, *args, config="configs/toy2d.py"):
 
 
 def _state(workdir, config, step):
-    model = train.create_model(config)
-    template = train.abstract_train_state(config, model, data.example_shape(config.data),
+    model = setup.create_model(config)
+    template = setup.abstract_train_state(config, model, data.example_shape(config.data),
                                           parallel.make_mesh(jax.devices()[:1]))
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
         return jax.device_get(ckpt.restore_train(template, step).state)
@@ -155,7 +156,7 @@ def test_sigterm_to_one_host_checkpoints_every_host_at_one_step(one_process, tmp
 def test_sample_mode_on_two_hosts_makes_the_same_images(two_processes):
     values = {**TOY, "training.num_steps": 4, "sampling.num_samples": 20, "sampling.batch_size": 16}
     _launch(two_processes, "--mode=sample", *_flags(values))
-    two = np.load(os.path.join(two_processes, "samples", "sample_ddpm_4.npz"))["samples"]
+    two = np.load(os.path.join(two_processes, "samples", "sample_ddpm_step4_seed0_n20.npz"))["samples"]
     config = _toy_config(**values)
     one = np.load(sample.run(config, two_processes)["npz"])["samples"]  # 1 process x 8 devices
     assert two.shape == (20, 2)
@@ -167,12 +168,12 @@ def test_eval_generation_splits_the_chunks_between_hosts(tmp_path):
     config = digits.get_config()
     config.model.update(ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
     config.diffusion.num_timesteps = 8
-    model = train.create_model(config)
-    abstract = train.abstract_train_state(config, model, (8, 8, 1), parallel.make_mesh(jax.devices()[:1]))
+    model = setup.create_model(config)
+    abstract = setup.abstract_train_state(config, model, (8, 8, 1), parallel.make_mesh(jax.devices()[:1]))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), abstract.params)
     workdir = str(tmp_path / "pretrained")
-    checkpointing.save_pretrained(workdir, params, train.checkpoint_meta(config))
+    checkpointing.save_pretrained(workdir, params, run_meta.RunMeta.from_config(config).to_dict())
     flags = ["--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1", "--config.model.attn_resolutions=()",
              "--config.diffusion.num_timesteps=8", "--config.eval.num_samples=24", "--config.eval.chunk_size=8",
              "--config.eval.batch_size=16"]
@@ -184,10 +185,10 @@ def test_eval_generation_splits_the_chunks_between_hosts(tmp_path):
     assert sorted(f for f in os.listdir(chunks) if f.startswith("chunk_")) == [f"chunk_{c:05d}.npz" for c in range(3)]
     one_dir = str(tmp_path / "one")
     shutil.copytree(workdir, one_dir, ignore=shutil.ignore_patterns("eval"))
-    from ddpm_jax.evaluation import run as evaluation_run
+    from ddpm_jax.modes import evaluate
 
     config.eval.update(num_samples=24, chunk_size=8, batch_size=16)
-    evaluation_run.run(config, one_dir, mode="eval")
+    evaluate.run_eval(config, one_dir)
     one = [np.load(os.path.join(one_dir, "eval", "step_0", "samples", f"chunk_{c:05d}.npz")) for c in range(3)]
     for a, b in zip(two, one):
         np.testing.assert_array_equal(a["images"], b["images"])

@@ -7,7 +7,7 @@ import pytest
 
 import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
 from configs import digits, toy2d
-from ddpm_jax import parallel, train
+from ddpm_jax import parallel, setup, train
 
 
 def test_make_mesh_all_and_one_device():
@@ -57,10 +57,10 @@ def _tiny_config():
 
 def test_one_step_on_8_devices_equals_one_device():
     config = _tiny_config()
-    model, sched = train.create_model(config), train.create_schedule(config)
+    model, sched = setup.create_model(config), setup.create_schedule(config)
     x = np.random.default_rng(0).uniform(-1, 1, (1, 16, 8, 8, 1)).astype(np.float32)
     mesh8 = parallel.make_mesh()
-    state, tx = train.create_train_state(config, model, (8, 8, 1), mesh8)
+    state, tx = setup.create_train_state(config, model, (8, 8, 1), mesh8)
     initial = jax.device_get(state)  # on the host: the step donates (deletes) its input
     results = []
     for mesh in (mesh8, parallel.make_mesh(jax.devices()[:1])):
@@ -88,13 +88,13 @@ def _toy_config():
 
 def test_two_steps_per_dispatch_equal_two_single_steps():
     config = _toy_config()
-    model, sched = train.create_model(config), train.create_schedule(config)
+    model, sched = setup.create_model(config), setup.create_schedule(config)
     mesh = parallel.make_mesh()
     x = np.random.default_rng(1).normal(size=(2, 32, 2)).astype(np.float32)
-    state, tx = train.create_train_state(config, model, (2,), mesh)
+    state, tx = setup.create_train_state(config, model, (2,), mesh)
     step = train.make_train_step(config, model, sched, tx, mesh)
     fused, m2 = step(state, parallel.host_to_global({"x": x}, mesh, batch_axis=1))
-    state, _ = train.create_train_state(config, model, (2,), mesh)
+    state, _ = setup.create_train_state(config, model, (2,), mesh)
     losses = []
     for i in range(2):
         state, m = step(state, parallel.host_to_global({"x": x[i : i + 1]}, mesh, batch_axis=1))
@@ -108,9 +108,9 @@ def test_two_steps_per_dispatch_equal_two_single_steps():
 def test_nonfinite_skip_leaves_the_state_untouched():
     config = _toy_config()
     config.training.nonfinite = "skip"
-    model, sched = train.create_model(config), train.create_schedule(config)
+    model, sched = setup.create_model(config), setup.create_schedule(config)
     mesh = parallel.make_mesh()
-    state, tx = train.create_train_state(config, model, (2,), mesh)
+    state, tx = setup.create_train_state(config, model, (2,), mesh)
     before = jax.device_get(state)
     step = train.make_train_step(config, model, sched, tx, mesh)
     x = np.full((1, 32, 2), np.nan, np.float32)

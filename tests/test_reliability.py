@@ -24,7 +24,7 @@ import pytest
 import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
 from bench import kill_resume as kr
 from configs import toy2d
-from ddpm_jax import checkpointing, data, metrics, parallel, train
+from ddpm_jax import checkpointing, data, files, metrics, parallel, setup, train
 
 STEPS, EVERY = 12, 4
 VALUES = kr.overrides(STEPS, EVERY)  # log every 2 steps, keep 2 checkpoints
@@ -60,40 +60,63 @@ def _copy(workdir, tmp_path):
 def test_sigkill_at_any_moment_resumes_bitwise(reference, env, tmp_path):
     ref_dir, ref_state = reference
     w = str(tmp_path / "run")
-    # 1. Killed while the first checkpoint (step 4) is being written: no checkpoint is complete.
-    caught = [kr.kill_mid_save(kr.start(w, VALUES, env, "1"), w)]
-    assert caught[0] is not None and 4 not in kr.finished_checkpoints(w)
+    # 1. Killed as soon as the first save is seen in progress (wherever the kill lands).
+    kr.kill_mid_save(kr.start(w, VALUES, env, "1"), w)
     # 2. Killed between saves: checkpoint 4 is done and later steps were logged (to be redone).
     proc = kr.start(w, VALUES, env, "2")
     assert kr.wait_until(proc, lambda: 4 in kr.finished_checkpoints(w) and max(kr.logged_steps(w), default=0) > 4)
     kr.kill(proc)
-    # 3. Killed while a later checkpoint is being written.
-    caught.append(kr.kill_mid_save(kr.start(w, VALUES, env, "3"), w, after_step=4))
+    # 3. A save cut off half-way, made by hand so that it is there for sure: the newest finished
+    #    checkpoint copied under Orbax's temporary name of the next one, one array file truncated.
+    newest = kr.finished_checkpoints(w)[-1]
+    half = os.path.join(w, "checkpoints", f"{newest + EVERY}{kr.TMP_MARK}1234567")
+    shutil.copytree(os.path.join(w, "checkpoints", str(newest)), half)
+    array_files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(half, "train")) for f in fs]
+    target = max(array_files, key=os.path.getsize)
+    with open(target, "r+b") as f:
+        f.truncate(os.path.getsize(target) // 2)
     # 4. The same command again, to the end.
     assert kr.finish(kr.start(w, VALUES, env, "4")) == 0, _log(w, "4")
-    assert True in caught, caught  # at least one kill landed inside an unfinished save
-    assert kr.temporary_checkpoints(w) == []  # the half-written saves were removed, not restored
+    assert kr.temporary_checkpoints(w) == []  # the half-written save was removed, not restored
     equal, max_diff = kr.compare(kr.final_state(w, VALUES), ref_state)
     assert equal, f"resumed run differs from the uninterrupted one by up to {max_diff}"
     assert kr.same_log(w, ref_dir)  # metrics.jsonl: the same steps and losses, no duplicates
     assert [m["step"] for m in kr.metrics_lines(w)] == list(range(2, STEPS + 1, 2))
 
 
-def test_sigterm_checkpoints_the_step_reached_and_exits_0(reference, env, tmp_path):
-    ref_dir, ref_state = reference
-    w = str(tmp_path / "run")
-    proc = kr.start(w, VALUES, env, "term")
-    assert kr.wait_until(proc, lambda: max(kr.logged_steps(w), default=0) >= 6)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0, _log(w, "term")
-    reached = kr.finished_checkpoints(w)[-1]
-    assert 6 <= reached < STEPS
-    assert f"SIGTERM: checkpoint of step {reached} written" in _log(w, "term")
-    assert int(kr.final_state(w, VALUES)[".step"]) == reached
-    assert kr.finish(kr.start(w, VALUES, env, "resume")) == 0, _log(w, "resume")
-    equal, max_diff = kr.compare(kr.final_state(w, VALUES), ref_state)
+def test_preemption_checkpoints_the_step_reached_and_resumes_bitwise(tmp_path, monkeypatch):
+    """The loop's side of a SIGTERM (the signal's side is tests/test_preemption.py): the watcher says
+    "stop" after step 6, the loop checkpoints step 6 and returns; the same run again ends as if alone."""
+    straight, w = str(tmp_path / "straight"), str(tmp_path / "run")
+    train.train_and_evaluate(kr.config_of(VALUES), straight)
+    monkeypatch.setattr(train.preemption.PreemptionWatcher, "reached", lambda self, prev, step: step >= 6)
+    state = train.train_and_evaluate(kr.config_of(VALUES), w)
+    assert int(state.step) == 6 and kr.finished_checkpoints(w)[-1] == 6
+    monkeypatch.undo()
+    train.train_and_evaluate(kr.config_of(VALUES), w)
+    equal, max_diff = kr.compare(kr.final_state(w, VALUES), kr.final_state(straight, VALUES))
     assert equal, max_diff
-    assert kr.same_log(w, ref_dir)  # the unlogged steps before SIGTERM were carried over
+    assert kr.same_log(w, straight)  # the unlogged steps before the preemption were carried over
+
+
+def test_scan_dispatch_resumes_bitwise_and_matches_unrolled_steps(tmp_path):
+    """training.dispatch_loop=scan, the accelerators' path, on the CPU: 3 steps per dispatch,
+    interrupted after the first dispatch, resumed, equals the uninterrupted scan run bitwise."""
+    def config(loop):
+        values = dict(VALUES, **{"training.num_steps": 6, "training.steps_per_dispatch": 3,
+                                 "training.checkpoint_every": 3, "training.dispatch_loop": loop})
+        return kr.config_of(values)
+
+    straight = jax.device_get(train.train_and_evaluate(config("scan"), str(tmp_path / "straight")))
+    first = config("scan")
+    first.training.num_steps = 3
+    train.train_and_evaluate(first, str(tmp_path / "resumed"))
+    resumed = jax.device_get(train.train_and_evaluate(config("scan"), str(tmp_path / "resumed")))
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    unrolled = jax.device_get(train.train_and_evaluate(config("unroll"), str(tmp_path / "unrolled")))
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(unrolled.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(reference, env, tmp_path):
@@ -270,8 +293,8 @@ def _poison(monkeypatch, nan_steps):
 
 
 def _restore_all(workdir, config):
-    model = train.create_model(config)
-    template = train.abstract_train_state(config, model, data.example_shape(config.data),
+    model = setup.create_model(config)
+    template = setup.abstract_train_state(config, model, data.example_shape(config.data),
                                           parallel.make_mesh(jax.devices()[:1]))
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
         return {s: ckpt.restore_train(template, s) for s in ckpt.all_steps()}
@@ -284,7 +307,7 @@ def _all_finite(state):
 def test_nonfinite_error_names_the_step_and_checkpoints_stay_finite(monkeypatch, tmp_path):
     _poison(monkeypatch, nan_steps=[4])  # the 5th update sees a NaN batch
     config = _toy(8, log_every=7)  # found by the guard of the save at step 6, not by a log
-    with pytest.raises(train.NonFiniteError, match=r"non-finite loss or gradient at step 5;.*nonfinite=skip"):
+    with pytest.raises(metrics.NonFiniteError, match=r"non-finite loss or gradient at step 5;.*nonfinite=skip"):
         train.train_and_evaluate(config, str(tmp_path))
     restored = _restore_all(str(tmp_path), config)
     assert sorted(restored) == [2, 4]
@@ -374,8 +397,8 @@ def test_damaged_checkpoints_fall_back_and_all_damaged_is_an_error(tmp_path, cap
         else:
             with open(target, "r+b") as f:
                 f.truncate(os.path.getsize(target) // 2)
-    model = train.create_model(config)
-    template = train.abstract_train_state(config, model, (2,), parallel.make_mesh())
+    model = setup.create_model(config)
+    template = setup.abstract_train_state(config, model, (2,), parallel.make_mesh())
     with checkpointing.Checkpointer(workdir) as ckpt, caplog.at_level("WARNING"):
         restored = ckpt.restore_newest_valid(template)
         assert restored.step == 2 and ckpt.all_steps() == [2]
@@ -406,5 +429,5 @@ def test_config_json_is_replaced_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fail)
     with pytest.raises(OSError):
-        metrics.write_text_atomic(str(path), '{"new": true}\n')
+        files.write_text(str(path), '{"new": true}\n')
     assert path.read_text() == '{"old": true}\n' and os.listdir(tmp_path) == ["config.json"]

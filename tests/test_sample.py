@@ -12,8 +12,8 @@ from PIL import Image
 
 import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
 from configs import digits, toy2d
-from ddpm_jax import generate, imaging, parallel, sample, sampling, train
-from ddpm_jax.evaluation import toy2d as toy_scores
+from ddpm_jax import imaging, sampler, sampling, setup, train
+from ddpm_jax.modes import sample
 
 
 def _toy_config():
@@ -42,11 +42,10 @@ def test_toy2d_sample_mode_writes_chain_figure_and_scores(toy_workdir):
         report = json.load(f)
     samples = np.load(paths["npz"])["samples"]
     assert samples.shape == (120, 2)
-    again = toy_scores.evaluate(samples, config.data)
-    for part in ("samples", "noise_floor"):
-        for key in ("energy_distance", "sliced_w2"):
-            assert report[part][key] == pytest.approx(again[part][key], rel=1e-6)
-            assert np.isfinite(report[part][key]) and report[part][key] > 0
+    for key in ("energy_distance", "sliced_w2"):
+        assert report["ratio"][key] == pytest.approx(report["samples"][key] / report["noise_floor"][key])
+        # Four training steps cannot match the data: the samples sit far above the floor.
+        assert report["samples"][key] > 2 * report["noise_floor"][key] > 0
     assert report["num_points"] == 120 and report["toy_name"] == "swiss_roll"
     assert report["alpha_bar_T"] < 0.5 and report["schedule"]["num_timesteps"] == 10
 
@@ -54,15 +53,12 @@ def test_toy2d_sample_mode_writes_chain_figure_and_scores(toy_workdir):
 def test_toy_chain_starts_from_the_samplers_x_T(toy_workdir):
     # The chain figure recomputes x_T; starting the sampler from it must give the same samples.
     config = _toy_config()
-    mesh = parallel.make_mesh()
-    model, sched = train.create_model(config), train.create_schedule(config)
-    params, _ = sample.load_ema_params(config, toy_workdir, model, (2,), mesh)
-    options = generate.sampler_options(config.sampling, config.diffusion)
-    sampler = generate.Sampler(generate.model_apply_fn(model), sched, mesh, shape=(2,), seed=3, **options)
+    loaded = setup.load_run(config, toy_workdir)
+    sampler_fn = setup.make_sampler(loaded, config, seed=3, trajectory_every=0)
     n = 16
     x_T = np.asarray(sampling.image_noise(sampling.image_keys(3, np.arange(n)), 10, (2,)))
-    from_noise = generate.generate(sampler, params, num_samples=n, batch_size=n).samples
-    from_x_T = generate.generate(sampler, params, num_samples=n, batch_size=n, x_start=x_T).samples
+    from_noise = sampler.generate(sampler_fn, loaded.params, num_samples=n, batch_size=n).samples
+    from_x_T = sampler.generate(sampler_fn, loaded.params, num_samples=n, batch_size=n, x_start=x_T).samples
     np.testing.assert_allclose(from_noise, from_x_T, atol=1e-6)
 
 
@@ -94,14 +90,14 @@ def test_partial_denoising_psnr_and_both_animations(digits_workdir):
         per_image = [imaging.psnr(x, original) for x in arrays[kind]]
         assert report[key] == pytest.approx(np.mean(per_image))
         assert report[key + "_per_image"] == pytest.approx(per_image)
-    sched = train.create_schedule(config)
+    sched = setup.create_schedule(config)
     assert report["alpha_bar_k"] == pytest.approx(float(sched.alphas_cumprod[8]))
     # The chain from x_9: the start frame, then after steps 9->5 and 5->1 (kept), and x_0.
     assert Image.open(paths["partial_gif"]).n_frames == 1 + 2 + 1
     # The chain from pure noise is animated too: 12 steps kept every 4.
     assert Image.open(paths["gif"]).n_frames == 3
     assert np.load(paths["samples_npz"])["samples"].shape == (3, 8, 8, 1)
-    assert os.path.basename(paths["samples_grid"]) == "sample_ddpm_2.png"
+    assert os.path.basename(paths["samples_grid"]) == "sample_ddpm_step2_seed0_n3.png"
 
 
 def test_psnr_matches_skimage():

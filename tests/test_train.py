@@ -1,5 +1,6 @@
 """End-to-end training: tfds (mock CIFAR-10), digits and toy2d; resume; non-finite policy; sample mode."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ from PIL import Image
 
 import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
 from configs import cifar10, digits, toy2d
-from ddpm_jax import checkpointing, data, parallel, sample, train
+from ddpm_jax import checkpointing, data, metrics, parallel, run_meta, setup, train
+from ddpm_jax.modes import sample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,12 +104,12 @@ def test_sample_mode_writes_grid_npz_and_trajectory_gif(digits_workdir):
           "--config.sampling.batch_size=8", "--config.sampling.trajectory_every=5")
     assert os.path.isfile(os.path.join(workdir, "config_sample.json"))
     out = os.path.join(workdir, "samples")
-    grid = Image.open(os.path.join(out, "sample_ddpm_4.png"))
+    grid = Image.open(os.path.join(out, "sample_ddpm_step4_seed0_n10.png"))
     assert grid.size[0] >= 64
-    arrays = np.load(os.path.join(out, "sample_ddpm_4.npz"))
+    arrays = np.load(os.path.join(out, "sample_ddpm_step4_seed0_n10.npz"))
     assert arrays["samples"].shape == (10, 8, 8, 1) and arrays["images"].dtype == np.uint8
     assert np.abs(arrays["samples"]).max() <= 1.0 + 1e-6
-    gif = Image.open(os.path.join(out, "trajectory_ddpm_4.gif"))
+    gif = Image.open(os.path.join(out, "trajectory_ddpm_step4_seed0_n10_every5.gif"))
     assert gif.n_frames == 20 // 5  # x_t (and predicted x0) every 5 of the 20 steps
 
 
@@ -118,14 +120,14 @@ def test_sample_mode_partial_denoising_ddim_and_model_mismatch(digits_workdir):
                            method="ddim", ddim_steps=5)
     paths = sample.run(config, workdir)
     for kind in ("original", "noised", "denoised"):
-        assert os.path.basename(paths[kind]) == f"partial_ddim_4_k10_{kind}.png"
+        assert os.path.basename(paths[kind]) == f"partial_ddim5_step4_seed0_n4_k10_{kind}.png"
         assert os.path.isfile(paths[kind])
     arrays = np.load(paths["npz"])
     assert arrays["noised"].shape == arrays["denoised"].shape == (4, 8, 8, 1)
     assert not np.allclose(arrays["noised"][0], arrays["noised"][1])  # each copy has its own noise
 
     config.model.ch = 64
-    with pytest.raises(checkpointing.CheckpointMismatchError, match="model.kwargs.ch=32"):
+    with pytest.raises(run_meta.CheckpointMismatchError, match="model.kwargs.ch=32"):
         sample.run(config, workdir)
 
 
@@ -180,14 +182,14 @@ def test_resume_refuses_a_different_model(tmp_path):
     train.train_and_evaluate(_toy_config(1), str(tmp_path))
     config = _toy_config(2)
     config.model.mlp_hidden = 64
-    with pytest.raises(checkpointing.CheckpointMismatchError, match="model.kwargs.hidden=128"):
+    with pytest.raises(run_meta.CheckpointMismatchError, match="model.kwargs.hidden=128"):
         train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_nonfinite_error_names_the_step(tmp_path):
     config = _toy_config(4)
     config.optim.update(lr=1e38, warmup_steps=0, grad_clip=0.0)
-    with pytest.raises(train.NonFiniteError, match=r"non-finite loss or gradient at step [12]\b"):
+    with pytest.raises(metrics.NonFiniteError, match=r"non-finite loss or gradient at step [12]\b"):
         train.train_and_evaluate(config, str(tmp_path))
     assert checkpointing.read_meta(str(tmp_path)) is None  # nothing non-finite was checkpointed
 
@@ -195,26 +197,24 @@ def test_nonfinite_error_names_the_step(tmp_path):
 def test_batch_not_divisible_by_devices(tmp_path):
     config = _toy_config(1)
     config.training.batch_size = 12
-    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-        train.train_and_evaluate(config, str(tmp_path))
-    assert parallel.make_mesh().devices.size == 8
+    with pytest.raises(ValueError, match=r"training.batch_size=12 is not divisible by the 8 devices"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")  # refused before the workdir was made
 
 
 def test_sample_mode_reads_a_converted_checkpoint(tmp_path):
     config = _tiny_digits_config()
     config.diffusion.num_timesteps = 5
     config.sampling.update(num_samples=3, batch_size=8)
-    model = train.create_model(config)
-    params = jax.device_get(train.init_params(model, (8, 8, 1), 0, parallel.make_mesh()))
-    name, kwargs = train.model_spec(config)
+    model = setup.create_model(config)
+    params = jax.device_get(setup.init_params(model, (8, 8, 1), 0, parallel.make_mesh()))
+    meta = dataclasses.replace(run_meta.RunMeta.from_config(config), source={"format": "test"})
     out = tmp_path / "converted"
-    checkpointing.save_pretrained(str(out), params, {"model": {"name": name, "kwargs": kwargs},
-                                                     "data_shape": [8, 8, 1], "source": {"format": "test"}})
-    (out / "model_kwargs.json").write_text(json.dumps({"name": "unet", "kwargs": kwargs}))
+    checkpointing.save_pretrained(str(out), params, meta.to_dict())
     paths = sample.run(config, str(out))
-    assert os.path.basename(paths["grid"]) == "sample_ddpm_0.png"
+    assert os.path.basename(paths["grid"]) == "sample_ddpm_step0_seed0_n3.png"
     assert np.load(paths["npz"])["samples"].shape == (3, 8, 8, 1)
 
-    (out / "model_kwargs.json").write_text(json.dumps({"name": "unet", "kwargs": dict(kwargs, ch=64)}))
-    with pytest.raises(checkpointing.CheckpointMismatchError, match="model.kwargs.ch=64"):
+    config.model.ch = 64  # the converted checkpoint's own meta decides what it holds
+    with pytest.raises(run_meta.CheckpointMismatchError, match="model.kwargs.ch=32.*model.kwargs.ch=64"):
         sample.run(config, str(out))

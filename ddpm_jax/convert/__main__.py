@@ -20,9 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    kwargs = meta["model"]["kwargs"]
-    print(f"wrote {args.out}: UNet({', '.join(f'{k}={v}' for k, v in kwargs.items())}), "
-          f"images {tuple(meta['data_shape'])}.")
+    print(f"wrote {args.out}: UNet({', '.join(f'{k}={v}' for k, v in meta.model_kwargs.items())}), "
+          f"images {meta.data_shape}, schedule {meta.schedule}, pred {meta.pred}.")
     print(f"sample with: python -m ddpm_jax.main --config=CONFIG --workdir={args.out} --mode=sample")
     return 0
 

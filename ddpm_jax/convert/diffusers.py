@@ -27,6 +27,7 @@ import numpy as np
 
 from ddpm_jax.models.layers import NORM_EPS, NUM_GROUPS
 from ddpm_jax.models.unet import UNet
+from ddpm_jax.run_meta import RunMeta
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -247,22 +248,34 @@ def read_scheduler(path: str) -> dict | None:
     return None
 
 
-def checkpoint_meta(path: str, unet_kwargs: dict) -> dict:
-    """The meta stored with a converted checkpoint: model, data shape, and what the scheduler says."""
+# The released DDPM models' schedule (Ho et al. 2020), when the folder holds no scheduler config.
+PAPER_SCHEDULE = dict(name="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+_PRED = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+
+
+def checkpoint_meta(path: str, unet_kwargs: dict) -> RunMeta:
+    """The RunMeta of a converted checkpoint: model, data shape, and the scheduler's schedule / target.
+
+    A folder without a scheduler config gets the released models' linear schedule and ε target,
+    and says so in `source`.
+    """
     config = read_config(find_model_dir(path))
-    meta: dict[str, Any] = dict(model=dict(name="unet", kwargs=unet_kwargs),
-                                data_shape=list(image_shape(config)),
-                                source=dict(format="diffusers", path=os.path.abspath(path)))
+    source: dict[str, Any] = dict(format="diffusers", path=os.path.abspath(path))
     scheduler = read_scheduler(path)
-    if scheduler is not None:
-        meta["source"]["scheduler"] = scheduler
-        if scheduler.get("beta_schedule", "linear") == "linear" and scheduler.get("trained_betas") is None:
-            meta["schedule"] = dict(
-                name="linear", num_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
-                beta_start=float(scheduler.get("beta_start", 1e-4)),
-                beta_end=float(scheduler.get("beta_end", 0.02)))
-        pred = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}.get(
-            scheduler.get("prediction_type", "epsilon"))
-        if pred is not None:
-            meta["pred"] = pred
-    return meta
+    schedule, pred = dict(PAPER_SCHEDULE), "eps"
+    if scheduler is None:
+        source["schedule"] = "no scheduler config: the released DDPM schedule assumed"
+    else:
+        source["scheduler"] = scheduler
+        if scheduler.get("beta_schedule", "linear") != "linear" or scheduler.get("trained_betas") is not None:
+            raise ConversionError(
+                f"{path}: the scheduler's beta_schedule={scheduler.get('beta_schedule')!r} (or trained_betas) "
+                "has no ddpm_jax schedule name; only the linear schedule of the released models converts.")
+        schedule = dict(name="linear", num_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
+                        beta_start=float(scheduler.get("beta_start", 1e-4)),
+                        beta_end=float(scheduler.get("beta_end", 0.02)))
+        kind = scheduler.get("prediction_type", "epsilon")
+        if kind not in _PRED:
+            raise ConversionError(f"{path}: prediction_type={kind!r} is unknown; use one of {sorted(_PRED)}.")
+        pred = _PRED[kind]
+    return RunMeta("unet", dict(unet_kwargs), tuple(image_shape(config)), schedule, pred, source)

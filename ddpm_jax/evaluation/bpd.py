@@ -19,14 +19,14 @@ on the batch size nor on the device count. Data are images on the 256-level grid
 [−1, 1] (``x / 127.5 − 1`` of the uint8 image); padding rows (mask False) are left out
 of every average.
 
-``evaluate_bpd(config, params, model, sched, mesh)`` is what the training loop calls;
-``run(config, workdir)`` is ``--mode=bpd``: it writes ``workdir/eval/bpd_<step>.json``,
-a plot ``workdir/eval/bpd_<step>.png`` and TensorBoard scalars.
+``evaluate_bpd(config, params, model, sched, mesh)`` is what the training loop
+(``training.eval_bpd_after``) and ``--mode=bpd`` (``modes/bpd.py``) call; ``write_report``
+writes ``workdir/eval/bpd_<step>.json``, a plot ``workdir/eval/bpd_<step>.png`` and
+TensorBoard scalars.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Iterable
@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import data, diffusion, parallel, sampling
+from ddpm_jax import data, diffusion, files, imaging, parallel, sampling, setup
+from ddpm_jax.sampler import padded_batch_size
 from ddpm_jax.schedules import Schedule
 
 BPD_STREAM = 0x627064  # "bpd": keeps the likelihood noise apart from the samplers' per-image noise
@@ -140,13 +141,8 @@ def bpd_over_batches(bpd_fn: Callable, params: Any, batches: Iterable[dict], mes
     acc = BpdAccumulator(num_timesteps)
     host_batch = global_batch // process_count
     num_batches = -(-limit // global_batch)
-    bar = None
-    if progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=limit, desc="bits/dim", unit="ex", dynamic_ncols=True)
     params = jax.device_put(params, parallel.replicated(mesh))
-    try:
+    with files.progress_bar(limit, "bits/dim", unit="ex", enabled=progress) as bar:
         for k, batch in enumerate(batches):
             if k >= num_batches:
                 break
@@ -160,11 +156,7 @@ def bpd_over_batches(bpd_fn: Callable, params: Any, batches: Iterable[dict], mes
             mask_global = parallel.to_host(parallel.host_to_global(host_mask & (host_idx < limit), mesh))
             out = parallel.to_host(bpd_fn(params, x_global, idx_global))
             acc.update(out, mask_global)
-            if bar is not None:
-                bar.update(int(min(lo + global_batch, limit) - lo))
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(int(min(lo + global_batch, limit) - lo))
     return acc.result()
 
 
@@ -178,10 +170,8 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, model, sched: S
     Returns dict(total_bpd, prior_bpd, decoder_bpd (t = 0), kl_bpd (Σ over t ≥ 1),
     total_bpd_stderr, terms_bpd [T], mse [T], num_examples, split, seconds, ...).
     """
-    from ddpm_jax import generate  # noqa: PLC0415 (train-side module; keeps this one importable alone)
-
     shape = tuple(data.example_shape(config.data))
-    if len(shape) != 3:
+    if not imaging.is_image_shape(shape):
         raise ValueError(f"bits/dim needs image data on the 256-level grid, but data.source="
                          f"{config.data.source!r} gives points of shape {shape}; use an image dataset")
     ev = config.eval
@@ -193,23 +183,18 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, model, sched: S
     limit = available if requested == 0 else min(requested, available)
     if int(ev.bpd_batch_size) < 1:
         raise ValueError(f"eval.bpd_batch_size={ev.bpd_batch_size} must be >= 1")
-    global_batch = generate.padded_batch_size(min(int(ev.bpd_batch_size), limit), mesh)
+    global_batch = padded_batch_size(min(int(ev.bpd_batch_size), limit), mesh)
     clip = bool(ev.get("bpd_clip_denoised", True))
-    bpd_fn = make_bpd_fn(apply_fn or generate.model_apply_fn(model), sched, mesh, seed=int(config.seed),
+    bpd_fn = make_bpd_fn(apply_fn or setup.model_apply_fn(model), sched, mesh, seed=int(config.seed),
                          pred=str(config.diffusion.pred), var_type=str(config.diffusion.var_type),
                          clip_denoised=clip)
     it = data.create_eval_iterator(config.data, split, batch_size=global_batch,
                                    process_index=jax.process_index(), process_count=jax.process_count())
     start = time.time()
-    try:
-        result = bpd_over_batches(bpd_fn, params, it, mesh, num_timesteps=sched.num_timesteps,
-                                  global_batch=global_batch, limit=limit,
-                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                  progress=progress)
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
+    result = bpd_over_batches(bpd_fn, params, it, mesh, num_timesteps=sched.num_timesteps,
+                              global_batch=global_batch, limit=limit,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              progress=progress)
     result.update(split=split, seconds=time.time() - start, num_timesteps=sched.num_timesteps,
                   var_type=str(config.diffusion.var_type), clip_denoised=clip, seed=int(config.seed))
     return result
@@ -243,7 +228,7 @@ def plot_terms(path: str, result: dict, title: str = "") -> None:
     ax2.set(xlabel="timestep t (0-based)", ylabel="mean (x̂_0 − x_0)²", title="x_0 prediction MSE")
     fig.suptitle(title or (f"{result['total_bpd']:.4f} bits/dim = prior {result['prior_bpd']:.4f} + "
                            f"decoder {result['decoder_bpd']:.4f} + KL {result['kl_bpd']:.4f}"))
-    fig.savefig(path, dpi=100)
+    files.write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def write_report(workdir: str, step: int, result: dict) -> dict[str, str]:
@@ -252,12 +237,7 @@ def write_report(workdir: str, step: int, result: dict) -> dict[str, str]:
     paths = dict(json=os.path.join(out_dir, f"bpd_{step}.json"), png=os.path.join(out_dir, f"bpd_{step}.png"))
     if jax.process_index() != 0:
         return paths
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = paths["json"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({**result, "step": int(step)}, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, paths["json"])
+    files.write_json(paths["json"], {**result, "step": int(step)})
     plot_terms(paths["png"], result, title=f"step {step}: " + summary_line(result).split(": ", 1)[1])
     from tensorboardX import SummaryWriter  # noqa: PLC0415
 
@@ -265,23 +245,3 @@ def write_report(workdir: str, step: int, result: dict) -> dict[str, str]:
         for key in ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd"):
             tb.add_scalar(f"eval/{key}", float(result[key]), int(step))
     return paths
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """``--mode=bpd``: bits/dim of the workdir's newest EMA params over ``data.eval_split``."""
-    from ddpm_jax import sample, train  # noqa: PLC0415 (train imports this module)
-
-    mesh = parallel.make_mesh()
-    shape = tuple(data.example_shape(config.data))
-    if len(shape) != 3:
-        raise ValueError(f"--mode=bpd needs image data; data.source={config.data.source!r} gives "
-                         f"points of shape {shape}")
-    model, sched = train.create_model(config), train.create_schedule(config)
-    params, step = sample.load_ema_params(config, workdir, model, shape, mesh)
-    result = evaluate_bpd(config, params, model, sched, mesh)
-    result["step"] = step
-    paths = write_report(workdir, step, result)
-    line = summary_line(result)
-    if jax.process_index() == 0:
-        print(f"step {step}: {line}; wrote {paths['json']} and {paths['png']}", flush=True)
-    return dict(result, paths=paths)

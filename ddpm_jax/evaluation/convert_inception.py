@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from ddpm_jax import files
 from ddpm_jax.evaluation import inception
 
 # Keys of torchvision's Inception3 that the FID network does not use.
@@ -80,12 +81,7 @@ def convert(pth_path: str, out_path: str) -> dict[str, np.ndarray]:
                          f"pass pytorch-fid's {inception.FID_WEIGHTS_PTH}")
     flat = convert_state_dict(state_dict)
     inception.check_variables(flat, repr(pth_path))
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = out_path + ".tmp"
-    with open(tmp, "wb") as f:  # a file object: numpy appends no suffix
-        np.savez(f, format=np.asarray(inception.FORMAT_TAG), **flat)
-    os.replace(tmp, out_path)
+    files.write_npz(out_path, format=np.asarray(inception.FORMAT_TAG), **flat)
     return flat
 
 

@@ -25,6 +25,8 @@ import numpy as np
 from absl import logging
 from scipy import linalg, special
 
+from ddpm_jax import files
+
 
 class ActivationStats:
     """Streaming float64 mean / covariance of activation rows (Chan et al.'s pairwise update).
@@ -148,10 +150,7 @@ def save_stats(path: str | os.PathLike, mu, sigma) -> None:
     mu, sigma = np.asarray(mu), np.asarray(sigma)
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise ValueError(f"expected mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:   # a file object: numpy appends no ".npz" to the name
-        np.savez_compressed(f, mu=mu, sigma=sigma)
+    files.write_npz(os.fspath(path), compressed=True, mu=mu, sigma=sigma)
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ddpm_jax.data import sources
+
 DEFAULT_PROJECTIONS = 1000
 FLOOR_SPLIT = "noise_floor"  # seed name of the floor's fresh draw (sources.toy_points: CRC32 of it)
 
@@ -126,7 +128,7 @@ def scores(samples: np.ndarray, reference: np.ndarray, *, num_projections: int =
 def fresh_points(data_cfg: Any, split: str, num_points: int | None = None) -> np.ndarray:
     """`num_points` (default data.toy_num_points) points of a fresh draw named `split`, standardised
     with the training split's statistics, as the model sees its data."""
-    from ddpm_jax.data import sources
+
 
     sources.validate_config(data_cfg)
     if data_cfg.source != "toy2d":

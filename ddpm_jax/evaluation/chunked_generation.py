@@ -9,7 +9,7 @@ Layout of ``out_dir`` (``workdir/eval/step_<k>/samples``)::
 
 Chunk c holds images [c·S, min((c+1)·S, N)), quantised to uint8 as a PNG would hold
 them (``imaging.to_uint8``). Image i depends only on (sampling seed, i)
-(``generate.Sampler``), so which process or batch makes it does not matter.
+(``sampler.Sampler``), so which process or batch makes it does not matter.
 
 Resuming. A chunk is written to a temporary file and renamed, so a chunk file is
 complete or absent; a restart lists the complete chunks (their ``indices`` must be
@@ -34,7 +34,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from ddpm_jax import imaging, parallel
+from ddpm_jax import files, imaging, parallel
+from ddpm_jax.sampler import padded_batch_size
 
 META_FILE = "meta.json"
 
@@ -83,7 +84,7 @@ def pending_chunks(out_dir: str, *, num_samples: int, chunk_size: int, shape: Se
             if not chunk_is_complete(chunk_path(out_dir, c), *chunk_bounds(c, num_samples, chunk_size), shape)]
 
 
-def check_meta(out_dir: str, meta: dict) -> None:
+def check_samples_meta(out_dir: str, meta: dict) -> None:
     """Refuses samples made with other settings (``meta.json``); process 0 writes it if absent."""
     meta = json.loads(json.dumps(meta))
     path = os.path.join(out_dir, META_FILE)
@@ -97,20 +98,11 @@ def check_meta(out_dir: str, meta: dict) -> None:
                     f"has {key}={meta.get(key)!r}; rerun with the same settings or delete {out_dir}")
         return
     if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        files.write_json(path, meta, sort_keys=True)
 
 
 def _write_chunk(path: str, indices: np.ndarray, images: np.ndarray) -> None:
-    """Atomically: a temporary file in the same folder, then a rename."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:   # a file object: numpy appends no suffix
-        np.savez(f, indices=np.asarray(indices, np.int64), images=np.asarray(images, np.uint8))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.write_npz(path, indices=np.asarray(indices, np.int64), images=np.asarray(images, np.uint8))
 
 
 def sync(name: str) -> None:
@@ -127,7 +119,7 @@ def generate_samples(sampler: Any, params: Any, out_dir: str, *, num_samples: in
                      progress: bool = True) -> dict:
     """Generates the missing chunks of ``num_samples`` images into ``out_dir`` (see above).
 
-    ``sampler(params, indices) -> SampleOutput`` is a ``generate.Sampler`` on this process's
+    ``sampler(params, indices) -> SampleOutput`` is a ``sampler.Sampler`` on this process's
     devices (``sampler.mesh``); ``params`` are placed replicated on that mesh. ``batch_size``
     is the global batch (each process draws ``batch_size / P`` per call, rounded up to a
     multiple of its devices; a batch may span chunks). ``pending`` (default: listed here,
@@ -152,19 +144,12 @@ def generate_samples(sampler: Any, params: Any, out_dir: str, *, num_samples: in
     start = time.time()
     os.makedirs(out_dir, exist_ok=True)
     if len(indices):
-        from ddpm_jax import generate  # noqa: PLC0415 (train-side module)
-
-        b = generate.padded_batch_size(min(-(-int(batch_size) // n_proc), len(indices)), sampler.mesh)
+        b = padded_batch_size(min(-(-int(batch_size) // n_proc), len(indices)), sampler.mesh)
         params = jax.device_put(params, parallel.replicated(sampler.mesh))
-        bar = None
-        if progress and p == 0:
-            from tqdm.auto import tqdm  # noqa: PLC0415
-
-            desc = "eval samples" if n_proc == 1 else f"eval samples (process 0's {len(indices)} of {total_pending})"
-            bar = tqdm(total=len(indices), desc=desc, unit="img", dynamic_ncols=True)
+        desc = "eval samples" if n_proc == 1 else f"eval samples (process 0's {len(indices)} of {total_pending})"
         buffer: list[np.ndarray] = []   # uint8 images of the chunk being filled, in index order
         c_next = 0                      # position in `todo` of that chunk
-        try:
+        with files.progress_bar(len(indices), desc, enabled=progress and p == 0) as bar:
             for lo in range(0, len(indices), b):
                 batch = indices[lo:lo + b]
                 n = len(batch)
@@ -180,11 +165,7 @@ def generate_samples(sampler: Any, params: Any, out_dir: str, *, num_samples: in
                     buffer = [images[c_hi - c_lo:]]
                     filled -= c_hi - c_lo
                     c_next += 1
-                if bar is not None:
-                    bar.update(n)
-        finally:
-            if bar is not None:
-                bar.close()
+                bar.update(n)
     sync("ddpm_jax_eval_generated")
     seconds = time.time() - start
     return dict(num_samples=num_samples, num_chunks=num_chunks(num_samples, chunk_size),

@@ -1,10 +1,11 @@
-"""Sharded sampling: many images from one jit-compiled `sampling.sample` over the ('data',) mesh.
+"""The sharded sampler: many images from one jit-compiled `sampling.sample` over the ('data',) mesh.
 
 The image indices are sharded over the devices and the params replicated, so every
 device runs the whole reverse chain on its slice of the batch. Image i's noise
 depends only on (seed, i) (`sampling.image_keys`), so the samples do not depend on
 the batch size or on the number of devices. Used by the training loop's sample
-grids, by `--mode=sample` and by evaluation (large-scale generation).
+grids, by `--mode=sample` (`modes/sample.py`) and by evaluation's resumable chunked
+generation (`evaluation/chunked_generation.py`). The math of each step is `sampling.py`.
 """
 
 from __future__ import annotations
@@ -18,20 +19,6 @@ from jax.sharding import Mesh
 
 from ddpm_jax import parallel, sampling
 from ddpm_jax.schedules import Schedule
-
-
-def sampler_options(sampling_cfg: Any, diffusion_cfg: Any) -> dict:
-    """The static keyword arguments of `sampling.sample` from `config.sampling` / `config.diffusion`."""
-    method = str(sampling_cfg.method)
-    return dict(
-        method=method,
-        num_steps=int(sampling_cfg.ddim_steps) if method == "ddim" else None,
-        eta=float(sampling_cfg.ddim_eta),
-        spacing=str(sampling_cfg.ddim_spacing),
-        var_type=str(diffusion_cfg.var_type),
-        clip_denoised=bool(sampling_cfg.clip_denoised),
-        pred=str(diffusion_cfg.pred),
-    )
 
 
 def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
@@ -153,13 +140,3 @@ def generate(
         trajectory_x0=cat("trajectory_x0", 1),
         trajectory_t=outs[0].trajectory_t,
     )
-
-
-def model_apply_fn(model) -> Callable:
-    """(params, x_t, t) -> model output, in eval mode (no dropout)."""
-
-    def apply_fn(params, x, t):
-        return model.apply({"params": params}, x, t, train=False)
-
-    return apply_fn
-

@@ -1,0 +1,107 @@
+"""Files a run writes: every write is atomic, and every long loop shows one progress bar.
+
+A file is written to a temporary name in its own folder and renamed over the target
+(`os.replace` is atomic on POSIX), so a run killed at any moment leaves either the old
+file or the new one, never half of one. Every module that writes JSON, NumPy archives,
+text or pictures goes through here; so does every progress bar (shown by process 0 only,
+so a multi-host run prints one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+def write_bytes(path: str, write: Callable[[Any], None], *, binary: bool = True) -> str:
+    """Atomically writes `path` with `write(file_object)`; creates the folder; returns the path."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_text(path: str, text: str) -> str:
+    """Atomically writes `text` to `path`."""
+    return write_bytes(path, lambda f: f.write(text), binary=False)
+
+
+def write_json(path: str, obj: Any, *, indent: int = 1, sort_keys: bool = False) -> str:
+    """Atomically writes `obj` as JSON (one trailing newline)."""
+    return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_npz(path: str, *, compressed: bool = False, **arrays: np.ndarray) -> str:
+    """Atomically writes a NumPy archive exactly at `path` (numpy appends no suffix to a file object)."""
+    save = np.savez_compressed if compressed else np.savez
+    return write_bytes(path, lambda f: save(f, **arrays))
+
+
+def write_image_file(path: str, save: Callable[[io.BytesIO], None]) -> str:
+    """Atomically writes what `save(buffer)` puts in an in-memory buffer (PIL's `save`)."""
+    buffer = io.BytesIO()
+    save(buffer)
+    return write_bytes(path, lambda f: f.write(buffer.getvalue()))
+
+
+class _NoBar:
+    """What non-primary processes get instead of a tqdm bar."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, unit: str = "img", initial: int = 0, enabled: bool = True
+                 ) -> Iterator[Any]:
+    """A tqdm bar on process 0 (a no-op elsewhere, or when `enabled` is False), closed on exit."""
+    import jax
+
+    if not enabled or jax.process_index() != 0:
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()

@@ -1,0 +1,31 @@
+"""What `--mode=` runs: each mode is one module on top of `setup`, and none imports another.
+
+    train      ddpm_jax.train.train_and_evaluate       (the training loop; resumes by itself)
+    sample     ddpm_jax.modes.sample.run               grids, arrays, GIFs, partial denoising
+    eval       ddpm_jax.modes.evaluate.run_eval         samples -> FID / IS
+    fid_stats  ddpm_jax.modes.evaluate.run_fid_stats    reference statistics of a split
+    bpd        ddpm_jax.modes.bpd.run                   bits/dim of the test split
+
+This package's own helpers are the few things every mode does the same way.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+
+from ddpm_jax import imaging
+
+
+def say(line: str) -> None:
+    """One line for the user, from process 0 (stderr, next to absl's log lines)."""
+    if jax.process_index() == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
+def require_images(shape: tuple, source: str, mode: str) -> None:
+    """Refuses a mode that needs images on 2-D points (one line naming the data source)."""
+    if not imaging.is_image_shape(shape):
+        raise ValueError(f"--mode={mode} needs image data; data.source={source!r} gives points of shape "
+                         f"{tuple(shape)} (use --mode=sample for 2-D data)")

@@ -1,0 +1,123 @@
+"""What a run is: the network, the example shape, the noise schedule and the prediction target.
+
+`RunMeta` is built from a config (`RunMeta.from_config`), stored with every checkpoint
+(trained here or converted from diffusers: the same fields), read back from one
+(`RunMeta.from_dict`), and compared key by key (`check_matches`), so a workdir is never
+resumed, sampled or evaluated with a network or schedule other than its own.
+
+Only the *structural* fields are compared: the hyper-parameters that leave the params'
+shapes and meaning unchanged (dropout, compute dtype, attention kernel, remat) may differ,
+so a checkpoint trained with dropout 0.1 in bfloat16 samples without dropout in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import ml_collections
+
+from ddpm_jax import data
+
+# Model hyper-parameters that do not change the params' shapes: a checkpoint may be
+# resumed or sampled with other values (e.g. dropout off, bfloat16 compute).
+NON_STRUCTURAL_KWARGS = ("dropout", "dtype", "param_dtype", "attention_impl", "remat", "gate_init")
+
+
+class CheckpointMismatchError(ValueError):
+    """The workdir holds a checkpoint of a different model / data shape / schedule."""
+
+
+def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
+    """(name, JSON-able keyword hyper-parameters) of the configured network."""
+    m = config.model
+    if m.name == "unet":
+        return "unet", dict(
+            ch=int(m.ch), out_ch=int(config.data.num_channels), ch_mult=[int(c) for c in m.ch_mult],
+            num_res_blocks=int(m.num_res_blocks), attn_resolutions=[int(r) for r in m.attn_resolutions],
+            dropout=float(m.dropout), resamp_with_conv=bool(m.resamp_with_conv), dtype=str(m.dtype),
+            attention_impl=str(m.attention_impl), remat=bool(m.remat),
+        )
+    if m.name == "mlp":
+        return "mlp", dict(num_timesteps=int(config.diffusion.num_timesteps), hidden=int(m.mlp_hidden),
+                           out_dim=2, dtype=str(m.dtype), gate_init=str(m.get("mlp_gate_init", "ones")))
+    raise ValueError(f"unknown model.name={m.name!r}; use unet or mlp (--config.model.name=unet).")
+
+
+def schedule_spec(config: ml_collections.ConfigDict) -> dict:
+    """The schedule's name and arguments (what `schedules.get_betas` takes)."""
+    d = config.diffusion
+    return dict(name=str(d.schedule), num_timesteps=int(d.num_timesteps),
+                beta_start=float(d.beta_start), beta_end=float(d.beta_end))
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a value (tuples as lists), so stored and built metas compare equal."""
+    return json.loads(json.dumps(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunMeta:
+    """The identity of a run's params: stored with every checkpoint as JSON."""
+
+    model_name: str
+    model_kwargs: dict
+    data_shape: tuple[int, ...]
+    schedule: dict
+    pred: str
+    source: dict = dataclasses.field(default_factory=dict)  # where converted params came from (not compared)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "RunMeta":
+        name, kwargs = model_spec(config)
+        return cls(name, kwargs, tuple(data.example_shape(config.data)), schedule_spec(config),
+                   str(config.diffusion.pred))
+
+    @classmethod
+    def from_dict(cls, meta: dict) -> "RunMeta":
+        """The meta as a checkpoint stores it (`to_dict`)."""
+        try:
+            return cls(str(meta["model"]["name"]), dict(meta["model"]["kwargs"]),
+                       tuple(int(s) for s in meta["data_shape"]), dict(meta["schedule"]),
+                       str(meta.get("pred", "eps")), dict(meta.get("source", {})))
+        except (KeyError, TypeError) as err:
+            raise CheckpointMismatchError(
+                f"the checkpoint's meta lacks {err}; it was not written by ddpm_jax (convert released "
+                "weights with python -m ddpm_jax.convert).") from err
+
+    def to_dict(self) -> dict:
+        out = dict(model=dict(name=self.model_name, kwargs=_plain(self.model_kwargs)),
+                   data_shape=list(self.data_shape), schedule=_plain(self.schedule), pred=self.pred)
+        if self.source:
+            out["source"] = _plain(self.source)
+        return out
+
+    def structural(self) -> dict:
+        """`to_dict()` without the source and the kwargs that leave the params unchanged."""
+        out = self.to_dict()
+        out.pop("source", None)
+        for key in NON_STRUCTURAL_KWARGS:
+            out["model"]["kwargs"].pop(key, None)
+        return out
+
+    def check_matches(self, stored: "RunMeta", where: str) -> None:
+        """Raises CheckpointMismatchError naming the first structural entry where `stored` differs."""
+        found = _first_difference(stored.structural(), self.structural())
+        if found:
+            key, a, b = found
+            raise CheckpointMismatchError(
+                f"{where} holds a checkpoint with {key}={json.dumps(a)}, but the config gives "
+                f"{key}={json.dumps(b)}; use a fresh --workdir or the config it was trained with.")
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted key, stored value, current value) of the first difference, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+    a, b = _plain(a), _plain(b)
+    return None if a == b else (path, a, b)

@@ -1,0 +1,195 @@
+"""Setup: a config becomes the objects a run needs; the one bridge from ml_collections to the core.
+
+Every mode starts here, and nothing below this module sees a ConfigDict whole:
+
+    run = setup.create_run(config)            # mesh, example shape, model, schedule, RunMeta
+    loaded = setup.load_run(config, workdir)  # the same, plus the newest valid EMA params
+    sampler = setup.make_sampler(run, config.sampling)
+
+`load_run` is how every read-only mode (sample, eval, bpd, figures) gets the params of a
+trained or converted run: the checkpoint's `RunMeta` is compared with the config's, and
+the newest checkpoint that reads back intact is used (a damaged one is skipped with a
+warning that names the step used instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from ddpm_jax import checkpointing, data, parallel, sampler, schedules
+from ddpm_jax.models import build_model
+from ddpm_jax.run_meta import RunMeta, model_spec, schedule_spec
+from ddpm_jax.train_state import TrainState, create_optimizer
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_INIT_STREAM = 0x1417  # the init key: disjoint from the per-step keys' base
+
+
+# ---- model and schedule -------------------------------------------------------------------------
+
+
+def build_from_spec(name: str, kwargs: dict) -> nn.Module:
+    """The module for a (name, kwargs) spec, with the dtype names turned into dtypes."""
+    kwargs = dict(kwargs)
+    for key in ("dtype", "param_dtype"):
+        if isinstance(kwargs.get(key), str):
+            if kwargs[key] not in _DTYPES:
+                raise ValueError(f"model.{key}={kwargs[key]!r} is unknown; use one of {sorted(_DTYPES)}.")
+            kwargs[key] = _DTYPES[kwargs[key]]
+    return build_model(name, **kwargs)
+
+
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The network of `config.model` (explicit kwargs; the model never sees the config)."""
+    return build_from_spec(*model_spec(config))
+
+
+def create_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
+    """The float32 Schedule tables of `config.diffusion` (computed in float64)."""
+    spec = schedule_spec(config)
+    betas = schedules.get_betas(spec.pop("name"), spec.pop("num_timesteps"), **spec)
+    schedules.warn_if_not_noise(betas)
+    return schedules.Schedule.from_betas(betas)
+
+
+def model_apply_fn(model: nn.Module) -> Callable:
+    """(params, x_t, t) -> model output, in eval mode (no dropout)."""
+
+    def apply_fn(params, x, t):
+        return model.apply({"params": params}, x, t, train=False)
+
+    return apply_fn
+
+
+# ---- params and train state ---------------------------------------------------------------------
+
+
+def _init_fn(model: nn.Module, shape: tuple, key: jax.Array) -> Callable[[], Any]:
+    def init():
+        x = jnp.zeros((1, *shape), jnp.float32)
+        return model.init({"params": key}, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+
+    return init
+
+
+def init_params(model: nn.Module, shape: tuple, seed: int, mesh: Mesh) -> Any:
+    """Initial params, replicated on the mesh (every process computes the same values)."""
+    key = jax.random.fold_in(jax.random.key(seed), _INIT_STREAM)
+    return jax.jit(_init_fn(model, shape, key), out_shardings=parallel.replicated(mesh))()
+
+
+def _replicated_structs(tree: Any, mesh: Mesh) -> Any:
+    rep = parallel.replicated(mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), tree)
+
+
+def abstract_params(model: nn.Module, shape: tuple, mesh: Mesh) -> Any:
+    """Shapes, dtypes and (replicated) shardings of the params, computing nothing."""
+    return _replicated_structs(jax.eval_shape(_init_fn(model, shape, jax.random.key(0))), mesh)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, shape: tuple, mesh: Mesh
+                       ) -> tuple[TrainState, optax.GradientTransformation]:
+    """A fresh train state (params from `config.seed`), replicated on the mesh, and its optimiser."""
+    tx = create_optimizer(config.optim)
+    params = init_params(model, shape, int(config.seed), mesh)
+    state = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=parallel.replicated(mesh))(params)
+    return state, tx
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module, shape: tuple, mesh: Mesh
+                         ) -> TrainState:
+    """The train state's shapes, dtypes and shardings: the restore target, computing nothing.
+
+    Tracing the model also checks its hyper-parameters against the data shape before any work.
+    """
+    tx = create_optimizer(config.optim)
+    init = _init_fn(model, shape, jax.random.key(0))
+    return _replicated_structs(jax.eval_shape(lambda: TrainState.create(init(), tx)), mesh)
+
+
+# ---- a run --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What every mode needs, built from a config."""
+
+    mesh: Mesh
+    shape: tuple[int, ...]
+    model: nn.Module
+    sched: schedules.Schedule
+    meta: RunMeta
+
+    @property
+    def apply_fn(self) -> Callable:
+        return model_apply_fn(self.model)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun(Run):
+    """A run with the EMA params of a checkpoint (replicated on the mesh) and their step."""
+
+    params: Any = None
+    step: int = 0
+
+
+def create_run(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Run:
+    """Mesh (all devices unless given), example shape, model, schedule and RunMeta of `config`."""
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    return Run(mesh=mesh, shape=tuple(data.example_shape(config.data)), model=create_model(config),
+               sched=create_schedule(config), meta=RunMeta.from_config(config))
+
+
+def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> LoadedRun:
+    """`create_run(config)` with the EMA params of the workdir's newest valid checkpoint.
+
+    The checkpoint must be of the config's model, data shape, schedule and prediction
+    target (`RunMeta.check_matches`); nothing is written to the workdir.
+    """
+    run = create_run(config, mesh)
+    if not os.path.isdir(os.path.join(str(workdir), checkpointing.CHECKPOINT_DIR)):
+        raise FileNotFoundError(
+            f"no checkpoint in {workdir}; train first (--mode=train) or convert a released "
+            "checkpoint (python -m ddpm_jax.convert) into this workdir.")
+    template = abstract_params(run.model, run.shape, run.mesh)
+    check = lambda stored: run.meta.check_matches(RunMeta.from_dict(stored), str(workdir))  # noqa: E731
+    with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
+        step, params = ckpt.restore_newest_valid_ema(template, check_meta=check)
+    return LoadedRun(**{f.name: getattr(run, f.name) for f in dataclasses.fields(Run)},
+                     params=params, step=int(step))
+
+
+def sampler_options(config: ml_collections.ConfigDict) -> dict:
+    """The static keyword arguments of `sampling.sample` from `config.sampling` / `config.diffusion`."""
+    s, method = config.sampling, str(config.sampling.method)
+    return dict(
+        method=method,
+        num_steps=int(s.ddim_steps) if method == "ddim" else None,
+        eta=float(s.ddim_eta),
+        spacing=str(s.ddim_spacing),
+        var_type=str(config.diffusion.var_type),
+        clip_denoised=bool(s.clip_denoised),
+        pred=str(config.diffusion.pred),
+    )
+
+
+def make_sampler(run: Run, config: ml_collections.ConfigDict, *, mesh: Mesh | None = None,
+                 **overrides: Any) -> sampler.Sampler:
+    """The compiled sharded sampler of `config.sampling` for `run` (seed, trajectory, start step...).
+
+    `overrides` replace the config's options (e.g. `trajectory_every=10`, `start_step=k`).
+    """
+    options = dict(seed=int(config.sampling.seed), **sampler_options(config))
+    options.update(overrides)
+    return sampler.Sampler(run.apply_fn, run.sched, run.mesh if mesh is None else mesh, shape=run.shape,
+                           **options)
