@@ -1,6 +1,10 @@
-# Shared by the launch scripts: option parsing and --dry-run.
+# Shared by the launch scripts: option parsing, --dry-run, and the interpreter.
 # Every script takes `--dry-run` (print the commands, run nothing) and passes
 # any other `--flag=value` through to `python -m ddpm_jax.main`.
+#
+# The interpreter is the project's own, chosen here once for every script (after
+# parse_args, in $PY): --python=PATH if the script takes it, else $PYTHON, else the
+# repository's .venv/bin/python if there is one, else python3 from PATH.
 
 DRY_RUN=0
 MAIN_ARGS=()
@@ -11,9 +15,19 @@ export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 die() { echo "error: $*" >&2; exit 2; }
 
+# resolve_python: sets PY (see the top of this file).
+resolve_python() {
+  if [[ -n "${OPT_python:-}" ]]; then PY="$OPT_python"
+  elif [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
+  elif [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PY="$REPO_ROOT/.venv/bin/python"
+  else PY=python3
+  fi
+}
+
 # parse_args "$@": fills DRY_RUN and MAIN_ARGS; KNOWN_OPTS (set by the caller)
 # lists the script's own --name=value options, which land in variables OPT_<name>
 # (dashes become underscores). With NEEDS_CONFIG=0 no --config is required.
+# Sets PY, the interpreter (resolve_python).
 parse_args() {
   for arg in "$@"; do
     case "$arg" in
@@ -30,10 +44,12 @@ parse_args() {
       *) die "unexpected argument '$arg' (options look like --name=value; see --help)" ;;
     esac
   done
-  [[ "${NEEDS_CONFIG:-1}" == 0 ]] && return 0
-  local has_config=0
-  for a in "${MAIN_ARGS[@]}"; do [[ "$a" == --config=* ]] && has_config=1; done
-  [[ $has_config == 1 ]] || die "missing --config=configs/<experiment>.py"
+  resolve_python
+  if [[ "${NEEDS_CONFIG:-1}" != 0 ]]; then
+    local has_config=0
+    for a in "${MAIN_ARGS[@]}"; do [[ "$a" == --config=* ]] && has_config=1; done
+    [[ $has_config == 1 ]] || die "missing --config=configs/<experiment>.py"
+  fi
 }
 
 # run CMD...: print the command; execute it unless --dry-run.

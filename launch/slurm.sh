@@ -8,9 +8,11 @@
 # Writes <workdir>/slurm_job.sh and submits it with sbatch (--dry-run prints it
 # instead). The workdir must be on a filesystem every node sees. With
 # --requeue, a preempted job restarts and resumes from its latest checkpoint.
+# srun runs the project's interpreter (--python=PATH, else $PYTHON, else the
+# repository's .venv/bin/python, else python3), which every node must see too.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-usage() { sed -n '2,11p' "$0"; }
+usage() { sed -n '2,12p' "$0"; }
 KNOWN_OPTS="nodes gpus-per-node partition time account python"
 parse_args "$@"
 nodes=${OPT_nodes:-1}
@@ -31,7 +33,7 @@ for d in "${directives[@]}"; do script+="#SBATCH $d"$'\n'; done
 script+="set -euo pipefail
 cd $(printf %q "$PWD")
 export PYTHONPATH=$(printf %q "$REPO_ROOT")\${PYTHONPATH:+:\$PYTHONPATH}
-srun ${OPT_python:-python3} -m ddpm_jax.main$main_cmd --config.distributed.coordinator_address=auto"
+srun $(printf %q "$PY") -m ddpm_jax.main$main_cmd --config.distributed.coordinator_address=auto"
 
 if [[ $DRY_RUN == 1 ]]; then
   echo "# $workdir/slurm_job.sh"; echo "$script"; echo "+ sbatch $workdir/slurm_job.sh"

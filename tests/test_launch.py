@@ -1,16 +1,46 @@
-"""The launch scripts: --dry-run prints the commands they would run; bad options fail."""
+"""The launch scripts: --dry-run prints the commands they would run; bad options fail; every
+script runs the project's interpreter ($PYTHON, else the repository's .venv, else python3)."""
 
+import os
 import pathlib
+import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
 LAUNCH = pathlib.Path(__file__).resolve().parent.parent / "launch"
+# A stand-in interpreter: appends its arguments (one per line, then a blank line) to $ARGV_LOG.
+FAKE_PYTHON = """#!/usr/bin/env bash
+printf '%s\\n' "$@" "" >> "$ARGV_LOG"
+echo "fake python ran"
+"""
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
-                          timeout=60)
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    return {**env, **extra}
+
+
+def _run(script: str, *args: str, launch: pathlib.Path = LAUNCH, env: dict | None = None,
+         cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(launch / script), *args], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=cwd)
+
+
+def _fake_python(path: pathlib.Path) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(FAKE_PYTHON)
+    path.chmod(0o755)
+    return path
+
+
+def _calls(log: pathlib.Path) -> list[list[str]]:
+    """The argument lists the fake interpreter was called with, in order."""
+    if not log.exists():
+        return []
+    return [block.split("\n") for block in log.read_text().split("\n\n") if block.strip()]
 
 
 def test_gpu_workstation_dry_run_runs_main_with_all_flags():
@@ -58,7 +88,7 @@ def test_slurm_dry_run_prints_the_job_script():
     for directive in ("--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--requeue",
                       "--ntasks-per-node=1"):
         assert f"#SBATCH {directive}" in out.stdout
-    assert "srun python3 -m ddpm_jax.main --config=configs/cifar10.py" in out.stdout
+    assert "-m ddpm_jax.main --config=configs/cifar10.py" in out.stdout.split("srun ", 1)[1]
     assert not pathlib.Path("/shared/run/slurm_job.sh").exists()
 
 
@@ -75,3 +105,152 @@ def test_bad_options_fail_with_one_line(script, args, message):
     assert out.returncode != 0
     assert message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+# ---- the interpreter ----------------------------------------------------------------------------
+
+def test_every_script_runs_the_python_given_in_PYTHON(tmp_path):
+    log = tmp_path / "argv.log"
+    fake = _fake_python(tmp_path / "bin" / "python")
+    env = _env(PYTHON=str(fake), ARGV_LOG=str(log))
+    out = _run("gpu_workstation.sh", "--config=configs/cifar10.py", f"--workdir={tmp_path / 'w'}",
+               "--config.training.batch_size=64", env=env)
+    assert out.returncode == 0, out.stderr
+    assert _calls(log) == [["-m", "ddpm_jax.main", "--config=configs/cifar10.py", f"--workdir={tmp_path / 'w'}",
+                            "--config.training.batch_size=64"]]
+    slurm = _run("slurm.sh", "--nodes=2", "--config=configs/cifar10.py", "--workdir=/shared/run", "--dry-run",
+                 env=env)
+    assert slurm.returncode == 0, slurm.stderr
+    assert f"srun {fake} -m ddpm_jax.main --config=configs/cifar10.py" in slurm.stdout
+
+
+def test_local_multiprocess_runs_PYTHON_and_prints_log_paths_that_exist(tmp_path):
+    log = tmp_path / "argv.log"
+    fake = _fake_python(tmp_path / "bin" / "python")
+    workdir = tmp_path / "run"
+    out = _run("local_multiprocess.sh", "--processes=2", "--devices=3", "--port=23456",
+               "--config=configs/digits.py", f"--workdir={workdir}", env=_env(PYTHON=str(fake), ARGV_LOG=str(log)))
+    assert out.returncode == 0, out.stderr
+    calls = _calls(log)
+    assert sorted(c[c.index("-m") + 1] for c in calls) == ["ddpm_jax.main"] * 2
+    assert sorted(a for c in calls for a in c if a.startswith("--config.distributed.process_id=")) == \
+        ["--config.distributed.process_id=0", "--config.distributed.process_id=1"]
+    printed = [line.split("log: ", 1)[1] for line in out.stdout.splitlines() if line.startswith("  log: ")]
+    assert printed == [str(workdir / "logs" / f"process_{i}.log") for i in (0, 1)]
+    for path in printed:
+        assert pathlib.Path(path).read_text() == "fake python ran\n"
+    assert "fake python ran" in out.stdout  # process 0 is also shown
+
+
+def test_local_multiprocess_names_the_log_of_a_failed_process(tmp_path):
+    failing = tmp_path / "bin" / "python"
+    failing.parent.mkdir(parents=True)
+    failing.write_text('#!/usr/bin/env bash\necho "No module named absl" >&2\nexit 3\n')
+    failing.chmod(0o755)
+    out = _run("local_multiprocess.sh", "--processes=2", "--port=23457", "--config=configs/digits.py",
+               f"--workdir={tmp_path / 'run'}", env=_env(PYTHON=str(failing)))
+    assert out.returncode == 3
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: process")]
+    assert len(errors) == 2
+    for i, line in enumerate(errors):
+        path = line.split("(log: ", 1)[1].rstrip(")")
+        assert line.startswith(f"error: process {i} exited with status 3")
+        assert "No module named absl" in pathlib.Path(path).read_text()
+
+
+@pytest.fixture
+def repo_copy(tmp_path):
+    """The launch scripts in a repository of their own, to give it a .venv or not."""
+    root = tmp_path / "repo"
+    shutil.copytree(LAUNCH, root / "launch")
+    return root
+
+
+def test_without_PYTHON_the_repository_venv_is_preferred(repo_copy, tmp_path):
+    log = tmp_path / "argv.log"
+    venv_python = _fake_python(repo_copy / ".venv" / "bin" / "python")
+    env = _env(ARGV_LOG=str(log))
+    out = _run("gpu_workstation.sh", "--config=configs/digits.py", "--workdir=w", launch=repo_copy / "launch",
+               env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f" {venv_python} -m ddpm_jax.main" in out.stdout and len(_calls(log)) == 1
+    workdir = tmp_path / "mp"
+    out = _run("local_multiprocess.sh", "--processes=1", "--port=23458", "--config=configs/digits.py",
+               f"--workdir={workdir}", launch=repo_copy / "launch", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert len(_calls(log)) == 2 and (workdir / "logs" / "process_0.log").exists()
+    # --python= still wins over both
+    other = _fake_python(tmp_path / "other" / "python")
+    out = _run("gpu_workstation.sh", "--config=c.py", "--workdir=w", f"--python={other}", "--dry-run",
+               launch=repo_copy / "launch", env=_env(PYTHON=str(venv_python)))
+    assert f" {other} -m ddpm_jax.main" in out.stdout
+
+
+def test_without_PYTHON_or_a_venv_python3_is_used(repo_copy):
+    out = _run("gpu_workstation.sh", "--config=c.py", "--workdir=w", "--dry-run", launch=repo_copy / "launch",
+               env=_env())
+    assert out.returncode == 0, out.stderr
+    assert " python3 -m ddpm_jax.main --config=c.py" in out.stdout
+    slurm = _run("slurm.sh", "--config=c.py", "--workdir=/shared/w", "--dry-run", launch=repo_copy / "launch",
+                 env=_env())
+    assert "srun python3 -m ddpm_jax.main --config=c.py" in slurm.stdout
+
+
+# A stand-in training process: says it is ready, then blocks reading a fifo nobody writes
+# (no child process that could outlive it); on SIGTERM it records its rank and exits 0, as
+# a checkpointing run does. IGNORE_TERM=1: it ignores SIGTERM.
+WAITING_PYTHON = """#!/usr/bin/env bash
+rank=$(printf '%s\\n' "$@" | sed -n 's/^--config.distributed.process_id=//p')
+[[ "${IGNORE_TERM:-0}" == 1 ]] && trap '' TERM || trap 'echo "$rank" >> "$TERM_LOG"; exit 0' TERM
+mkfifo "$READY_DIR/.fifo_$rank"
+exec 3<> "$READY_DIR/.fifo_$rank"
+touch "$READY_DIR/$rank"
+read -r -u 3
+"""
+
+
+def _start_waiting_run(tmp_path, **env):
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(WAITING_PYTHON)
+    fake.chmod(0o755)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "local_multiprocess.sh"), "--processes=2", "--port=23459",
+         "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}"],
+        env=_env(PYTHON=str(fake), READY_DIR=str(ready), TERM_LOG=str(tmp_path / "term.log"), **env),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60  # a bound for a failure, not what decides the outcome
+    while len(list(ready.glob("[0-9]"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    return proc
+
+
+def test_local_multiprocess_ctrl_c_asks_every_process_to_checkpoint(tmp_path):
+    proc = _start_waiting_run(tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)  # what a Ctrl-C in the terminal does: the whole group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert sorted((tmp_path / "term.log").read_text().split()) == ["0", "1"]
+    assert "interrupted (Ctrl-C): the 2 processes checkpoint and stop; press Ctrl-C again" in err
+    assert "error: process" not in err  # they stopped as asked
+
+
+def test_local_multiprocess_second_ctrl_c_stops_at_once(tmp_path):
+    proc = _start_waiting_run(tmp_path, IGNORE_TERM="1")  # processes that take their time to stop
+    os.killpg(proc.pid, signal.SIGINT)
+    assert "interrupted (Ctrl-C)" in proc.stderr.readline()  # the first one is handled
+    # Ctrl-C again, as a user would until it stops: bash drops a SIGINT that arrives while its
+    # INT trap is still running, so how many it takes may vary; what it does may not.
+    for _ in range(100):
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "error: process 0 exited with status 137" in err and "error: process 1 exited with status 137" in err
