@@ -12,7 +12,7 @@
 # Each worker runs its own ~/ddpm_jax/.venv/bin/python (made by tpu_vm_setup.sh).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-usage() { sed -n '2,13p' "$0"; }
+usage() { sed -n '2,12p' "$0"; }
 KNOWN_OPTS="name zone bucket"
 parse_args "$@"
 [[ -n "${OPT_name:-}" ]] || die "missing --name=TPU_NAME"

@@ -11,7 +11,7 @@
 # mount gs://BUCKET as the shared workdir), --spot (preemptible; resume is automatic).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-usage() { sed -n '2,13p' "$0"; }
+usage() { sed -n '2,11p' "$0"; }
 KNOWN_OPTS="name zone accelerator version repo spot bucket"
 NEEDS_CONFIG=0
 parse_args "$@"

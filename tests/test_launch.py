@@ -254,3 +254,15 @@ def test_local_multiprocess_second_ctrl_c_stops_at_once(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "error: process 0 exited with status 137" in err and "error: process 1 exited with status 137" in err
+
+
+@pytest.mark.parametrize("script", ["gpu_workstation.sh", "local_multiprocess.sh", "slurm.sh", "tpu_pod.sh",
+                                    "tpu_vm_setup.sh"])
+def test_help_prints_the_header_comment_whole(script):
+    out = _run(script, "--help")
+    header = []
+    for line in (LAUNCH / script).read_text().splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert out.returncode == 0 and out.stdout.splitlines() == header
