@@ -144,6 +144,28 @@ def test_released_on_an_exception_and_reentrant_in_one_process(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+def test_released_when_a_ctrl_c_stops_the_holder(tmp_path):
+    holder = _holder(tmp_path)
+    holder.send_signal(signal.SIGINT)  # KeyboardInterrupt in the block: the `with` releases on the way out
+    assert holder.wait(timeout=60) != 0
+    assert "KeyboardInterrupt" in holder.stderr.read()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_without_hard_links_an_exclusive_create_does_the_same(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with WorkdirLock(str(tmp_path), "train"):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # no temporary file left
+        _write_lock(tmp_path / "other", host="elsewhere")
+        with pytest.raises(WorkdirBusyError, match="host elsewhere"):
+            WorkdirLock(str(tmp_path / "other")).acquire()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
 def test_released_at_interpreter_exit_without_release(tmp_path):
     code = "import sys; from ddpm_jax.workdir_lock import WorkdirLock; WorkdirLock(sys.argv[1]).acquire()"
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, check=True, timeout=60)
