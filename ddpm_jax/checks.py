@@ -22,11 +22,13 @@ import tempfile
 
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from ddpm_jax import parallel, sampling, schedules
+from ddpm_jax.data.sources import SKIMAGE_PICTURES
+from ddpm_jax.evaluation import fid, inception
 
 NONFINITE_POLICIES = ("error", "skip")
-EVALUATION_RUN = "ddpm_jax.evaluation.run"  # where train.py finds the evaluation modes (until modes/)
 MODES = ("train", "sample", "eval", "bpd", "fid_stats")
 # The β fields each schedule reads (cosine and jsd have neither), with the paper's values.
 _BETA_FIELDS = {"linear": ("beta_start", "beta_end"), "quadratic": ("beta_start", "beta_end"),
@@ -166,8 +168,6 @@ def check_init_image(config: ml_collections.ConfigDict) -> None:
     path = str(s.init_image)
     if not path:
         return
-    from ddpm_jax.data.sources import SKIMAGE_PICTURES
-
     if str(config.data.source) == "toy2d":
         raise ValueError("sampling.init_image needs an image model; toy2d points cannot be partially "
                          "denoised: set --config.sampling.init_image=''.")
@@ -189,8 +189,6 @@ def check_init_image(config: ml_collections.ConfigDict) -> None:
 
 def _image_problem(path: str) -> str | None:
     """Why PIL cannot decode the file at `path` (a short phrase), or None."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image.load()  # decodes it all: a truncated file fails here, not later
@@ -223,8 +221,6 @@ def check_eval_inputs(config: ml_collections.ConfigDict, mode: str) -> None:
 
 def inception_weights_problem(path: str) -> str | None:
     """Why `path` is not a converted FID Inception file (one line naming the field), or None."""
-    from ddpm_jax.evaluation import inception
-
     convert = (f"download {inception.FID_WEIGHTS_URL}, convert it once with `python -m "
                f"ddpm_jax.evaluation.convert_inception --pth {inception.FID_WEIGHTS_PTH} --out "
                f"inception_fid.npz` and pass --config.eval.inception_weights=inception_fid.npz")
@@ -247,8 +243,6 @@ def inception_weights_problem(path: str) -> str | None:
 
 def fid_stats_problem(path: str) -> str | None:
     """Why `path` is not pytorch-fid statistics of the Inception's pool_3 (one line), or None."""
-    from ddpm_jax.evaluation import fid
-
     how = ("compute them with --mode=fid_stats (or `python -m pytorch_fid --save-stats DATA_DIR FILE.npz`) "
            "and pass --config.eval.fid_stats=FILE.npz")
     if not os.path.isfile(path):
