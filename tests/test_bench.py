@@ -88,15 +88,15 @@ def runs(tmp_path_factory):
 @functools.lru_cache(maxsize=None)
 def _tiny_forward_flops_per_image(batch=8):
     """XLA's FLOPs of one forward pass of the tiny U-Net, per image (lowered from shapes only)."""
-    from ddpm_jax import data, generate, train
+    from ddpm_jax import data, setup
 
     config = common.load_config(TINY[0][len("--config="):], [a[len("--config."):] for a in TINY[1:]])
-    model = train.create_model(config)
+    model = setup.create_model(config)
     x = jax.ShapeDtypeStruct((batch, 8, 8, 1), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.int32)
     params = jax.eval_shape(lambda x, t: model.init({"params": jax.random.key(0)}, x, t), x, t)["params"]
     assert data.example_shape(config.data) == (8, 8, 1)
-    return common.xla_flops(jax.jit(generate.model_apply_fn(model)).lower(params, x, t).cost_analysis()) / batch
+    return common.xla_flops(jax.jit(setup.model_apply_fn(model)).lower(params, x, t).cost_analysis()) / batch
 
 
 def test_train_throughput_records_step_pipeline_and_data_on_8_devices(runs):
@@ -142,16 +142,34 @@ def test_flops_of_a_multi_step_dispatch_come_from_one_step():
 
 
 def test_sample_speed_ddpm_and_ddim(runs):
+    """--method=ddpm,ddim --steps=5 --runs=1: one record per method, of the whole chain.
+
+    Nothing here compares two times: they are noise on a shared CPU. The record must say what
+    ran (method, network calls, shapes, model) and carry finite positive times from which its
+    derived fields follow."""
     records = [r for r in runs["jax"] if r["bench"] == "sample" and r["tag"] != "once"]
+    # DDPM runs every step of the T = 20 chain, DDIM the --steps=5: one network call per step.
     assert [(r["method"], r["num_steps"]) for r in records] == [("ddpm", 20), ("ddim", 5)]
+    forward = _tiny_forward_flops_per_image()
     for r in records:
         _check_env(r)
-        assert r["batch"] == 8 and r["var_type"] == "fixedsmall" and r["device"]["count"] == 8
+        assert r["device"]["count"] == 8 and r["batch"] == 8 and r["image_shape"] == [8, 8, 1]
+        assert r["config"] == "configs/digits.py" and r["overrides"] == [a[len("--config."):] for a in TINY[1:]]
+        assert r["model"]["ch_mult"] == [1] and r["model"]["attn_resolutions"] == []
+        assert r["var_type"] == "fixedsmall" and r["dtype"] == "float32"  # the digits config's
         assert r["all_finite"] and -1.0 <= r["sample_range"][0] < r["sample_range"][1] <= 1.0
-        assert r["first_call_s"] >= r["median_s"] > 0 and r["compile_s"] >= 0
+        times = [r["first_call_s"], r["median_s"], *r["runs_s"]]
+        assert len(r["runs_s"]) == 1 and all(np.isfinite(s) and s > 0 for s in times)
+        assert r["median_s"] == pytest.approx(r["runs_s"][0], abs=1e-4)  # runs_s: rounded to 0.1 ms
+        assert r["compile_s"] == pytest.approx(max(r["first_call_s"] - r["median_s"], 0.0))
+        assert r["run_spread"] == 0.0  # one timed run
+        assert r["images_per_sec"] == pytest.approx(8 / r["median_s"])
         assert r["ms_per_step"] == pytest.approx(1e3 * r["median_s"] / r["num_steps"])
-        assert r["xla_forward_flops_per_image"] == pytest.approx(_tiny_forward_flops_per_image(), rel=0.05)
-        assert r["mfu_xla"] is None and r["memory"] is None
+        # FLOPs of one network call; no peak for a CPU, hence no MFU.
+        assert r["xla_forward_flops_per_image"] == pytest.approx(forward, rel=0.05)
+        assert r["peak_flops_per_device"] is None and "--peak_flops" in r["peak_source"]
+        assert r["mfu_xla"] is None and r["mfu_paper"] is None and r["paper_forward_flops_per_image"] is None
+        assert r["memory"] is None
 
 
 def test_sample_speed_can_time_only_the_first_call(runs):
@@ -165,10 +183,10 @@ def test_sample_speed_can_time_only_the_first_call(runs):
 
 
 def test_random_params_have_the_model_shapes_and_no_zeros():
-    from ddpm_jax import parallel, train
+    from ddpm_jax import parallel, setup
 
     config = common.load_config(TINY[0][len("--config="):], [a[len("--config."):] for a in TINY[1:]])
-    model = train.create_model(config)
+    model = setup.create_model(config)
     params = sample_speed.random_params(model, (8, 8, 1), parallel.make_mesh(jax.devices()[:1]))
     x = jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -224,7 +242,7 @@ def test_overrides_are_typed_and_bad_input_is_one_line():
     assert not common.is_paper_cifar10_model(config)
     for bad, words in ((["model.dtyp=bfloat16"], "unknown config key 'model.dtyp'"),
                        (["model.remat=maybe"], "expected True or False"),
-                       (["training.batch_size=big"], "expected a int")):
+                       (["training.batch_size=big"], "expected an integer")):
         with pytest.raises(common.BenchError, match=words):
             common.load_config("configs/cifar10.py", bad)
     with pytest.raises(common.BenchError, match="no such config file"):
@@ -240,14 +258,53 @@ def test_overrides_are_typed_and_bad_input_is_one_line():
         common.split_overrides(["--config.model.remat"])
 
 
-def test_peak_table_and_mfu():
-    assert common.peak_flops("NVIDIA H100 80GB HBM3") == (989e12, "table: H100 dense bf16")
-    assert common.peak_flops("NVIDIA H100 PCIe")[0] == 756e12
-    assert common.peak_flops("NVIDIA H200")[0] == 989e12 and common.tf32_peak("NVIDIA H200") == 494.5e12
-    assert common.peak_flops("cpu")[0] is None and common.peak_flops("cpu", 2e12)[0] == 2e12
-    assert common.mfu(37.3e9, 10_000, 989e12, 1) == pytest.approx(0.377, abs=1e-3)
-    assert common.mfu(None, 1.0, 1.0, 1) is None
-    assert common.xla_flops([{"flops": 5.0}]) == 5.0 and common.xla_flops({}) is None
+# Dense tensor-core peaks per JAX device from the vendors' datasheets, keyed by the device kind
+# JAX reports. NVIDIA quotes the 2:4-sparse figures (BF16 / TF32): dense is half.
+DATASHEET_PEAKS = {
+    "NVIDIA H100 80GB HBM3": (1979e12 / 2, 989e12 / 2),  # H100 SXM5
+    "NVIDIA H100 PCIe": (1513e12 / 2, 756e12 / 2),
+    "NVIDIA H100 NVL": (1671e12 / 2, 835e12 / 2),
+    "NVIDIA H200": (1979e12 / 2, 989e12 / 2),  # H200 SXM: H100 SXM's compute
+    "NVIDIA GH200 480GB": (1979e12 / 2, 989e12 / 2),
+    "NVIDIA A100-SXM4-80GB": (624e12 / 2, 312e12 / 2),
+    "NVIDIA A100-SXM4-40GB": (624e12 / 2, 312e12 / 2),
+    "NVIDIA A100 80GB PCIe": (624e12 / 2, 312e12 / 2),
+    "TPU v3": (123e12 / 2, None),  # 123 TFLOP/s a chip, one JAX device per core (2 a chip)
+    "TPU v4": (275e12, None),  # one JAX device per chip (megacore)
+    "TPU v5 lite": (197e12, None),  # v5e
+    "TPU v5": (459e12, None),  # v5p
+    "TPU v6 lite": (918e12, None),  # v6e
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DATASHEET_PEAKS))
+def test_peak_table_matches_the_datasheets(kind):
+    bf16, tf32 = DATASHEET_PEAKS[kind]
+    peak, source = common.peak_flops(kind)
+    assert peak == pytest.approx(bf16, rel=2e-3) and source.startswith("table: ")  # 3 significant digits
+    assert common.tf32_peak(kind) == (None if tf32 is None else pytest.approx(tf32, rel=2e-3))
+    assert common.peak_flops(kind.lower())[0] == peak  # the kind is matched case-insensitively
+
+
+def test_peak_flag_unknown_devices_and_mfu_by_hand():
+    assert common.peak_flops("NVIDIA H100 80GB HBM3", 5e14) == (5e14, "flag --peak_flops")  # the flag wins
+    for kind in ("cpu", "NVIDIA L4", "NVIDIA GeForce RTX 4090"):
+        peak, source = common.peak_flops(kind)
+        assert peak is None and "--peak_flops" in source and common.tf32_peak(kind) is None
+    assert common.peak_flops("cpu", 2e12) == (2e12, "flag --peak_flops")
+    # 4 devices of 1 TFLOP/s, 1,500 images/s of 2 GFLOP each: 3 TFLOP/s useful of 4.
+    assert common.mfu(2e9, 1500.0, 1e12, 4) == pytest.approx(0.75)
+    # A 100-step sampler, 1 GFLOP a call, 50 images/s on 2 devices of 100 TFLOP/s: 2.5%.
+    assert common.mfu(100 * 1e9, 50.0, 1e14, 2) == pytest.approx(0.025)
+    # The paper's CIFAR-10 U-Net trains at 37.3 GFLOP an image: 8,000 images/s on one H100 SXM
+    # (989.5 TFLOP/s dense bf16) is 30.2%.
+    h100 = common.peak_flops("NVIDIA H100 80GB HBM3")[0]
+    assert common.mfu(37.3e9, 8000.0, h100, 1) == pytest.approx(0.3016, rel=2e-3)
+    assert common.mfu(None, 1.0, 1.0, 1) is None and common.mfu(1e9, 1.0, None, 1) is None
+    # XLA's cost analysis: a dict, or (older JAX) a list of one dict; no count is None.
+    assert common.xla_flops({"flops": 5.0, "bytes accessed": 3.0}) == 5.0
+    assert common.xla_flops([{"flops": 5.0}]) == 5.0
+    assert common.xla_flops({}) is None and common.xla_flops(None) is None and common.xla_flops([]) is None
 
 
 def _rec(**kw):

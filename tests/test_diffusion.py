@@ -236,41 +236,66 @@ def test_prior_bpd(sched):
     np.testing.assert_allclose(diffusion.prior_bpd(short, x0), want, rtol=1e-4)
 
 
+def _tanh_cdf(z):
+    """Φ(z) as the official code approximates it (diffusion_utils_2.approx_standard_normal_cdf)."""
+    return 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z ** 3)))
+
+
+def _vlb_bpd_reference(x0, x_t, eps_hat, t, var_type, cdf=_tanh_cdf):
+    """L_t of eq. (5) per example in bits/dim, in float64 from the β's alone (no package code).
+
+    0-based t (DESIGN.md §1): betas[t] is the paper's β_{t+1}, ᾱ_{−1} = 1. For t > 0:
+    KL(q(x_{t−1}|x_t, x_0) ‖ p_θ(x_{t−1}|x_t)), both Gaussian, p's mean the posterior mean at
+    x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t, p's variance β_t (fixedlarge) or β̃_t (fixedsmall). For
+    t = 0: −log p_θ(x_0|x_1) of eq. (13), each pixel's bin [x − 1/255, x + 1/255] (open at ±1)
+    under N(μ_θ, β̃_1) (both var_types: the official log-variance tables put β̃_1 at t = 0).
+    Also returns the per-example mean (x̂_0 − x_0)².
+    """
+    betas = np.linspace(1e-4, 0.02, T)  # the paper's linear schedule
+    alphas = 1.0 - betas
+    abar = np.cumprod(alphas)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)  # β̃; 0 at t = 0
+    kl_bpd, mse = [], []
+    for x0_i, xt_i, e_i, s in zip(x0, x_t, eps_hat, t):
+        x0_hat = (xt_i - np.sqrt(1.0 - abar[s]) * e_i) / np.sqrt(abar[s])
+        c1 = betas[s] * np.sqrt(abar_prev[s]) / (1.0 - abar[s])
+        c2 = np.sqrt(alphas[s]) * (1.0 - abar_prev[s]) / (1.0 - abar[s])
+        mean_q, mean_p = c1 * x0_i + c2 * xt_i, c1 * x0_hat + c2 * xt_i
+        if s == 0:
+            sd = np.sqrt(post_var[1])
+            upper = np.where(x0_i > 0.999, 1.0, cdf((x0_i + 1 / 255 - mean_p) / sd))
+            lower = np.where(x0_i < -0.999, 0.0, cdf((x0_i - 1 / 255 - mean_p) / sd))
+            nats = -np.log(np.maximum(upper - lower, 1e-12))
+        else:
+            var_q = post_var[s]
+            var_p = betas[s] if var_type == "fixedlarge" else post_var[s]
+            nats = 0.5 * (np.log(var_p / var_q) + var_q / var_p + (mean_q - mean_p) ** 2 / var_p - 1.0)
+        kl_bpd.append(nats.mean() / np.log(2.0))
+        mse.append(np.mean((x0_hat - x0_i) ** 2))
+    return np.array(kl_bpd), np.array(mse)
+
+
 @pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
-def test_vlb_terms_bpd(sched, tables, var_type):
-    shape = (6, 4, 4, 3)
-    x0, noise, _ = _batch(shape, seed=7)
-    x0 = jnp.round((x0 + 1) * 127.5) / 127.5 - 1  # on the 256-level pixel grid
-    t = jnp.array([0, 0, 1, 10, 500, 999])
-    xt = diffusion.q_sample(sched, x0, t, noise)
-    # A perfect ε-model: p's mean equals the true posterior mean, only the variances differ.
-    out = diffusion.vlb_terms_bpd(sched, noise, x0, xt, t, var_type=var_type)
-    kl = np.asarray(out["kl_bpd"])
-    tt = np.asarray(t)
-    b, ab, abp = (tables[k][tt[2:]] for k in ("b", "abar", "abar_prev"))
-    post = b * (1 - abp) / (1 - ab)
-    model_var = b if var_type == "fixedlarge" else post
-    want = 0.5 * (-1 + np.log(model_var / post) + post / model_var) / np.log(2)
-    np.testing.assert_allclose(kl[2:], want, rtol=2e-3, atol=2e-6)
-    # t = 0: the decoder NLL −log p(x_0|x_1) of eq. (13), in bits/dim, from the exact CDF.
-    post1 = tables["b"][1] * (1 - tables["abar"][0]) / (1 - tables["abar"][1])
-    mean0 = np.asarray(diffusion.p_mean_variance(sched, noise, xt, t, clip_denoised=False)["mean"][:2], np.float64)
-    s = math.sqrt(post1)
-    x = np.asarray(x0[:2], np.float64)
-    lo = np.where(x < -0.999, -np.inf, x - 1 / 255)
-    hi = np.where(x > 0.999, np.inf, x + 1 / 255)
-    p = stats.norm.cdf((hi - mean0) / s) - stats.norm.cdf((lo - mean0) / s)
-    nll = -np.log(np.maximum(p, 1e-12)).mean(axis=(1, 2, 3)) / np.log(2)
-    np.testing.assert_allclose(kl[:2], nll, rtol=2e-2)
-    np.testing.assert_allclose(out["mse"][1:], 0.0, atol=1e-6)
-    # An imperfect model: kl_bpd for t > 0 is normal_kl between the two Gaussians, in bits.
-    wrong = noise + 0.1
-    out = diffusion.vlb_terms_bpd(sched, wrong, x0, xt, t, var_type=var_type)
-    true_mean, _, true_lv = diffusion.q_posterior(sched, x0, xt, t)
-    pm = diffusion.p_mean_variance(sched, wrong, xt, t, var_type=var_type, clip_denoised=False)
-    want = np.mean(np.asarray(diffusion.normal_kl(true_mean, true_lv, pm["mean"], pm["log_variance"])),
-                   axis=(1, 2, 3)) / np.log(2)
-    np.testing.assert_allclose(out["kl_bpd"][2:], want[2:], rtol=1e-5)
-    x0_hat = diffusion.x0_from_eps(sched, xt, t, wrong)
-    np.testing.assert_allclose(out["mse"], np.mean((np.asarray(x0_hat) - np.asarray(x0)) ** 2, axis=(1, 2, 3)),
-                               rtol=1e-5)
+def test_vlb_terms_bpd(sched, var_type):
+    rng = np.random.default_rng(7)
+    shape = (8, 4, 4, 3)
+    x0 = rng.integers(0, 256, shape) / 127.5 - 1.0  # the 256-level pixel grid, edges included
+    x0[:, 0, 0, 0], x0[:, 0, 0, 1] = -1.0, 1.0
+    x0 = x0.astype(np.float32).astype(np.float64)
+    noise = rng.standard_normal(shape)
+    t = np.array([0, 0, 1, 2, 10, 500, 998, 999])
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, T))[t].reshape(-1, 1, 1, 1)
+    x_t = (np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise).astype(np.float32).astype(np.float64)
+    # A perfect ε-model (only the variances differ) and an imperfect one (the means differ too).
+    for eps_hat in (noise, noise + 0.3 * rng.standard_normal(shape)):
+        eps_hat = eps_hat.astype(np.float32).astype(np.float64)
+        out = diffusion.vlb_terms_bpd(sched, jnp.asarray(eps_hat, jnp.float32), jnp.asarray(x0, jnp.float32),
+                                      jnp.asarray(x_t, jnp.float32), jnp.asarray(t, jnp.int32), var_type=var_type)
+        want_bpd, want_mse = _vlb_bpd_reference(x0, x_t, eps_hat, t, var_type)
+        # atol: float32 log-variances resolve ~2e-7 (at large t, β_t and β̃_t agree to ~1e-6).
+        np.testing.assert_allclose(out["kl_bpd"], want_bpd, rtol=3e-4, atol=5e-7)
+        np.testing.assert_allclose(out["mse"], want_mse, rtol=1e-4, atol=1e-8)
+        # t = 0 against eq. (13) with the exact normal CDF: the tanh approximation costs ~3e-4 here.
+        exact, _ = _vlb_bpd_reference(x0[:2], x_t[:2], eps_hat[:2], t[:2], var_type, cdf=stats.norm.cdf)
+        np.testing.assert_allclose(out["kl_bpd"][:2], exact, rtol=2e-3)
