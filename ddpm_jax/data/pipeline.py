@@ -10,6 +10,10 @@ disjoint examples, their union over an epoch is the epoch, the global batch
 does) is the same whatever the number of hosts, and batches may straddle
 epochs as with the official ``repeat().shuffle().batch()``.
 
+A labelled source's batches carry ``"y"`` (int32 classes) beside ``"x"``: read by the
+same gather as the images, so labels and images stay paired through shuffling, host
+sharding, padding (label 0, mask False) and resume; flips move only the pixels.
+
 Every random choice is a function of (seed, stream position), so the iterator
 state is just the number of batches taken: an iterator restored from the state
 of step k yields exactly the batches the uninterrupted one would, and every
