@@ -49,7 +49,7 @@ def initial_state(config):
     """The trainer's initial TrainState of `config`, on the host (the same for every dtype)."""
     import jax
 
-    from ddpm_jax import data, parallel, setup, train
+    from ddpm_jax import data, parallel, setup
 
     model = setup.create_model(config)
     state, _ = setup.create_train_state(config, model, data.example_shape(config.data), parallel.make_mesh())

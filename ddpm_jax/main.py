@@ -9,7 +9,7 @@ picks the mode and turns the errors a user can fix into one line.
 A bad override (unknown key, wrong type) or bad input (a full disk, an unwritable
 workdir, ...) stops with one line naming the problem and a non-zero exit status
 (`--debug` shows the traceback instead). A preempted run (SIGTERM) checkpoints and
-exits 0: rerun the same command to resume.
+exits 0; Ctrl-C checkpoints too and exits 130; rerun the same command to resume.
 """
 
 from __future__ import annotations
@@ -96,9 +96,12 @@ def _quiet_library_info() -> None:
 
 
 def run_mode(config, workdir: str, mode: str):
-    """Runs `mode` (the modules are imported only now: `--help` stays fast)."""
-    from ddpm_jax import train
+    """Checks the config for `mode`, then runs it (imported only now: `--help` needs no JAX)."""
+    from ddpm_jax import checks, train
     from ddpm_jax.modes import bpd, evaluate, sample
+
+    if mode != "train":  # the training loop checks its config itself, against its mesh
+        checks.check_config(config, mode)
 
     modes = {"train": train.train_and_evaluate, "sample": sample.run, "eval": evaluate.run_eval,
              "fid_stats": evaluate.run_fid_stats, "bpd": bpd.run}
@@ -133,6 +136,13 @@ def main(argv: list[str]) -> None:
         run_mode(config, FLAGS.workdir, FLAGS.mode)  # training writes config.json once its checks pass
         if FLAGS.mode != "train":
             metrics.write_config(config, FLAGS.workdir, f"config_{FLAGS.mode}.json")
+    except KeyboardInterrupt as err:  # preemption.Interrupted: Ctrl-C, checkpoint written
+        if FLAGS.debug:
+            raise
+        message = str(err) or ("stopped at once (a second Ctrl-C); rerun the same command to resume "
+                               "from the newest checkpoint.")
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError) as err:
         if FLAGS.debug or (isinstance(err, OSError) and not _user_os_error(err)):
             raise

@@ -116,6 +116,15 @@ def host_to_global(batch: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
     return jax.tree.map(to_global, batch)
 
 
+def primary_decides(ok: bool) -> bool:
+    """Process 0's `ok` on every process (one process: `ok`), so all take the same branch."""
+    if jax.process_count() == 1:
+        return bool(ok)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree (identical on every process) replicated on the mesh."""
     return jax.device_put(tree, replicated(mesh))

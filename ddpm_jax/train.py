@@ -12,7 +12,9 @@ with bitwise the same params, EMA and optimiser state as an uninterrupted one. B
 the keys and the data state, this needs the same compiled programs: dispatches of
 `training.steps_per_dispatch` steps start at multiples of it, whatever step the run
 resumed from. Bad input stops before any work, with one line naming the fix; a
-SIGTERM checkpoints at the next step boundary and returns (`preemption.py`).
+SIGTERM checkpoints at the next step boundary and returns, a Ctrl-C does the same and raises
+`preemption.Interrupted` (`preemption.py`). A workdir trains one run at a time
+(`workdir_lock.py`); the other modes only read its checkpoints and may run beside it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import optax
 from absl import logging
 
 from ddpm_jax import (checkpointing, checks, data, diffusion, files, imaging, metrics, parallel,
-                      preemption, sampler, schedules, setup)
+                      preemption, sampler, schedules, setup, workdir_lock)
 from ddpm_jax.evaluation import bpd
 from ddpm_jax.run_meta import RunMeta
 from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
@@ -129,8 +131,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     it = data.create_train_iterator(config.data, global_batch_size=int(config.training.batch_size),
                                     seed=int(config.seed), process_index=jax.process_index(),
                                     process_count=jax.process_count())
+    checks.prepare_workdir(workdir)
+    lock = workdir_lock.WorkdirLock(workdir, "train", is_primary=jax.process_index() == 0,
+                                    agree=parallel.primary_decides)
     try:
-        return _TrainingLoop(config, workdir, run, template, it).run()
+        with lock:  # a second training run into this workdir stops here, naming this one
+            return _TrainingLoop(config, workdir, run, template, it).run()
     finally:
         it.close()
 
@@ -144,7 +150,6 @@ class _TrainingLoop:
         self.num_steps = int(self.t.num_steps)
         self.started = time.time()
         self.closing = False  # set once the final checkpoint is being waited for
-        checks.prepare_workdir(workdir)
         self.ckpt = checkpointing.Checkpointer(workdir, keep=int(self.t.keep_checkpoints),
                                                keep_every=int(self.t.keep_every), cleanup_tmp=True)
         try:
@@ -218,6 +223,12 @@ class _TrainingLoop:
                 if self.grids:
                     self.grids.write(self.state.ema_params, step)
             self._close(step, preempted, watcher.reason)
+            if watcher.interrupted:
+                raise preemption.Interrupted(
+                    f"{watcher.reason}: checkpoint of step {step} written to {self.ckpt.directory}; "
+                    "rerun the same command to resume.")
+        except preemption.Interrupted:
+            raise
         except BaseException:
             self._close_after_error()
             raise

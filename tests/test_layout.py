@@ -23,7 +23,8 @@ MODES = {"train", "modes.sample", "modes.evaluate", "modes.bpd"}
 # Function-level imports of the package's own modules, and why they stay lazy.
 LAZY_ALLOWED = {
     ("main", "train"), ("main", "modes.bpd"), ("main", "modes.evaluate"), ("main", "modes.sample"),
-    ("main", "metrics"), ("main", "parallel"), ("main", "checkpointing"),  # --help without importing JAX
+    ("main", "metrics"), ("main", "parallel"), ("main", "checkpointing"), ("main", "checks"),
+    # (all of main's: `--help` and `--print_config` without importing JAX)
 }
 
 

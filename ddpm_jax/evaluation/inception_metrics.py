@@ -1,7 +1,8 @@
 """FID and Inception Score of generated samples and of a data split, in the FID Inception's features.
 
-* what can be computed: ``metrics_plan`` decides from ``config.eval`` whether IS and FID can
-  be computed and says in one line what is missing and how to get it;
+What the files must be (weights, reference statistics) is checked before any work by
+``checks.check_eval_inputs``; here:
+
 * ``inception_runner`` (the network on this process's devices, kept per weights file),
   ``sample_features`` (pool_3 statistics and IS sums of the uint8 sample chunks of
   ``chunked_generation``, over all processes) and ``merge_across_processes``.
@@ -14,11 +15,9 @@ which must be on a filesystem all processes see.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import sys
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import ml_collections
@@ -29,48 +28,6 @@ from ddpm_jax.evaluation import chunked_generation, fid, inception
 
 IS_SPLITS = 10
 IS_LOGITS = "logits"   # the graph's softmax/logits (with the fc bias), as TF-GAN, which the DDPM code used
-
-
-# ---- what can be computed ------------------------------------------------------------------------
-
-def _how_to_get_weights(flag_value: str = "inception_fid.npz") -> str:
-    return (f"download {inception.FID_WEIGHTS_URL}, convert it once with `python -m "
-            f"ddpm_jax.evaluation.convert_inception --pth {inception.FID_WEIGHTS_PTH} --out "
-            f"{flag_value}` and pass --config.eval.inception_weights={flag_value}")
-
-
-def weights_problem(path: str) -> str | None:
-    """Why the Inception weights cannot be loaded (one line), or None."""
-    if not path:
-        return "eval.inception_weights is not set: " + _how_to_get_weights()
-    if not os.path.isfile(path):
-        return inception.missing_weights_message(path)
-    return None
-
-
-def stats_problem(path: str) -> str | None:
-    """Why the FID reference statistics cannot be read (one line), or None."""
-    how = ("compute them with --mode=fid_stats (or `python -m pytorch_fid --save-stats DATA_DIR "
-           "FILE.npz`) and pass --config.eval.fid_stats=FILE.npz")
-    if not path:
-        return "eval.fid_stats is not set: " + how
-    if not os.path.isfile(path):
-        return f"eval.fid_stats={path!r} not found: " + how
-    return None
-
-
-def metrics_plan(ev: ml_collections.ConfigDict) -> tuple[bool, bool, str | None, bool]:
-    """(compute IS, compute FID, the one-line note on what is skipped, is that note an error)."""
-    weights, stats = str(ev.inception_weights), str(ev.fid_stats)
-    w_problem, s_problem = weights_problem(weights), stats_problem(stats)
-    problems = [p for p in (w_problem, s_problem) if p]
-    note = None
-    if problems:
-        skipped = "FID and IS" if w_problem else "FID"
-        note = f"{skipped} not computed: " + "; ".join(problems)
-    # An explicit request: a path that is set but missing, or stats given without weights.
-    fatal = bool((weights and w_problem) or (stats and (s_problem or w_problem)))
-    return w_problem is None, w_problem is None and s_problem is None, note, fatal
 
 
 # ---- Inception over images -----------------------------------------------------------------------

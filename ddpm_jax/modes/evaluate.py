@@ -10,10 +10,10 @@ eval
     (``workdir/tb``: ``eval/fid``, ``eval/inception_score``); the samples' own statistics to
     ``workdir/eval/step_<k>/sample_stats.npz`` (pytorch-fid format).
 
-    What cannot be computed is found before any sample is made: without Inception weights
-    (or with a set path that does not exist, or ``eval.fid_stats`` set but missing) the run
-    stops at once with one line saying which field to set and how to get the file. With the
-    weights but no ``eval.fid_stats``, the Inception Score alone is computed and one line
+    What cannot be computed is found before any sample is made (``checks.check_eval_inputs``,
+    called by ``main``): without usable Inception weights, or with ``eval.fid_stats`` set but
+    unusable, the run stops at once with one line saying which field to set and how to get
+    the file. Without ``eval.fid_stats``, the Inception Score alone is computed and one line
     says how to get FID.
 
 fid_stats
@@ -32,8 +32,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import data, files, parallel, setup
-from ddpm_jax.evaluation import chunked_generation, fid, inception
+from ddpm_jax import checks, data, files, parallel, setup
+from ddpm_jax.evaluation import chunked_generation, fid
 from ddpm_jax.evaluation import inception_metrics as im
 from ddpm_jax.modes import require_images, say
 
@@ -41,10 +41,11 @@ from ddpm_jax.modes import require_images, say
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """``--mode=eval``: samples, then FID / IS (see the module docstring). Returns the results."""
     require_images(data.example_shape(config.data), config.data.source, "eval")
+    checks.check_eval_inputs(config, "eval")
     ev = config.eval
-    with_is, with_fid, note, fatal = im.metrics_plan(ev)
-    if fatal or not with_is:
-        raise inception.MissingWeightsError(note) if not with_is else FileNotFoundError(note)
+    with_fid = bool(str(ev.fid_stats))
+    note = None if with_fid else ("FID not computed: eval.fid_stats is not set: compute the reference "
+                                  "statistics with --mode=fid_stats and pass --config.eval.fid_stats=FILE.npz")
 
     loaded = setup.load_run(config, workdir)
     step, shape, seed = loaded.step, loaded.shape, int(config.sampling.seed)
@@ -106,10 +107,8 @@ def run_fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
     """``--mode=fid_stats``: reference mu, sigma of a split; returns the written path."""
     shape = tuple(data.example_shape(config.data))
     require_images(shape, config.data.source, "fid_stats")
+    checks.check_eval_inputs(config, "fid_stats")
     ev = config.eval
-    problem = im.weights_problem(str(ev.inception_weights))
-    if problem:
-        raise inception.MissingWeightsError(f"--mode=fid_stats needs the FID Inception: {problem}")
     split = str(ev.get("fid_stats_split", "") or config.data.train_split)
     out = str(ev.get("fid_stats_out", "") or
               os.path.join(workdir, f"fid_stats_{im.dataset_name(config.data)}_{split}.npz"))
