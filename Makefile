@@ -23,6 +23,7 @@ install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
 	$(PY) -m ddpm_jax.main --config=configs/digits.py --workdir=$(DEMO_WORKDIR)
+	$(PY) -m ddpm_jax.main --config=configs/digits.py --workdir=$(DEMO_WORKDIR) --mode=eval
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

@@ -103,6 +103,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- Evaluation (--mode=eval, --mode=fid_stats) -----------------------------------------
     config.eval = evaluation = ml_collections.ConfigDict()
+    # What --mode=eval measures: inception (the paper's FID / IS; needs the weights below) |
+    # classifier (Fréchet distance, precision / recall, classifier score in the features of a small
+    # classifier trained here, each beside its real-vs-real noise floor: digits and MNIST on a CPU).
+    evaluation.metric = "inception"
     evaluation.num_samples = 50_000  # Samples for FID / IS.
     evaluation.batch_size = 500  # Global batch per generation call.
     evaluation.chunk_size = 1000  # Samples per file written under workdir/eval; resume skips done chunks.

@@ -54,6 +54,7 @@ def get_config():
 
     config.sampling.batch_size = 64
     config.sampling.num_samples = 64
+    config.eval.metric = "classifier"  # `make demo`: classifier-feature metrics beside their floors
     config.eval.num_samples = 1000
     config.eval.batch_size = 200
     config.eval.chunk_size = 200

@@ -30,6 +30,7 @@ from ddpm_jax.evaluation import fid, inception
 
 NONFINITE_POLICIES = ("error", "skip")
 MODES = ("train", "sample", "eval", "bpd", "fid_stats")
+EVAL_METRICS = ("inception", "classifier")  # eval.metric
 # The β fields each schedule reads (cosine and jsd have neither), with the paper's values.
 _BETA_FIELDS = {"linear": ("beta_start", "beta_end"), "quadratic": ("beta_start", "beta_end"),
                 "sigmoid": ("beta_start", "beta_end"), "warmup10": ("beta_start", "beta_end"),
@@ -206,8 +207,13 @@ def check_eval_inputs(config: ml_collections.ConfigDict, mode: str) -> None:
     eval.fid_stats when it is set (without it only the Inception Score is computed).
     """
     ev = config.eval
+    metric = str(ev.get("metric", "inception"))
+    if mode == "eval" and metric not in EVAL_METRICS:
+        raise ValueError(f"eval.metric={metric!r} is unknown; use one of {', '.join(EVAL_METRICS)}.")
     if mode == "eval":
         _positive(ev, "eval", ("num_samples", "batch_size", "chunk_size", "inception_batch_size"))
+        if metric == "classifier":  # its network is found, or trained once, by the eval mode
+            return
     else:
         _positive(ev, "eval", ("inception_batch_size",))
     problem = inception_weights_problem(str(ev.inception_weights))

@@ -76,6 +76,15 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def write_scalars(workdir: str, step: int, scalars: dict) -> None:
+    """Evaluation scalars {tag: value} into the workdir's TensorBoard events (process 0)."""
+    if jax.process_index() != 0 or not scalars:
+        return
+    with _summary_writer_class()(os.path.join(workdir, "tb")) as tb:
+        for tag, value in scalars.items():
+            tb.add_scalar(tag, float(value), int(step))
+
+
 class MetricWriter:
     """metrics.jsonl (one JSON object per line with "step") + TensorBoard, on process 0 only."""
 

@@ -183,6 +183,17 @@ def sampler_options(config: ml_collections.ConfigDict) -> dict:
     )
 
 
+def sampler_tag(config: ml_collections.ConfigDict) -> str:
+    """A file-name part naming the sampler of `config.sampling`: ``ddpm``, ``ddim50``, ``ddim50eta0.5``."""
+    s, method = config.sampling, str(config.sampling.method)
+    tag = f"{method}{int(s.ddim_steps)}" if method == "ddim" else method
+    if method == "ddim" and float(s.ddim_eta):
+        tag += f"eta{float(s.ddim_eta):g}"
+    if method == "ddim" and str(s.ddim_spacing) != "leading":
+        tag += f"-{s.ddim_spacing}"
+    return tag if bool(s.clip_denoised) else tag + "_noclip"
+
+
 def make_sampler(run: Run, config: ml_collections.ConfigDict, *, mesh: Mesh | None = None,
                  **overrides: Any) -> sampler.Sampler:
     """The compiled sharded sampler of `config.sampling` for `run` (seed, trajectory, start step...).

@@ -1,5 +1,6 @@
 """Test-wide setup: eight fake CPU devices, float32 matmuls, no network."""
 
+import hashlib
 import os
 
 # Must happen before jax is imported anywhere: every test process sees 8 CPU devices,
@@ -10,5 +11,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _tree_checksums(root) -> dict:
+    """{relative path: sha256} of every file under `root`: "nothing was written" is an equality."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def checksums():
+    """`checksums(root)`: the sha256 of every file under root, by relative path."""
+    return _tree_checksums

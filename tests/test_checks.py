@@ -4,7 +4,6 @@ Two of them also through `python -m ddpm_jax.main`: non-zero exit, one line on s
 and the workdir's files unchanged (checksums).
 """
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -163,7 +162,7 @@ def _weights(tmp_path, tag=inception.FORMAT_TAG):
 
 def _eval(weights="", stats=""):
     config = digits.get_config()
-    config.eval.update(inception_weights=str(weights), fid_stats=str(stats))
+    config.eval.update(metric="inception", inception_weights=str(weights), fid_stats=str(stats))
     return config
 
 
@@ -218,31 +217,21 @@ def test_unknown_mode(mesh):
 
 # ---- through the command line -------------------------------------------------------------------
 
-def _checksums(root):
-    out = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
 @pytest.mark.parametrize("config,override,line", [
     ("configs/digits.py", "--config.training.batch_size=0", "error: training.batch_size=0 must be >= 1."),
     ("configs/toy2d.py", "--config.diffusion.beta_end=1.0",
      "error: diffusion.beta_end=1.0 must lie strictly between 0 and 1"),
 ])
-def test_cli_refuses_with_one_line_and_leaves_the_workdir_alone(tmp_path, config, override, line):
+def test_cli_refuses_with_one_line_and_leaves_the_workdir_alone(tmp_path, checksums, config, override, line):
     workdir = tmp_path / "run"  # a run that already holds files
     (workdir / "checkpoints" / "200").mkdir(parents=True)
     (workdir / "checkpoints" / "200" / "state").write_bytes(os.urandom(256))
     (workdir / "config.json").write_text('{"training": {"batch_size": 128}}\n')
     (workdir / "metrics.jsonl").write_text('{"step": 100, "loss": 0.5}\n{"step": 200, "loss": 0.4}\n')
-    before = _checksums(workdir)
+    before = checksums(workdir)
     proc = subprocess.run([sys.executable, "-m", "ddpm_jax.main", f"--config={config}", f"--workdir={workdir}",
                            override], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
     assert proc.stderr.startswith(line)
-    assert _checksums(workdir) == before
+    assert checksums(workdir) == before

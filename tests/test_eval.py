@@ -1,6 +1,5 @@
 """--mode=eval / fid_stats / bpd end to end on a tiny digits run, with random FID Inception weights."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from PIL import Image
 import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
 from configs import digits
 from ddpm_jax import parallel, train
-from ddpm_jax.evaluation import chunked_generation, fid, inception
+from ddpm_jax.evaluation import chunked_generation, classifier, fid, inception
 from ddpm_jax.evaluation import inception_metrics as im
 from ddpm_jax.modes import evaluate
 
@@ -31,7 +30,7 @@ def _config(**eval_fields):
     config.diffusion.num_timesteps = 10
     config.training.update(num_steps=2, batch_size=16, log_every=1, sample_every=0, checkpoint_every=2,
                            eval_bpd_after=False)
-    config.eval.update(**{**dict(num_samples=12, chunk_size=5, batch_size=8, inception_batch_size=8),
+    config.eval.update(**{**dict(num_samples=12, chunk_size=5, batch_size=8, inception_batch_size=8, metric="inception"),
                           **eval_fields})
     return config
 
@@ -85,7 +84,7 @@ def _direct_features(weights_path, images_uint8):
 def test_eval_mode_fid_and_inception_score_end_to_end(workdir, weights, tmp_path):
     workdir = _copy(workdir, tmp_path)
     results = evaluate.run_eval(_config(inception_weights=weights), workdir)
-    step_dir = os.path.join(workdir, "eval", "step_2")
+    step_dir = os.path.join(workdir, "eval", "step_2_ddpm_seed0")
     assert results["step"] == 2 and results["generation"]["chunks_generated"] == 3
     assert "fid" not in results and "eval.fid_stats is not set" in results["not_computed"]
     # IS and the samples' statistics equal a direct computation on the uint8 chunk files.
@@ -101,7 +100,7 @@ def test_eval_mode_fid_and_inception_score_end_to_end(workdir, weights, tmp_path
     mu, sigma = fid.load_stats(os.path.join(step_dir, "sample_stats.npz"))
     np.testing.assert_allclose(mu, feats["pool"].mean(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(sigma, np.cov(feats["pool"], rowvar=False), rtol=1e-3, atol=1e-5)
-    with open(os.path.join(workdir, "eval", "2.json")) as f:
+    with open(os.path.join(step_dir, "results_inception.json")) as f:
         assert json.load(f)["inception_score"] == results["inception_score"]
 
     # Against the samples' own statistics: FID ≈ 0; the finished chunks are not regenerated.
@@ -110,7 +109,7 @@ def test_eval_mode_fid_and_inception_score_end_to_end(workdir, weights, tmp_path
     assert again["generation"]["chunks_skipped"] == 3 and again["generation"]["images_generated"] == 0
     assert abs(again["fid"]) < 1e-3 * np.trace(sigma)
     assert "not_computed" not in again
-    with open(os.path.join(workdir, "eval", "2.json")) as f:
+    with open(os.path.join(step_dir, "results_inception.json")) as f:
         assert json.load(f)["fid"] == again["fid"]
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(workdir, "tb")))
 
@@ -121,17 +120,17 @@ def _main(workdir, *args):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def test_eval_command_without_weights_stops_before_sampling(workdir, tmp_path):
+def test_eval_command_without_weights_stops_before_sampling(workdir, tmp_path, checksums):
     workdir = _copy(workdir, tmp_path)
-    before = _tree_checksums(workdir)
-    args = ["--mode=eval", "--config.eval.num_samples=7", "--config.eval.chunk_size=4",
+    before = checksums(workdir)
+    args = ["--mode=eval", "--config.eval.metric=inception", "--config.eval.num_samples=7", "--config.eval.chunk_size=4",
             "--config.eval.batch_size=8", "--config.sampling.seed=11"]
     proc = _main(workdir, *args)
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "eval.inception_weights is not set" in lines[0]
     assert "convert_inception" in lines[0]
-    assert _tree_checksums(workdir) == before  # no sample made, nothing written
+    assert checksums(workdir) == before  # no sample made, nothing written
 
     # An explicit but missing path: the same, as one line.
     missing = str(tmp_path / "nope.npz")
@@ -139,16 +138,32 @@ def test_eval_command_without_weights_stops_before_sampling(workdir, tmp_path):
     with pytest.raises(ValueError, match="convert_inception") as err:
         evaluate.run_eval(config, workdir)
     assert missing in str(err.value) and "\n" not in str(err.value)
-    assert _tree_checksums(workdir) == before
+    assert checksums(workdir) == before
 
 
-def _tree_checksums(root):
-    out = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            with open(os.path.join(folder, name), "rb") as f:
-                out[os.path.relpath(os.path.join(folder, name), root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
+def test_eval_mode_classifier_metrics_beside_their_floors(workdir, tmp_path):
+    workdir = _copy(workdir, tmp_path)
+    clf_path = str(tmp_path / "classifier")
+    config = _config(num_samples=20, chunk_size=10, metric="classifier", classifier_path=clf_path)
+    classifier.save(classifier.train(config.data, steps=30), clf_path)
+    results = evaluate.run_eval(config, workdir)
+    step_dir = os.path.join(workdir, "eval", "step_2_ddpm_seed0")
+    with open(os.path.join(step_dir, "results_classifier.json")) as f:
+        assert json.load(f)["metrics"] == results["metrics"]
+    assert results["counts"]["generated"] == 20 and results["counts"]["held_out"] == 297
+    for name in ("fd", "precision", "recall", "classifier_score", "confident"):
+        if results["floor"][name] > 0:  # (a 30-step classifier may be confident about nothing)
+            assert results["ratio"][name] == pytest.approx(results["metrics"][name] / results["floor"][name])
+    # Two training steps make noise, not digits: farther from the training digits than real test
+    # digits are, and less often inside their manifold.
+    assert results["metrics"]["fd"] > 2 * results["floor"]["fd"]
+    assert results["metrics"]["precision"] < 0.5 * results["floor"]["precision"]
+    assert results["classifier"]["path"] == clf_path
+    # DDIM samples of the same checkpoint go to their own folder; nothing is overwritten.
+    config.sampling.update(method="ddim", ddim_steps=5)
+    evaluate.run_eval(config, workdir)
+    assert os.path.isfile(os.path.join(workdir, "eval", "step_2_ddim5_seed0", "results_classifier.json"))
+    assert os.path.isfile(os.path.join(step_dir, "results_classifier.json"))
 
 
 def test_bpd_command_writes_json_and_plot(workdir, tmp_path):

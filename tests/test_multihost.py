@@ -23,6 +23,7 @@ import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `c
 from bench import kill_resume as kr
 from configs import digits, toy2d
 from ddpm_jax import checkpointing, data, parallel, run_meta, setup, train
+from ddpm_jax.evaluation import classifier
 from ddpm_jax.modes import sample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,12 +175,15 @@ def test_eval_generation_splits_the_chunks_between_hosts(tmp_path):
     params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), abstract.params)
     workdir = str(tmp_path / "pretrained")
     checkpointing.save_pretrained(workdir, params, run_meta.RunMeta.from_config(config).to_dict())
+    clf_path = str(tmp_path / "classifier")  # a few steps: the test is about who makes which chunk
+    classifier.save(classifier.train(config.data, steps=4), clf_path)
     flags = ["--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1", "--config.model.attn_resolutions=()",
              "--config.diffusion.num_timesteps=8", "--config.eval.num_samples=24", "--config.eval.chunk_size=8",
-             "--config.eval.batch_size=16"]
+             "--config.eval.batch_size=16", "--config.eval.metric=classifier",
+             f"--config.eval.classifier_path={clf_path}"]
     out = _launch(workdir, "--mode=eval", *flags, config="configs/digits.py")
     assert "process 0's 16 of 24" in out  # chunks 0 and 2 here, chunk 1 on process 1
-    chunks = os.path.join(workdir, "eval", "step_0", "samples")
+    chunks = os.path.join(workdir, "eval", "step_0_ddpm_seed0", "samples")
     two = [np.load(os.path.join(chunks, f"chunk_{c:05d}.npz")) for c in range(3)]
     assert [list(c["indices"]) for c in two] == [list(range(8 * c, 8 * c + 8)) for c in range(3)]
     assert sorted(f for f in os.listdir(chunks) if f.startswith("chunk_")) == [f"chunk_{c:05d}.npz" for c in range(3)]
@@ -187,9 +191,11 @@ def test_eval_generation_splits_the_chunks_between_hosts(tmp_path):
     shutil.copytree(workdir, one_dir, ignore=shutil.ignore_patterns("eval"))
     from ddpm_jax.modes import evaluate
 
-    config.eval.update(num_samples=24, chunk_size=8, batch_size=16)
+    config.eval.update(num_samples=24, chunk_size=8, batch_size=16, metric="classifier", classifier_path=clf_path)
     evaluate.run_eval(config, one_dir)
-    one = [np.load(os.path.join(one_dir, "eval", "step_0", "samples", f"chunk_{c:05d}.npz")) for c in range(3)]
+    one = [np.load(os.path.join(one_dir, "eval", "step_0_ddpm_seed0", "samples", f"chunk_{c:05d}.npz"))
+           for c in range(3)]
     for a, b in zip(two, one):
         np.testing.assert_array_equal(a["images"], b["images"])
-    assert json.load(open(os.path.join(workdir, "eval", "0.json")))["num_samples"] == 24
+    results = json.load(open(os.path.join(workdir, "eval", "step_0_ddpm_seed0", "results_classifier.json")))
+    assert results["num_samples"] == 24 and results["counts"]["generated"] == 24

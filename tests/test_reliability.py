@@ -7,7 +7,6 @@ U-Net trained for 12 steps without interruption.
 """
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -211,17 +210,6 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(reference, env, tmp
 # ---- bad input on the command line --------------------------------------------------------------
 
 
-def _snapshot(workdir):
-    """{relative path: sha1} of every file under workdir."""
-    out = {}
-    for d, _, names in os.walk(workdir):
-        for name in names:
-            path = os.path.join(d, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, workdir)] = hashlib.sha1(f.read()).hexdigest()
-    return out
-
-
 def _cli(workdir, *args, env, config="configs/digits.py"):
     cmd = [sys.executable, "-m", "ddpm_jax.main", f"--config={config}", f"--workdir={workdir}", *args]
     return subprocess.run(cmd, cwd=kr.REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -249,14 +237,14 @@ TINY_FLAGS = [a for a in kr.command("x", VALUES)[5:]]
     (["--config.training.batch_size=32"], r"The data state was saved with global_batch_size=16 but this run has "
                                           r"global_batch_size=32: resume with the same data config, seed and batch size"),
 ])
-def test_bad_input_on_an_existing_run_changes_nothing(reference, env, tmp_path, args, expected):
+def test_bad_input_on_an_existing_run_changes_nothing(reference, env, tmp_path, checksums, args, expected):
     import re
 
     w = _copy(reference[0], tmp_path)
-    before = _snapshot(w)
+    before = checksums(w)
     proc = _cli(w, *TINY_FLAGS, "--config.training.num_steps=16", *args, env=env)
     assert re.search(expected, _error_line(proc)), proc.stderr[-2000:]
-    assert _snapshot(w) == before  # config.json, metrics, checkpoints: untouched
+    assert checksums(w) == before  # config.json, metrics, checkpoints: untouched
 
 
 def test_image_size_the_unet_cannot_take_stops_before_any_work(env, tmp_path):
@@ -296,19 +284,19 @@ def test_unwritable_workdir(env, tmp_path):
         assert "is not a writable directory" in line
 
 
-def test_eval_with_missing_inception_weights(reference, env, tmp_path):
+def test_eval_with_missing_inception_weights(reference, env, tmp_path, checksums):
     w = _copy(reference[0], tmp_path)
-    before = _snapshot(w)
+    before = checksums(w)
     missing = tmp_path / "inception_fid.npz"
-    proc = _cli(w, *TINY_FLAGS, "--mode=eval", f"--config.eval.inception_weights={missing}",
+    proc = _cli(w, *TINY_FLAGS, "--mode=eval", "--config.eval.metric=inception", f"--config.eval.inception_weights={missing}",
                 "--config.eval.num_samples=8", "--config.eval.batch_size=8", "--config.eval.chunk_size=8",
                 env=env)
     assert proc.returncode == 1
     line = _error_line(proc)
     assert f"FID Inception weights not found at {str(missing)!r}" in line
     assert "python -m ddpm_jax.evaluation.convert_inception" in line
-    after = _snapshot(w)
-    assert {k: after[k] for k in before} == before  # only new files (the samples); nothing overwritten
+    after = checksums(w)
+    assert after == before  # refused before any sample was made
 
 
 def test_schedule_that_does_not_reach_noise_warns_and_trains(env, tmp_path):

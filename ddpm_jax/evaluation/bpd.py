@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import data, diffusion, files, imaging, parallel, sampling, setup
+from ddpm_jax import data, diffusion, files, imaging, metrics, parallel, sampling, setup
 from ddpm_jax.sampler import padded_batch_size
 from ddpm_jax.schedules import Schedule
 
@@ -239,9 +239,6 @@ def write_report(workdir: str, step: int, result: dict) -> dict[str, str]:
         return paths
     files.write_json(paths["json"], {**result, "step": int(step)})
     plot_terms(paths["png"], result, title=f"step {step}: " + summary_line(result).split(": ", 1)[1])
-    from tensorboardX import SummaryWriter  # noqa: PLC0415
-
-    with SummaryWriter(os.path.join(workdir, "tb")) as tb:
-        for key in ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd"):
-            tb.add_scalar(f"eval/{key}", float(result[key]), int(step))
+    metrics.write_scalars(workdir, step, {f"eval/{key}": result[key]
+                                          for key in ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd")})
     return paths

@@ -3,16 +3,24 @@
 eval
     Generates ``eval.num_samples`` samples from the newest valid checkpoint's EMA params
     (image i depends only on (``sampling.seed``, i); ``config.sampling`` picks the sampler)
-    into ``workdir/eval/step_<k>/samples/`` in resumable uint8 chunks
-    (``evaluation/chunked_generation.py``), then computes FID against ``eval.fid_stats`` and
-    the Inception Score (10 splits) from the FID Inception's features of those uint8 images,
-    as if read back from PNG files. Results go to ``workdir/eval/<k>.json`` and TensorBoard
-    (``workdir/tb``: ``eval/fid``, ``eval/inception_score``); the samples' own statistics to
-    ``workdir/eval/step_<k>/sample_stats.npz`` (pytorch-fid format).
+    into ``step_dir/samples/`` in resumable uint8 chunks (``evaluation/chunked_generation.py``),
+    then, with ``eval.metric=inception`` (the default), computes FID against ``eval.fid_stats``
+    and the Inception Score (10 splits) from the FID Inception's features of those uint8
+    images, as if read back from PNG files; the samples' own statistics go to
+    ``step_dir/sample_stats.npz`` (pytorch-fid format). TensorBoard: ``eval/fid``,
+    ``eval/inception_score``, ``eval/classifier_<metric>`` (and ``..._x_floor``).
 
-    What cannot be computed is found before any sample is made (``checks.check_eval_inputs``,
-    called by ``main``): without usable Inception weights, or with ``eval.fid_stats`` set but
-    unusable, the run stops at once with one line saying which field to set and how to get
+    With ``eval.metric=classifier`` (digits, MNIST: what a CPU can judge), the metrics are
+    those of ``evaluation/sample_quality.py`` in the features of the data set's own classifier
+    (``evaluation/classifier.py``; trained once into ``eval.classifier_path`` if it is not
+    there yet), each beside its noise floor: the same metric for as many real held-out images
+    against the same real training images. Results: ``step_dir/results_<metric>.json``, where
+    ``step_dir = workdir/eval/step_<k>_<sampler>_seed<s>`` (DDPM and DDIM samples of one
+    checkpoint keep their own folders).
+
+    For the Inception metrics, what cannot be computed is found before any sample is made
+    (``checks.check_eval_inputs``): without usable Inception weights, or with ``eval.fid_stats``
+    set but unusable, the run stops at once with one line saying which field to set and how to get
     the file. Without ``eval.fid_stats``, the Inception Score alone is computed and one line
     says how to get FID.
 
@@ -32,75 +40,102 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import checks, data, files, parallel, setup
-from ddpm_jax.evaluation import chunked_generation, fid
+from ddpm_jax import checks, data, files, metrics, parallel, setup
+from ddpm_jax.evaluation import chunked_generation, classifier, fid, sample_quality
 from ddpm_jax.evaluation import inception_metrics as im
 from ddpm_jax.modes import require_images, say
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """``--mode=eval``: samples, then FID / IS (see the module docstring). Returns the results."""
+    """``--mode=eval``: samples, then FID / IS or the classifier metrics (see the module docstring)."""
     require_images(data.example_shape(config.data), config.data.source, "eval")
     checks.check_eval_inputs(config, "eval")
-    ev = config.eval
-    with_fid = bool(str(ev.fid_stats))
-    note = None if with_fid else ("FID not computed: eval.fid_stats is not set: compute the reference "
-                                  "statistics with --mode=fid_stats and pass --config.eval.fid_stats=FILE.npz")
-
+    metric = str(config.eval.metric)
+    if metric == "classifier":  # found (or trained, once) before any sample is made
+        clf = classifier.load_or_train(config.data, classifier.resolve_path(config), log=say)
     loaded = setup.load_run(config, workdir)
-    step, shape, seed = loaded.step, loaded.shape, int(config.sampling.seed)
-    num_samples, chunk_size = int(ev.num_samples), int(ev.chunk_size)
-    step_dir = os.path.join(workdir, "eval", f"step_{step}")
+    step_dir = os.path.join(workdir, "eval", f"step_{loaded.step}_{setup.sampler_tag(config)}"
+                                             f"_seed{int(config.sampling.seed)}")
+    out_dir, gen = _generate(config, loaded, step_dir)
+    results: dict[str, Any] = dict(step=loaded.step, metric=metric, num_samples=int(config.eval.num_samples),
+                                   samples_dir=out_dir, sampling_seed=int(config.sampling.seed),
+                                   sampler=setup.sampler_options(config), generation=gen)
+    if metric == "inception":
+        results.update(_inception_metrics(config, out_dir, step_dir))
+    elif jax.process_index() == 0:  # a small network on one device: process 0 scores for all
+        images = np.concatenate([im for _, im in chunked_generation.read_chunks(
+            out_dir, range(gen["num_chunks"]), num_samples=int(config.eval.num_samples),
+            chunk_size=int(config.eval.chunk_size))])
+        results["classifier"] = dict(path=classifier.resolve_path(config), **clf.info)
+        results.update(sample_quality.evaluate_samples(clf, config.data, images))
+    _write_results(step_dir, loaded.step, results)
+    return results
+
+
+def _generate(config: ml_collections.ConfigDict, loaded: setup.LoadedRun, step_dir: str) -> tuple[str, dict]:
+    """The resumable uint8 sample chunks of `eval.num_samples` images under `step_dir/samples`."""
+    ev, shape, seed = config.eval, loaded.shape, int(config.sampling.seed)
     out_dir = os.path.join(step_dir, "samples")
-    options = setup.sampler_options(config)
-    chunked_generation.check_samples_meta(out_dir, dict(step=step, sampling_seed=seed, shape=list(shape),
-                                                chunk_size=chunk_size, sampler=options))
+    chunked_generation.check_samples_meta(out_dir, dict(step=loaded.step, sampling_seed=seed, shape=list(shape),
+                                                        chunk_size=int(ev.chunk_size),
+                                                        sampler=setup.sampler_options(config)))
     local_mesh = parallel.make_mesh(jax.local_devices())  # each process samples its own chunks
-    sampler = setup.make_sampler(loaded, config, mesh=local_mesh)
     gen = chunked_generation.generate_samples(
-        sampler, parallel.to_host(loaded.params), out_dir, num_samples=num_samples, chunk_size=chunk_size,
-        batch_size=int(ev.batch_size), shape=shape)
-    say(f"samples: {num_samples} in {out_dir} ({gen['chunks_skipped']} of {gen['num_chunks']} chunks "
+        setup.make_sampler(loaded, config, mesh=local_mesh), parallel.to_host(loaded.params), out_dir,
+        num_samples=int(ev.num_samples), chunk_size=int(ev.chunk_size), batch_size=int(ev.batch_size),
+        shape=shape)
+    say(f"samples: {ev.num_samples} in {out_dir} ({gen['chunks_skipped']} of {gen['num_chunks']} chunks "
         f"were already there; {gen['images_generated']} generated in {gen['seconds']:.1f} s, "
         f"{gen['images_per_sec']:.1f} images/s)")
+    return out_dir, gen
 
-    results: dict[str, Any] = dict(step=step, num_samples=num_samples, samples_dir=out_dir,
-                                   sampling_seed=seed, sampler=options, generation=gen)
+
+def _inception_metrics(config: ml_collections.ConfigDict, out_dir: str, step_dir: str) -> dict:
+    """IS (and FID against ``eval.fid_stats`` when it is set) of the uint8 samples in ``out_dir``."""
+    ev = config.eval
+    num_samples = int(ev.num_samples)
+    local_mesh = parallel.make_mesh(jax.local_devices())
     run_fn = im.inception_runner(str(ev.inception_weights), local_mesh)
-    stats, is_acc = im.sample_features(out_dir, run_fn, num_samples=num_samples, chunk_size=chunk_size,
+    stats, is_acc = im.sample_features(out_dir, run_fn, num_samples=num_samples, chunk_size=int(ev.chunk_size),
                                        batch=im.host_inception_batch(ev, local_mesh), merge_dir=step_dir,
                                        with_is=num_samples >= im.IS_SPLITS)
     if jax.process_index() == 0 and stats.count >= 2:
         fid.save_stats(os.path.join(step_dir, "sample_stats.npz"), stats.mu, stats.sigma)
-    results["inception_weights"] = str(ev.inception_weights)
+    results: dict[str, Any] = dict(inception_weights=str(ev.inception_weights))
     if is_acc is not None:
         results["inception_score"], results["inception_score_std"] = is_acc.result()
         results.update(inception_score_splits=im.IS_SPLITS, inception_score_logits=im.IS_LOGITS)
-    if with_fid:
+    if str(ev.fid_stats):
         mu_ref, sigma_ref = fid.load_stats(str(ev.fid_stats))
         results["fid"] = fid.frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref)
         results["fid_stats"] = str(ev.fid_stats)
-    if note:
-        results["not_computed"] = note
-    _write_results(workdir, step, results)
-    if note:
-        say(f"note: {note}")
+    else:
+        results["not_computed"] = ("FID not computed: eval.fid_stats is not set: compute the reference "
+                                   "statistics with --mode=fid_stats and pass --config.eval.fid_stats=FILE.npz")
+        say(f"note: {results['not_computed']}")
     return results
 
 
-def _write_results(workdir: str, step: int, results: dict) -> None:
-    """``workdir/eval/<step>.json``, TensorBoard scalars and one summary line (process 0)."""
+def _write_results(step_dir: str, step: int, results: dict) -> None:
+    """``step_dir/results_<metric>.json``, TensorBoard scalars and the readable lines (process 0)."""
     if jax.process_index() != 0:
         return
-    path = files.write_json(os.path.join(workdir, "eval", f"{step}.json"), results)
-    from tensorboardX import SummaryWriter  # noqa: PLC0415 (heavy; only when results are written)
-
-    with SummaryWriter(os.path.join(workdir, "tb")) as tb:
-        for key, tag in (("fid", "eval/fid"), ("inception_score", "eval/inception_score")):
-            if key in results:
-                tb.add_scalar(tag, float(results[key]), int(step))
-    scores = ", ".join(f"{k} {results[k]:.4f}" for k in ("fid", "inception_score") if k in results)
-    say(f"step {step}: {scores or 'no FID/IS'}; wrote {path}")
+    path = files.write_json(os.path.join(step_dir, f"results_{results['metric']}.json"), results)
+    workdir = os.path.dirname(os.path.dirname(step_dir))
+    scalars = {f"eval/{k}": results[k] for k in ("fid", "inception_score") if k in results}
+    for name, value in results.get("metrics", {}).items():
+        scalars[f"eval/classifier_{name}"] = value
+        scalars[f"eval/classifier_{name}_x_floor"] = results["ratio"][name]
+    metrics.write_scalars(workdir, step, scalars)
+    if results["metric"] == "classifier":
+        sampler = results["sampler"]
+        steps = f", {sampler['num_steps']} steps" if sampler["num_steps"] else ""
+        print(f"step {step}, {sampler['method']} sampler{steps}:\n" + sample_quality.format_report(results),
+              flush=True)
+    else:
+        scores = ", ".join(f"{k} {results[k]:.4f}" for k in ("fid", "inception_score") if k in results)
+        say(f"step {step}: {scores or 'no FID/IS'}")
+    say(f"wrote {path}")
 
 
 def run_fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -46,14 +46,8 @@ def output_tag(config: ml_collections.ConfigDict, step: int) -> str:
 
     e.g. ``ddpm_step2000_seed0_n64``, ``ddim50eta0.5_step2000_seed3_n16``.
     """
-    s, method = config.sampling, str(config.sampling.method)
-    steps = f"{method}{int(s.ddim_steps)}" if method == "ddim" else method
-    if method == "ddim" and float(s.ddim_eta):
-        steps += f"eta{float(s.ddim_eta):g}"
-    if method == "ddim" and str(s.ddim_spacing) != "leading":
-        steps += f"-{s.ddim_spacing}"
-    clip = "" if bool(s.clip_denoised) else "_noclip"
-    return f"{steps}{clip}_step{step}_seed{int(s.seed)}_n{int(s.num_samples)}"
+    s = config.sampling
+    return f"{setup.sampler_tag(config)}_step{step}_seed{int(s.seed)}_n{int(s.num_samples)}"
 
 
 def _pair_frame(left: np.ndarray, right: np.ndarray) -> np.ndarray:
