@@ -61,12 +61,12 @@ def test_cifar10_mock_tfds_end_to_end(tmp_path):
 @pytest.fixture(scope="module")
 def digits_workdir(tmp_path_factory):
     """A tiny digits run through the command line, as `make demo` runs it: 4 steps, checkpoints
-    at 2 and 4, then test bits/dim (the digits default) on 32 test digits. (workdir, stdout)"""
+    at 2 and 4, then test bits/dim (training.eval_bpd_after) on 32 test digits. (workdir, stdout)"""
     workdir = str(tmp_path_factory.mktemp("digits") / "run")
     proc = _main(workdir, *TINY_UNET, "--config.training.num_steps=4", "--config.training.log_every=2",
                  "--config.training.sample_every=4", "--config.training.checkpoint_every=2",
                  "--config.training.batch_size=16", "--config.training.num_grid_samples=8",
-                 "--config.eval.bpd_num_examples=32")
+                 "--config.eval.bpd_num_examples=32", "--config.training.eval_bpd_after=True")
     return workdir, proc.stdout
 
 
@@ -87,7 +87,7 @@ def test_digits_main_writes_config_metrics_samples_checkpoints(digits_workdir):
     with checkpointing.Checkpointer(workdir) as ckpt:
         assert ckpt.all_steps() == [2, 4]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tb")))
-    # The closing lines say where everything is, then the test bits/dim (the digits default).
+    # The closing lines say where everything is, then the test bits/dim.
     loss = _metrics(workdir)[-1]["loss"]
     assert "trained to step 4 in " in stdout and f"final loss {loss:.4f}" in stdout
     assert f"samples:     {os.path.join(workdir, 'samples', 'step_4.png')}" in stdout
