@@ -12,7 +12,7 @@ Expected result: final loss about 0.15 (L_simple under the cosine schedule, whic
 weights the hard low-noise steps more than the linear one), EMA samples in
 workdirs/digits/samples/step_2000.png that read as digits, most of them clearly;
 --mode=eval: the classifier metrics of 594 DDPM samples beside their floor (measured:
-Fréchet distance 0.46x the floor, confident fraction 0.90x the real test digits' own; the
+Fréchet distance 0.48x the floor, confident fraction 0.89x the real test digits' own; the
 floor is the last 297 digits, other writers, against the first 1,500, which is why a
 model can score below it: see docs/experiments.md); --mode=bpd: the NLL bound on the 297
 test digits, 4.76 bits/dim (an untrained model: 7.36), in workdirs/digits/eval/bpd_2000.json.
