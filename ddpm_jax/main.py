@@ -70,7 +70,7 @@ def _exit_config_load_error(argv: list[str], err: OSError) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
-    except OSError as err:  # config_flags could not load the config file
+    except (OSError, SyntaxError) as err:  # config_flags could not load the config file
         _exit_config_load_error(argv, err)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as err:
         if isinstance(err, flags.Error) and "--config." not in str(err):
@@ -79,6 +79,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
             message = _explain_override_error(argv, err)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:  # noqa: BLE001 - the user's config file failed: one line naming it
+        _exit_config_load_error(argv, err)
 
 
 def _quiet_library_info() -> None:
@@ -115,7 +117,7 @@ def main(argv: list[str]) -> None:
         config = FLAGS.config
         if config is not None:
             config.keys()
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - the user's config file failed: one line naming it
         _exit_config_load_error(sys.argv, err)
     if config is None:
         _usage_error("--config is required, e.g. --config=configs/digits.py.")

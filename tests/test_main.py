@@ -61,3 +61,28 @@ def test_missing_config_file_and_workdir(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ddpm_jax.main", "--config=configs/digits.py"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--workdir is required" in proc.stderr
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("def get_config(:\n", r"^error: --config=.*broken\.py: syntax error at line 1: invalid syntax; fix the file\.$"),
+    ("def get_config():\n    return 1 / 0\n",
+     r"^error: --config=.*broken\.py could not be loaded: ZeroDivisionError: division by zero$"),
+])
+def test_a_broken_config_file_is_one_line_naming_it(tmp_path, source, expected):
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+    for extra in ((), ("--config.seed=1",)):  # config_flags loads it at parse time, or at first use
+        proc = _run(tmp_path / "w", *extra, config=str(path))
+        assert proc.returncode == 2
+        assert re.search(expected, _error_line(proc)), proc.stderr[-2000:]
+        assert not os.path.exists(tmp_path / "w")
+
+
+def test_print_config_lists_every_field_with_its_comment(tmp_path):
+    proc = _run(tmp_path, "--print_config", "--config.training.batch_size=64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert any(re.match(r"^training\.batch_size = 64 +# Global batch over all devices and hosts\.$", ln)
+               for ln in lines), lines
+    assert any(ln.startswith("training.dispatch_loop = 'auto'") and "lax.scan" in ln for ln in lines)
+    assert len(lines) >= 80 and not os.path.exists(tmp_path / "config.json")  # every field, one a line
