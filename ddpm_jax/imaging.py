@@ -21,6 +21,12 @@ def from_uint8(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32) / 127.5 - 1.0
 
 
+def as_float(x: np.ndarray) -> np.ndarray:
+    """uint8 images -> float32 [-1, 1] (`from_uint8`); arrays already float (or 2-D points) as float32."""
+    x = np.asarray(x)
+    return from_uint8(x) if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
+
+
 def is_image_shape(shape: Sequence[int]) -> bool:
     """True for an example shape [H, W, C] (images), False for points [D] (2-D toy data)."""
     return len(tuple(shape)) == 3

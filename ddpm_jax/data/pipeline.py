@@ -35,6 +35,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from ddpm_jax import imaging
 from ddpm_jax.data import sources
 
 STATE_VERSION = 1
@@ -55,16 +56,9 @@ def _check_hosts(batch_size: int, process_index: int, process_count: int, name: 
         )
 
 
-def _to_float(x: np.ndarray) -> np.ndarray:
-    """uint8 images → float32 in [-1, 1] (x / 127.5 - 1, as the official code); toy2d as is."""
-    if x.dtype == np.uint8:
-        return x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    return x.astype(np.float32, copy=False)
-
-
 def _to_float_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Images to float32 in [-1, 1]; labels ("y", int32) and the eval mask as they are."""
-    return {**batch, "x": _to_float(batch["x"])}
+    return {**batch, "x": imaging.as_float(batch["x"])}
 
 
 def _read_options() -> grain.ReadOptions:

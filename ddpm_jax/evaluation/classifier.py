@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from ddpm_jax import config_loading, data, files
+from ddpm_jax import config_loading, data, files, imaging
 from ddpm_jax.data import sources
 
 SEED = 0  # Initialisation and batch order: fixed, whatever config.seed is.
@@ -83,14 +83,6 @@ class FeatureCNN(nn.Module):
         return features, nn.Dense(self.num_classes)(nn.relu(features))
 
 
-def to_model_input(images: Any) -> np.ndarray:
-    """uint8 images → float32 in [-1, 1] (x / 127.5 − 1, as the data pipeline); floats as given."""
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    return images.astype(np.float32, copy=False)
-
-
 class Classifier:
     """A trained FeatureCNN: batched, jit-compiled ``features`` / ``logits`` of images.
 
@@ -113,7 +105,7 @@ class Classifier:
 
     def features_and_logits(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
         """(float32 features [N, feature_dim], float32 logits [N, num_classes]) of ``images``."""
-        x = to_model_input(images)
+        x = imaging.as_float(images)
         want = (self.info["image_size"], self.info["image_size"], self.info["num_channels"])
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(want):
             raise ValueError(f"the classifier takes images of shape [N, {want[0]}, {want[1]}, {want[2]}] "
@@ -226,7 +218,7 @@ def train(data_cfg: Any, *, steps: int | None = None, batch_size: int = DEFAULT_
     max_shift = default_shift(size) if max_shift is None else int(max_shift)
     layers = default_layers(size)
     model = FeatureCNN(num_classes=num_classes, layers=layers)
-    params = _fit(model, to_model_input(train_set["x"]), train_set["y"], steps=steps,
+    params = _fit(model, imaging.as_float(train_set["x"]), train_set["y"], steps=steps,
                   batch_size=batch_size, lr=lr, max_shift=max_shift, log=log)
     info = {
         "format": FORMAT_VERSION,
