@@ -157,8 +157,8 @@ def test_sigterm_to_one_host_checkpoints_every_host_at_one_step(one_process, tmp
 def test_sample_mode_on_two_hosts_makes_the_same_images(two_processes):
     values = {**TOY, "training.num_steps": 4, "sampling.num_samples": 20, "sampling.batch_size": 16}
     _launch(two_processes, "--mode=sample", *_flags(values))
-    two = np.load(os.path.join(two_processes, "samples", "sample_ddpm_step4_seed0_n20.npz"))["samples"]
     config = _toy_config(**values)
+    two = np.load(os.path.join(two_processes, "samples", f"sample_{sample.output_tag(config, 4)}.npz"))["samples"]
     one = np.load(sample.run(config, two_processes)["npz"])["samples"]  # 1 process x 8 devices
     assert two.shape == (20, 2)
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)

@@ -186,6 +186,25 @@ def test_sampling_beside_a_running_training_and_past_a_damaged_checkpoint(refere
     assert os.path.isfile(os.path.join(w, "samples", "sample_ddpm_step12_seed0_n4.npz"))
 
 
+def test_every_reading_mode_loads_the_newest_valid_checkpoint(reference, tmp_path, caplog):
+    """sample, eval and bpd get their params from setup.load_run: past a damaged newest
+    checkpoint (left where it is), and refusing an empty workdir without creating anything."""
+    w = _copy(reference[0], tmp_path)
+    config = kr.config_of(VALUES)
+    os.makedirs(os.path.join(w, "checkpoints", "16"))
+    with caplog.at_level("WARNING"):
+        loaded = setup.load_run(config, w)
+    assert loaded.step == 12 and "checkpoint 16 is unreadable" in caplog.text and "used step 12" in caplog.text
+    assert os.path.isdir(os.path.join(w, "checkpoints", "16"))
+    with checkpointing.Checkpointer(reference[0], async_save=False) as ckpt:  # the undamaged original
+        step_12 = ckpt.restore_ema_params(setup.abstract_params(loaded.model, loaded.shape, loaded.mesh), 12)
+    for a, b in zip(jax.tree.leaves(jax.device_get(loaded.params)), jax.tree.leaves(jax.device_get(step_12))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        setup.load_run(config, str(tmp_path / "empty"))
+    assert not os.path.exists(tmp_path / "empty")
+
+
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(reference, env, tmp_path):
     ref_dir, ref_state = reference
     w = _copy(ref_dir, tmp_path)
