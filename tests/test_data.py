@@ -554,3 +554,19 @@ def test_unknown_builtin_split():
     with pytest.raises(ValueError, match="Unknown split 'validation'.*use one of train, test"):
         data.num_examples(_cfg(), "validation")
     assert sources.SOURCE_NAMES == data.SOURCE_NAMES
+
+
+def test_an_epoch_asked_for_late_is_drawn_again_not_lost():
+    """Prefetch threads may be several epochs apart on a tiny dataset: asking for an epoch after
+    three newer ones were drawn (and it was dropped from the cache) gives the same draw again."""
+    from ddpm_jax.data.pipeline import _HostBatches
+
+    batches = _HostBatches(np.zeros((5, 2), np.float32), host_batch=2, process_index=0, process_count=1,
+                           seed=3, flip=True)
+    first = batches._epoch(1)
+    for later in (2, 3, 4, 5):
+        batches._epoch(later)
+    again = batches._epoch(1)  # dropped from the cache by now
+    np.testing.assert_array_equal(again[0], first[0])
+    np.testing.assert_array_equal(again[1], first[1])
+    assert sorted(batches._epochs)[-1] == 5

@@ -168,12 +168,16 @@ class _HostBatches(grain.MapDataset):
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(permutation, flip coins) of one epoch, drawn from (seed, epoch); the last few cached."""
         with self._lock:
-            if epoch not in self._epochs:
+            drawn = self._epochs.get(epoch)
+            if drawn is None:
                 rng = np.random.default_rng(np.random.SeedSequence([self._seed, epoch]))
-                self._epochs[epoch] = (rng.permutation(self._num), rng.integers(0, 2, self._num) == 1)
-                for old in sorted(self._epochs)[:-3]:  # Threads may be an epoch apart.
-                    del self._epochs[old]
-            return self._epochs[epoch]
+                drawn = self._epochs[epoch] = (rng.permutation(self._num), rng.integers(0, 2, self._num) == 1)
+                # Threads may be epochs apart (a tiny dataset): an older epoch asked for late is
+                # drawn again, and never dropped before it is returned.
+                for old in sorted(self._epochs)[:-3]:
+                    if old != epoch:
+                        del self._epochs[old]
+            return drawn
 
     def __getitem__(self, index):
         if isinstance(index, slice):
