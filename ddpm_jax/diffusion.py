@@ -16,8 +16,11 @@ import numpy as np
 
 from ddpm_jax.schedules import Schedule
 
-PREDS = ("eps", "x0", "v")
-VAR_TYPES = ("fixedlarge", "fixedsmall")
+PREDS = ("eps", "x0", "v", "xprev")
+VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
+LEARNED_VAR_TYPES = ("learned", "learned_range")
+LOSSES = ("mse", "kl", "hybrid")
+HYBRID_LAMBDA = 1e-3  # λ of L_hybrid = L_simple + λ L_vlb (Nichol & Dhariwal 2021, §3.1)
 
 
 def check_pred(pred: str) -> None:
@@ -28,7 +31,35 @@ def check_pred(pred: str) -> None:
 def check_var_type(var_type: str) -> None:
     if var_type not in VAR_TYPES:
         raise ValueError(f"unknown var_type={var_type!r}; choose one of {', '.join(VAR_TYPES)} "
-                         "(fixedlarge: β_t, fixedsmall: β̃_t).")
+                         "(fixedlarge: β_t, fixedsmall: β̃_t, learned: log σ² from the network, "
+                         "learned_range: Nichol & Dhariwal eq. (15)).")
+
+
+def check_loss(loss: str, var_type: str) -> None:
+    """`loss` in mse | kl | hybrid; hybrid needs a learned variance (its L_vlb trains only Σ_θ)."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss={loss!r}; choose one of {', '.join(LOSSES)}.")
+    check_var_type(var_type)
+    if loss == "hybrid" and var_type not in LEARNED_VAR_TYPES:
+        raise ValueError(f"loss='hybrid' with var_type={var_type!r} is L_simple (the mean is stopped from "
+                         "L_vlb's gradient); use var_type=learned_range or loss=mse.")
+
+
+def output_channels(data_channels: int, var_type: str) -> int:
+    """Channels the network outputs: C, or 2C (mean part, variance part) for a learned variance."""
+    check_var_type(var_type)
+    return 2 * int(data_channels) if var_type in LEARNED_VAR_TYPES else int(data_channels)
+
+
+def split_output(model_output, var_type: str = "fixedlarge"):
+    """(mean part, variance part or None): a learned variance's 2C channels split on the last axis."""
+    check_var_type(var_type)
+    if var_type not in LEARNED_VAR_TYPES:
+        return model_output, None
+    if model_output.shape[-1] % 2:
+        raise ValueError(f"var_type={var_type!r} needs a network output of 2C channels, got "
+                         f"{model_output.shape[-1]}; build the model for this var_type (out_ch = 2C).")
+    return jnp.split(model_output, 2, axis=-1)
 
 
 def extract(table: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
@@ -113,29 +144,57 @@ def eps_from_v(sched: Schedule, x_t, t, v):
     return a * v + s * x_t
 
 
-def x0_and_eps(sched: Schedule, model_output, x_t, t, pred: str = "eps"):
-    """(x̂_0, ε̂) implied by the network output for `pred` in eps | x0 | v (no clipping)."""
+def x0_from_xprev(sched: Schedule, x_t, t, xprev):
+    """x_0 = (μ̃ − c₂ x_t) / c₁: eq. (7)'s posterior mean μ̃ = c₁ x_0 + c₂ x_t solved for x_0."""
+    coef1 = extract(sched.posterior_mean_coef1, t, x_t.ndim)
+    coef2 = extract(sched.posterior_mean_coef2, t, x_t.ndim)
+    return (xprev - coef2 * x_t) / coef1
+
+
+def x0_and_eps(sched: Schedule, model_output, x_t, t, pred: str = "eps", *, var_type: str = "fixedlarge"):
+    """(x̂_0, ε̂) implied by the network output for `pred` in eps | x0 | v | xprev (no clipping).
+
+    With a learned `var_type` the output has 2C channels; the variance half is dropped here.
+    """
     check_pred(pred)
+    model_output, _ = split_output(model_output, var_type)
     if pred == "eps":
         return x0_from_eps(sched, x_t, t, model_output), model_output
     if pred == "x0":
         return model_output, eps_from_x0(sched, x_t, t, model_output)
+    if pred == "xprev":
+        x0 = x0_from_xprev(sched, x_t, t, model_output)
+        return x0, eps_from_x0(sched, x_t, t, x0)
     return x0_from_v(sched, x_t, t, model_output), eps_from_v(sched, x_t, t, model_output)
 
 
 # ---- Reverse process p(x_{t−1} | x_t) --------------------------------------------------------
 
-def reverse_variance(sched: Schedule, t, ndim: int, var_type: str = "fixedlarge"):
-    """(variance, log_variance) of p(x_{t−1} | x_t), §3.2: σ_t² = β_t or β̃_t.
+def reverse_variance(sched: Schedule, t, ndim: int, var_type: str = "fixedlarge", var_output=None):
+    """(variance, log_variance) of p(x_{t−1} | x_t): fixed (Ho et al. §3.2) or learned.
 
     fixedlarge: variance β_t; its log uses β̃_1 = posterior_variance[1] at t = 0, as the
     official code's log(append(posterior_variance[1], betas[1:])) (a better decoder likelihood).
     fixedsmall: β̃_t, with the clipped log (β̃_1 at t = 0, where β̃_0 = 0).
+    learned: log σ_t² = `var_output` (the official `learned`).
+    learned_range: log σ_t² = v log β_t + (1 − v) log β̃_t with v = (`var_output` + 1)/2
+    (Nichol & Dhariwal eq. (15); the output ∈ [−1, 1] spans β̃_t … β_t; log β̃_t clipped at t = 0).
     """
     check_var_type(var_type)
     if var_type == "fixedlarge":
         return extract(sched.betas, t, ndim), extract(sched.fixedlarge_log_variance, t, ndim)
-    return extract(sched.posterior_variance, t, ndim), extract(sched.posterior_log_variance_clipped, t, ndim)
+    if var_type == "fixedsmall":
+        return extract(sched.posterior_variance, t, ndim), extract(sched.posterior_log_variance_clipped, t, ndim)
+    if var_output is None:
+        raise ValueError(f"var_type={var_type!r} needs the network's variance channels (var_output).")
+    if var_type == "learned":
+        log_variance = var_output
+    else:
+        min_log = extract(sched.posterior_log_variance_clipped, t, ndim)
+        max_log = jnp.log(extract(sched.betas, t, ndim))
+        frac = (var_output + 1.0) / 2.0
+        log_variance = frac * max_log + (1.0 - frac) * min_log
+    return jnp.exp(log_variance), log_variance
 
 
 def p_mean_variance(sched: Schedule, model_output, x_t, t, *, pred: str = "eps",
@@ -144,26 +203,64 @@ def p_mean_variance(sched: Schedule, model_output, x_t, t, *, pred: str = "eps",
 
     The mean is the posterior mean μ̃_t(x_t, x̂_0) of eq. (7) at the predicted x̂_0 (for
     pred="eps" this equals eq. (11) when no clipping happens), with x̂_0 clipped to [−1, 1] when
-    `clip_denoised` (Alg. 2 as released). Returns dict(mean, variance, log_variance, pred_x0).
+    `clip_denoised` (Alg. 2 as released); for pred="xprev" the network's output is the mean
+    itself (x̂_0 from it is clipped, the mean is not: the official code). With a learned
+    `var_type` the output's last C channels give the variance (`reverse_variance`).
+    Returns dict(mean, variance, log_variance, pred_x0).
     """
-    x0_hat, _ = x0_and_eps(sched, model_output, x_t, t, pred)
+    mean_output, var_output = split_output(model_output, var_type)
+    x0_hat, _ = x0_and_eps(sched, mean_output, x_t, t, pred)
     if clip_denoised:
         x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
-    mean, _, _ = q_posterior(sched, x0_hat, x_t, t)
-    variance, log_variance = reverse_variance(sched, t, x_t.ndim, var_type)
+    if pred == "xprev":
+        mean = mean_output
+    else:
+        mean, _, _ = q_posterior(sched, x0_hat, x_t, t)
+    variance, log_variance = reverse_variance(sched, t, x_t.ndim, var_type, var_output)
     return dict(mean=mean, variance=variance, log_variance=log_variance, pred_x0=x0_hat)
 
 
 # ---- Training loss (§3.4) ---------------------------------------------------------------------
 
 def training_target(sched: Schedule, x0, t, noise, pred: str = "eps"):
-    """What the network regresses onto: ε (eq. (14)), x_0, or v."""
+    """What the network regresses onto: ε (eq. (14)), x_0, v, or the posterior mean μ̃_t(x_t, x_0)
+    of eq. (7) (xprev, at x_t = q_sample(x_0, t, ε))."""
     check_pred(pred)
     if pred == "eps":
         return noise
     if pred == "x0":
         return x0
+    if pred == "xprev":
+        return q_posterior(sched, x0, q_sample(sched, x0, t, noise), t)[0]
     return v_target(sched, x0, t, noise)
+
+
+def training_losses(sched: Schedule, model_output, x0, x_t, t, noise, *, pred: str = "eps",
+                    var_type: str = "fixedlarge", loss: str = "mse",
+                    hybrid_lambda: float = HYBRID_LAMBDA) -> jnp.ndarray:
+    """The per-example training loss [B] of `model_output` at x_t = q_sample(x_0, t, ε).
+
+    mse:    mean over pixels of (target − output)²: L_simple (eq. (14)) for pred=eps, and
+            ‖μ̃ − μ_θ‖² (Table 2) for pred=xprev; needs a fixed variance (nothing would train Σ_θ).
+    kl:     the bound's term L_t of eq. (5) in bits/dim (`vlb_terms_bpd`, x̂_0 unclipped): the
+            KL to q(x_{t−1} | x_t, x_0) for t > 0, the decoder NLL at t = 0 (the official `kl`).
+    hybrid: L_simple + λ L_vlb (Nichol & Dhariwal §3.1) with L_vlb's one-sample estimate T·L_t
+            computed on the mean channels under stop_gradient, so L_vlb trains only Σ_θ.
+    """
+    check_loss(loss, var_type)
+    if loss == "mse" and var_type in LEARNED_VAR_TYPES:
+        raise ValueError(f"loss='mse' leaves the learned variance (var_type={var_type!r}) untrained; "
+                         "use loss=hybrid (or kl).")
+    model_output = model_output.astype(jnp.float32)
+    if loss == "kl":
+        return vlb_terms_bpd(sched, model_output, x0, x_t, t, pred=pred, var_type=var_type)["kl_bpd"]
+    mean_output, var_output = split_output(model_output, var_type)
+    mse = meanflat(jnp.square(training_target(sched, x0, t, noise, pred) - mean_output))
+    if loss == "mse":
+        return mse
+    frozen = jnp.concatenate([jax.lax.stop_gradient(mean_output), var_output], axis=-1)
+    vb = vlb_terms_bpd(sched, frozen, x0, x_t, t, pred=pred, var_type=var_type)["kl_bpd"]
+    return mse + hybrid_lambda * sched.num_timesteps * vb
 
 
 def loss_simple(sched: Schedule, model_fn: Callable, x0, key: jax.Array, *, pred: str = "eps") -> jnp.ndarray:
@@ -177,9 +274,7 @@ def loss_simple(sched: Schedule, model_fn: Callable, x0, key: jax.Array, *, pred
     t = jax.random.randint(key_t, (x0.shape[0],), 0, sched.num_timesteps, dtype=jnp.int32)
     noise = jax.random.normal(key_noise, x0.shape, x0.dtype)
     x_t = q_sample(sched, x0, t, noise)
-    out = model_fn(x_t, t)
-    target = training_target(sched, x0, t, noise, pred)
-    return meanflat(jnp.square(target - out.astype(jnp.float32)))
+    return training_losses(sched, model_fn(x_t, t), x0, x_t, t, noise, pred=pred)
 
 
 # ---- Variational bound in bits/dim (eq. (5), §3.3) ---------------------------------------------

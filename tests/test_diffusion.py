@@ -151,6 +151,8 @@ def test_p_mean_variance_clips_x0(sched):
     mean, _, _ = diffusion.q_posterior(sched, out["pred_x0"], xt, t)
     np.testing.assert_array_equal(out["mean"], mean)
     with pytest.raises(ValueError, match="fixedlarge, fixedsmall"):
+        diffusion.p_mean_variance(sched, xt, xt, t, var_type="learnt")
+    with pytest.raises(ValueError, match="2C channels"):  # 3 channels cannot hold mean and variance
         diffusion.p_mean_variance(sched, xt, xt, t, var_type="learned")
 
 
