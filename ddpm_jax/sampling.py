@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, guidance
 from ddpm_jax.schedules import Schedule
 
 METHODS = ("ddpm", "ddim")
@@ -160,7 +160,8 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
            seed, method: str = "ddpm", num_steps: int | None = None, eta: float = 0.0,
            spacing: str = "leading", var_type: str = "fixedlarge", clip_denoised: bool = True,
            pred: str = "eps", x_start=None, start_step: int | None = None,
-           trajectory_every: int = 0) -> SampleOutput:
+           trajectory_every: int = 0, labels: jnp.ndarray | None = None, guidance_scale: float = 0.0,
+           null_label: int | None = None) -> SampleOutput:
     """Draws len(indices) samples with one `lax.scan` over the reverse steps.
 
     apply_fn(params, x_t, t) → model output, t an int32 [B]. `shape` is ONE example's shape,
@@ -174,7 +175,10 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
     x_start. x_start without start_step is x_T.
     trajectory_every=n > 0 keeps x and x̂_0 after every n-th step (an outer scan over chunks of
     n steps, so only those frames are stored).
-    Every argument but params, sched, indices, x_start (and seed) must be static under jit.
+    labels int [B] (aligned with indices) conditions a class-conditional network, called as
+    apply_fn(params, x_t, t, labels); guidance_scale w > 0 is classifier-free guidance
+    (1 + w) ε(x, c) − w ε(x, ∅) with ∅ = null_label, both in one batched call (`guidance.py`).
+    Every argument but params, sched, indices, x_start, labels (and seed) must be static under jit.
     """
     T = sched.num_timesteps
     indices = jnp.asarray(indices)
@@ -199,12 +203,17 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
     diffusion.check_var_type(var_type)
     ts, t_prevs = _plan(method, T, int(k), num_steps, spacing)
 
+    if labels is not None and tuple(jnp.shape(labels)) != (B,):
+        raise ValueError(f"labels must be an int array [len(indices)] = [{B}], got shape {jnp.shape(labels)}.")
+    # The network as model_fn(x_t, t), labels and guidance applied: every method's steps call this.
+    model_fn = guidance.model_fn(apply_fn, params, labels=labels, guidance_scale=guidance_scale,
+                                 null_label=null_label)
     keys = image_keys(seed, indices)
     x = image_noise(keys, T, shape) if x_start is None else jnp.asarray(x_start, jnp.float32)
     deterministic = method == "ddim" and isinstance(eta, (int, float)) and eta == 0
 
     def one_step(x, t, t_prev):
-        out = apply_fn(params, x, jnp.full((B,), t, jnp.int32)).astype(x.dtype)
+        out = model_fn(x, jnp.full((B,), t, jnp.int32)).astype(x.dtype)
         noise = jnp.zeros_like(x) if deterministic else image_noise(keys, t, shape, x.dtype)
         if method == "ddpm":
             return ddpm_step(sched, out, x, t, noise, var_type=var_type,

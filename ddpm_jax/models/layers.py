@@ -81,6 +81,39 @@ class TimestepEmbedding(nn.Module):
         return dense(name="linear_2")(nn.swish(emb))
 
 
+class ClassEmbedding(nn.Module):
+    """Class label -> learned 4ch vector; row `num_classes` is the null class (Ho & Salimans 2022).
+
+    As improved-diffusion's `label_emb` (nn.Embedding) and diffusers' `class_embedding`
+    (num_class_embeds): the vector is added to the timestep embedding. `y=None` is the null class
+    for the whole batch. A label outside 0..num_classes gives NaN (jnp.take's fill), never
+    another class's row; `checks.py` refuses such labels before sampling.
+    """
+
+    num_classes: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, y: jnp.ndarray | None, batch: int) -> jnp.ndarray:
+        if y is None:
+            y = jnp.full((batch,), self.num_classes, jnp.int32)
+        y = jnp.asarray(y)
+        if not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError(f"class labels y must be integers, got dtype {y.dtype}; pass int32 labels.")
+        if y.ndim == 0:
+            y = jnp.broadcast_to(y, (batch,))
+        if y.shape != (batch,):
+            raise ValueError(f"class labels y must be a scalar or have shape [{batch}] (the batch), "
+                             f"got {y.shape}.")
+        # N(0, 1): torch.nn.Embedding's init, as diffusers and improved-diffusion.
+        table = self.param("embedding", nn.initializers.normal(1.0), (self.num_classes + 1, self.features),
+                           self.param_dtype)
+        emb = jnp.take(table, y.astype(jnp.int32), axis=0, mode="fill", fill_value=jnp.nan)
+        return emb.astype(self.dtype)
+
+
 class ResnetBlock(nn.Module):
     """Residual block: norm, swish, conv3x3, + Dense(swish(temb)), norm, swish, dropout, conv3x3.
 

@@ -10,6 +10,12 @@ Parameter tree (diffusers `UNet2DModel` names with `.i` written `_i`):
 `time_embedding/linear_{1,2}`, `conv_in`, `down_blocks_i/{resnets_j,attentions_j,downsamplers_0}`,
 `mid_block/{resnets_0,attentions_0,resnets_1}`, `up_blocks_i/{resnets_j,attentions_j,upsamplers_0}`
 (up_blocks_0 is the lowest resolution, as in diffusers), `conv_norm_out`, `conv_out`.
+
+Class conditioning (`num_classes > 0`): a learned embedding `class_embedding` (nn.Embed of
+num_classes + 1 rows, 4ch wide; row `num_classes` is the null class of classifier-free guidance,
+Ho & Salimans 2022) is added to the timestep embedding, as improved-diffusion's `label_emb` and
+diffusers' `class_embedding` (num_class_embeds). With `num_classes = 0` the network, its
+parameter tree and its outputs are exactly the unconditional ones.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddpm_jax.models.layers import (ATTENTION_IMPLS, NUM_GROUPS, AttnBlock, Downsample, ResnetBlock,
-                                    TimestepEmbedding, Upsample, default_init, group_norm)
+from ddpm_jax.models.layers import (ATTENTION_IMPLS, NUM_GROUPS, AttnBlock, ClassEmbedding, Downsample,
+                                    ResnetBlock, TimestepEmbedding, Upsample, default_init, group_norm)
 
 Dtype = Any
 
@@ -110,7 +116,11 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM U-Net: `apply({"params": p}, x [B,H,W,C], t [B] or scalar, train=False)` -> [B,H,W,out_ch].
+    """The DDPM U-Net: `apply({"params": p}, x [B,H,W,C], t [B] or scalar, y=None, train=False)` -> [B,H,W,out_ch].
+
+    `num_classes > 0` makes it class-conditional: `y` int [B] (or a scalar) in 0..num_classes,
+    where `y = num_classes` is the null (unconditional) class; `y=None` means the null class.
+    With `num_classes = 0` (the default), `y` must be None.
 
     `dtype` is the compute dtype (float32 or bfloat16); parameters are `param_dtype`. GroupNorm
     statistics, the attention softmax, the output norm/conv and the returned array are float32.
@@ -131,6 +141,7 @@ class UNet(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
     remat: bool = False
+    num_classes: int = 0
 
     def _check(self, x: jnp.ndarray, dtype: jnp.dtype) -> None:
         if x.ndim != 4:
@@ -154,7 +165,8 @@ class UNet(nn.Module):
                              "set dtype='bfloat16' or attention_impl='xla'.")
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray | None = None,
+                 train: bool = False) -> jnp.ndarray:
         dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
         self._check(x, dtype)
         batch = x.shape[0]
@@ -168,6 +180,11 @@ class UNet(nn.Module):
         num_levels = len(self.ch_mult)
 
         temb = TimestepEmbedding(self.ch, name="time_embedding", **kw)(t)
+        if self.num_classes:
+            temb = temb + ClassEmbedding(self.num_classes, 4 * self.ch, name="class_embedding", **kw)(y, batch)
+        elif y is not None:
+            raise ValueError("labels y were given to an unconditional UNet (num_classes=0); "
+                             "set model.num_classes > 0 or pass y=None.")
         h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init(), name="conv_in", **kw)(x)
         skips = [h]
         for i, mult in enumerate(self.ch_mult):

@@ -1,0 +1,167 @@
+"""Classifier-free guidance (ddpm_jax/guidance.py) and the labels of sampling.sample.
+
+The guided prediction is checked against an independent float64 implementation written here
+from Ho & Salimans 2022, eq. (6), in ε-space, for networks that predict ε, x0 or v; a toy
+network whose output depends on the label makes every branch visible.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import diffusion, guidance, sampling, schedules
+from ddpm_jax.schedules import Schedule
+
+T = 50
+NUM_CLASSES = 4
+SHAPE = (4, 4, 1)
+
+
+@pytest.fixture(scope="module")
+def betas():
+    return schedules.get_betas("linear", T, beta_start=1e-4, beta_end=0.2)
+
+
+@pytest.fixture(scope="module")
+def sched(betas):
+    return Schedule.from_betas(betas)
+
+
+def _toy_params(seed=0):
+    rng = np.random.default_rng(seed)
+    return dict(table=jnp.asarray(rng.normal(size=(NUM_CLASSES + 1,) + SHAPE), jnp.float32),
+                scale=jnp.asarray(rng.uniform(0.5, 1.5, size=SHAPE), jnp.float32))
+
+
+def _toy_apply(params, x, t, y=None):
+    """A label-dependent network: out = scale·x·(1 + t/T) + table[y] (y None: the null row)."""
+    if y is None:
+        y = jnp.full((x.shape[0],), NUM_CLASSES, jnp.int32)
+    tt = jnp.asarray(t, jnp.float32).reshape(-1, 1, 1, 1)
+    return params["scale"] * x * (1.0 + tt / T) + params["table"][y]
+
+
+def _np_toy(params, x, t, y):
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    return p["scale"] * x * (1.0 + np.asarray(t, np.float64).reshape(-1, 1, 1, 1) / T) + p["table"][y]
+
+
+def _np_eps(betas, out, x, t, pred):
+    """ε implied by a network output, float64, written from the definitions (not from ddpm_jax)."""
+    abar = np.cumprod(1.0 - betas)[t].reshape(-1, 1, 1, 1)
+    if pred == "eps":
+        return out
+    if pred == "x0":  # x_t = √ᾱ x0 + √(1−ᾱ) ε
+        return (x - np.sqrt(abar) * out) / np.sqrt(1.0 - abar)
+    return np.sqrt(abar) * out + np.sqrt(1.0 - abar) * x  # v = √ᾱ ε − √(1−ᾱ) x0
+
+
+def _inputs(seed=1, batch=6):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch,) + SHAPE)
+    t = rng.integers(0, T, batch)
+    y = rng.integers(0, NUM_CLASSES, batch)
+    return x, t, y
+
+
+@pytest.mark.parametrize("pred", ["eps", "x0", "v"])
+@pytest.mark.parametrize("w", [0.5, 2.0, 4.0])
+def test_guided_eps_matches_an_independent_implementation(sched, betas, pred, w):
+    params = _toy_params()
+    x, t, y = _inputs()
+    fn = guidance.model_fn(_toy_apply, params, labels=jnp.asarray(y), guidance_scale=w, null_label=NUM_CLASSES)
+    out = np.asarray(fn(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.int32)), np.float64)
+    # Reference: each branch to ε, then (1 + w) ε_c − w ε_∅ (eq. (6)).
+    eps_c = _np_eps(betas, _np_toy(params, x, t, y), x, t, pred)
+    eps_u = _np_eps(betas, _np_toy(params, x, t, np.full_like(y, NUM_CLASSES)), x, t, pred)
+    want = (1 + w) * eps_c - w * eps_u
+    got = _np_eps(betas, out, x, t, pred)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * (1 + w))
+    # and the library's own conversion of the guided output gives the same ε
+    _, lib_eps = diffusion.x0_and_eps(sched, jnp.asarray(out, jnp.float32), jnp.asarray(x, jnp.float32),
+                                      jnp.asarray(t), pred)
+    np.testing.assert_allclose(np.asarray(lib_eps, np.float64), want, rtol=1e-3, atol=2e-3 * (1 + w))
+
+
+def test_w0_is_the_plain_conditional_model_and_no_labels_the_unconditional():
+    params = _toy_params()
+    x, t, y = (jnp.asarray(a) for a in _inputs())
+    x = x.astype(jnp.float32)
+    cond = guidance.model_fn(_toy_apply, params, labels=y, guidance_scale=0.0, null_label=NUM_CLASSES)
+    np.testing.assert_array_equal(np.asarray(cond(x, t)), np.asarray(_toy_apply(params, x, t, y)))
+    plain = guidance.model_fn(_toy_apply, params)
+    np.testing.assert_array_equal(np.asarray(plain(x, t)), np.asarray(_toy_apply(params, x, t)))
+    # a traced w = 0 (guided path) gives the conditional output too
+    traced = jax.jit(lambda w: guidance.model_fn(_toy_apply, params, labels=y, guidance_scale=w,
+                                                 null_label=NUM_CLASSES)(x, t))(0.0)
+    np.testing.assert_allclose(np.asarray(traced), np.asarray(_toy_apply(params, x, t, y)), rtol=1e-6)
+
+
+def test_both_branches_in_one_batched_call():
+    calls = []
+
+    def spy(params, x, t, y=None):
+        calls.append((x.shape[0], None if y is None else np.asarray(y)))
+        return _toy_apply(params, x, t, y)
+
+    x, t, y = _inputs(batch=3)
+    fn = guidance.model_fn(spy, _toy_params(), labels=jnp.asarray(y), guidance_scale=1.0, null_label=NUM_CLASSES)
+    fn(jnp.asarray(x, jnp.float32), jnp.asarray(t))
+    assert len(calls) == 1 and calls[0][0] == 6
+    np.testing.assert_array_equal(calls[0][1], np.concatenate([y, np.full(3, NUM_CLASSES)]))
+
+
+def test_sample_with_guidance_equals_a_loop_of_guided_steps(sched, betas):
+    """sampling.sample(labels, guidance_scale) == DDIM steps on the independently guided ε."""
+    params, w, n = _toy_params(), 2.0, 3
+    indices = np.arange(5, 5 + n)
+    y = np.array([0, 3, 1])
+    out = sampling.sample(_toy_apply, params, sched, shape=SHAPE, indices=jnp.asarray(indices), seed=7,
+                          method="ddim", num_steps=5, labels=jnp.asarray(y), guidance_scale=w,
+                          null_label=NUM_CLASSES, clip_denoised=False)
+    keys = sampling.image_keys(7, jnp.asarray(indices))
+    x = sampling.image_noise(keys, T, SHAPE)
+    ts = sampling.ddim_timesteps(T, 5)
+    for t, t_prev in zip(ts, list(ts[1:]) + [-1]):
+        tb = np.full(n, t)
+        xn = np.asarray(x, np.float64)
+        eps = (1 + w) * _np_toy(params, xn, tb, y) - w * _np_toy(params, xn, tb, np.full(n, NUM_CLASSES))
+        x, _ = sampling.ddim_step(sched, jnp.asarray(eps, jnp.float32), x, jnp.asarray(tb), int(t_prev),
+                                  jnp.zeros_like(x), clip_denoised=False)
+    np.testing.assert_allclose(np.asarray(out.samples), np.asarray(x), rtol=1e-4, atol=1e-4)
+
+
+def test_drop_labels_replaces_the_intended_fraction():
+    labels = jnp.asarray(np.random.default_rng(0).integers(0, 10, 100_000), jnp.int32)
+    key = jax.random.key(3)
+    for p in (0.1, 0.5):
+        dropped = np.asarray(guidance.drop_labels(labels, key, p, null_label=10))
+        is_null = dropped == 10
+        # Binomial(n, p): 5 standard deviations
+        assert abs(is_null.mean() - p) < 5 * np.sqrt(p * (1 - p) / labels.size)
+        np.testing.assert_array_equal(dropped[~is_null], np.asarray(labels)[~is_null])
+    np.testing.assert_array_equal(np.asarray(guidance.drop_labels(labels, key, 0.0, 10)), np.asarray(labels))
+    assert np.all(np.asarray(guidance.drop_labels(labels, key, 1.0, 10)) == 10)
+    # a different key drops other labels
+    a = np.asarray(guidance.drop_labels(labels, jax.random.key(4), 0.5, 10)) == 10
+    b = np.asarray(guidance.drop_labels(labels, key, 0.5, 10)) == 10
+    assert (a != b).mean() > 0.4
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(guidance_scale=-1.0, labels=jnp.zeros(2, jnp.int32), null_label=4), "guidance_scale=-1 must be >= 0"),
+    (dict(guidance_scale=2.0), "guidance_scale=2 needs class labels"),
+    (dict(guidance_scale=2.0, labels=jnp.zeros(2, jnp.int32)), "needs null_label"),
+])
+def test_bad_guidance_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        guidance.model_fn(_toy_apply, _toy_params(), **kwargs)
+
+
+def test_bad_label_shapes_and_dropout_are_refused(sched):
+    with pytest.raises(ValueError, match=r"labels must be an int array \[len\(indices\)\]"):
+        sampling.sample(_toy_apply, _toy_params(), sched, shape=SHAPE, indices=jnp.arange(3), seed=0,
+                        labels=jnp.zeros(2, jnp.int32), null_label=NUM_CLASSES)
+    with pytest.raises(ValueError, match="training.label_dropout=1.5"):
+        guidance.drop_labels(jnp.zeros(3, jnp.int32), jax.random.key(0), 1.5, 4)
