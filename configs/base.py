@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params and optimizer stay float32).
     model.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
     model.remat = False  # Rematerialise residual blocks (saves memory at 256x256).
+    # Class-conditional U-Net (0 = unconditional): a learned label embedding added to the timestep
+    # embedding, plus a null class (index num_classes) for classifier-free guidance; docs/conditional.md.
+    model.num_classes = 0
     model.mlp_hidden = 128  # mlp: width of the gated layers.
     model.mlp_gate_init = "ones"  # mlp: initial per-timestep gates: ones | uniform (the tutorial's U[0, 1)).
 
@@ -86,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
     training.dispatch_loop = "auto"
     training.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
     training.eval_bpd_after = False  # Report test bits/dim when training ends.
+    # Conditional models: probability of replacing a label by the null class (Ho & Salimans 2022:
+    # 0.1-0.2; 0 = purely conditional, no guidance possible). Never applied outside training.
+    training.label_dropout = 0.1
 
     # ---- Sampling (--mode=sample, sample grids) ---------------------------------------------
     config.sampling = sampling = ml_collections.ConfigDict()
@@ -100,6 +106,12 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.trajectory_every = 0  # Keep x_t and predicted x0 every n steps, write a GIF (0 = off).
     sampling.init_image = ""  # Partial denoising: the image to noise and denoise ...
     sampling.start_step = 0  # ... from this step k (0 = start from pure noise).
+    # Conditional models: image i's class. '' = the null class (unconditional samples), 'all' = every
+    # class in turn (i % num_classes), '3,5' = this list cycled over i.
+    sampling.labels = ""
+    # Classifier-free guidance w: (1 + w) eps(x, c) - w eps(x, null); 0 = the plain conditional model.
+    # (diffusers' / GLIDE's scale s = 1 + w.)
+    sampling.guidance_scale = 0.0
 
     # ---- Evaluation (--mode=eval, --mode=fid_stats) -----------------------------------------
     config.eval = evaluation = ml_collections.ConfigDict()

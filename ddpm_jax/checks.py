@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ddpm_jax import parallel, sampling, schedules
+from ddpm_jax import data, parallel, sampling, schedules, setup
 from ddpm_jax.data.sources import SKIMAGE_PICTURES
 from ddpm_jax.evaluation import fid, inception
 
@@ -54,6 +54,7 @@ def check_config(config: ml_collections.ConfigDict, mode: str, mesh=None) -> Non
         check_schedule(config.diffusion)
     if mode in ("sample", "eval"):
         check_sampler(config.sampling, int(config.diffusion.num_timesteps))
+        check_labels(config)
     if mode == "sample":
         _positive(config.sampling, "sampling", ("num_samples", "batch_size"))
         check_init_image(config)
@@ -78,6 +79,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     check_schedule(config.diffusion)
     if int(t.sample_every) > 0:  # the grids written during and after training
         check_sampler(config.sampling, int(config.diffusion.num_timesteps))
+        check_labels(config)
+    check_conditional_training(config)
 
 
 def _positive(section: ml_collections.ConfigDict, name: str, keys: tuple) -> None:
@@ -102,6 +105,53 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
                 f"data.image_size={size} cannot go through the U-Net: model.ch_mult has {levels} levels, "
                 f"so images are halved {levels - 1} times and the size must be a multiple of {factor}; "
                 f"use --config.data.image_size={max(factor, size // factor * factor)} or fewer levels.")
+
+
+# ---- class conditioning -------------------------------------------------------------------------
+
+def check_labels(config: ml_collections.ConfigDict) -> None:
+    """model.num_classes >= 0 (a UNet only), and sampling.labels / guidance_scale that it can honour."""
+    n, s = setup.num_classes(config), config.sampling
+    if n < 0:
+        raise ValueError(f"model.num_classes={n} must be >= 0 (0 = unconditional).")
+    if n and str(config.model.name) != "unet":
+        raise ValueError(f"model.num_classes={n} needs model.name='unet' (the MLP takes no labels); "
+                         "set --config.model.num_classes=0.")
+    labels, w = setup.sampler_labels(config), float(s.get("guidance_scale", 0.0))
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"sampling.guidance_scale={w:g} must be a finite number >= 0 (0 = no guidance; "
+                         "diffusers' scale s is w = s - 1).")
+    if not n:
+        if labels is not None:
+            raise ValueError(f"sampling.labels={s.labels!r} needs a class-conditional model, but "
+                             "model.num_classes=0; set --config.sampling.labels=''.")
+        if w:
+            raise ValueError(f"sampling.guidance_scale={w:g} needs a class-conditional model "
+                             "(model.num_classes > 0); set --config.sampling.guidance_scale=0.")
+        return
+    if labels is not None:
+        bad = [c for c in labels if not 0 <= c < n]
+        if bad:
+            raise ValueError(f"sampling.labels={s.labels!r} holds {bad[0]}, outside 0..{n - 1} "
+                             f"(model.num_classes={n}); use classes in that range or 'all'.")
+    if w and labels is None:
+        raise ValueError(f"sampling.guidance_scale={w:g} guides towards a class, but sampling.labels is '' "
+                         "(the null class); set --config.sampling.labels=all (or e.g. 3,5).")
+
+
+def check_conditional_training(config: ml_collections.ConfigDict) -> None:
+    """training.label_dropout in [0, 1]; a conditional model needs the data's own class count."""
+    n, p = setup.num_classes(config), float(config.training.get("label_dropout", 0.0))
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"training.label_dropout={p:g} must lie in [0, 1] (0.1 as Ho & Salimans 2022).")
+    if not n:
+        return
+    found = data.num_classes(config.data)
+    if found != n:
+        what = "has no labels" if not found else f"has {found} classes"
+        fix = ("use a labelled source or --config.model.num_classes=0" if not found
+               else f"set --config.model.num_classes={found}")
+        raise ValueError(f"model.num_classes={n}, but data.source={config.data.source!r} {what}; {fix}.")
 
 
 # ---- the diffusion schedule ---------------------------------------------------------------------

@@ -33,12 +33,16 @@ def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
     """(name, JSON-able keyword hyper-parameters) of the configured network."""
     m = config.model
     if m.name == "unet":
-        return "unet", dict(
+        kwargs = dict(
             ch=int(m.ch), out_ch=int(config.data.num_channels), ch_mult=[int(c) for c in m.ch_mult],
             num_res_blocks=int(m.num_res_blocks), attn_resolutions=[int(r) for r in m.attn_resolutions],
             dropout=float(m.dropout), resamp_with_conv=bool(m.resamp_with_conv), dtype=str(m.dtype),
             attention_impl=str(m.attention_impl), remat=bool(m.remat),
         )
+        # Only a conditional model names it: unconditional checkpoints keep their stored meta.
+        if int(m.get("num_classes", 0)):
+            kwargs["num_classes"] = int(m.num_classes)
+        return "unet", kwargs
     if m.name == "mlp":
         return "mlp", dict(num_timesteps=int(config.diffusion.num_timesteps), hidden=int(m.mlp_hidden),
                            out_dim=2, dtype=str(m.dtype), gate_init=str(m.get("mlp_gate_init", "ones")))

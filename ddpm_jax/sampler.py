@@ -6,12 +6,16 @@ depends only on (seed, i) (`sampling.image_keys`), so the samples do not depend 
 the batch size or on the number of devices. Used by the training loop's sample
 grids, by `--mode=sample` (`modes/sample.py`) and by evaluation's resumable chunked
 generation (`evaluation/chunked_generation.py`). The math of each step is `sampling.py`.
+
+Class labels (a class-conditional model) are a function of the image index too:
+`labels[i % len(labels)]` (`labels_for`), computed on the host and sharded like the
+indices, so image i depends only on (seed, i, its label) whatever the batch.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -30,8 +34,9 @@ def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
 class Sampler:
     """A compiled sampler: `sampler(params, indices, x_start=None) -> SampleOutput` (global arrays).
 
-    `apply_fn(params, x_t, t)` is the network (eval mode). Every option of
-    `sampling.sample` except the arrays is fixed here (static under jit).
+    `apply_fn(params, x_t, t[, y])` is the network (eval mode). Every option of
+    `sampling.sample` except the arrays is fixed here (static under jit). `labels` (a
+    conditional model): the classes cycled over the image indices, see `labels_for`.
     """
 
     def __init__(
@@ -44,9 +49,13 @@ class Sampler:
         seed: int,
         trajectory_every: int = 0,
         start_step: int | None = None,
+        labels: Sequence[int] | None = None,
         **options: Any,
     ):
         self.mesh, self.sched, self.shape = mesh, sched, tuple(int(s) for s in shape)
+        self.labels = None if labels is None else tuple(int(c) for c in labels)
+        if self.labels is not None and not self.labels:
+            raise ValueError("labels=() gives no class to cycle; pass None (unconditional) or classes.")
         self._replicated = parallel.replicated(mesh)
         self._sharded = parallel.data_sharded(mesh)
         traj_sharding = parallel.data_sharded(mesh, batch_axis=1) if trajectory_every else None
@@ -57,11 +66,11 @@ class Sampler:
             trajectory_t=self._replicated if trajectory_every else None,
         )
 
-        def run(params, sched, indices, x_start):
+        def run(params, sched, indices, x_start, labels):
             return sampling.sample(
                 apply_fn, params, sched, shape=self.shape, indices=indices, seed=int(seed),
                 x_start=x_start, start_step=start_step, trajectory_every=int(trajectory_every),
-                **options,
+                labels=labels, **options,
             )
 
         self._run = jax.jit(run, out_shardings=out_shardings)
@@ -71,7 +80,14 @@ class Sampler:
         indices = np.asarray(indices, np.int32)
         put = functools.partial(_put_global, sharding=self._sharded)
         x = None if x_start is None else put(np.asarray(x_start, np.float32))
-        return self._run(params, self.sched, put(indices), x)
+        labels = self.labels_for(indices)
+        return self._run(params, self.sched, put(indices), x, None if labels is None else put(labels))
+
+    def labels_for(self, indices: np.ndarray) -> np.ndarray | None:
+        """Image i's class, `labels[i % len(labels)]` (int32, host), or None (unconditional)."""
+        if self.labels is None:
+            return None
+        return np.asarray(self.labels, np.int32)[np.asarray(indices, np.int64) % len(self.labels)]
 
 
 def _put_global(x: np.ndarray, sharding) -> jax.Array:

@@ -62,10 +62,12 @@ def create_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
 
 
 def model_apply_fn(model: nn.Module) -> Callable:
-    """(params, x_t, t) -> model output, in eval mode (no dropout)."""
+    """(params, x_t, t, y=None) -> model output, in eval mode (no dropout); y: class labels [B]."""
 
-    def apply_fn(params, x, t):
-        return model.apply({"params": params}, x, t, train=False)
+    def apply_fn(params, x, t, y=None):
+        if y is None:  # unconditional networks (and the MLP) take no labels
+            return model.apply({"params": params}, x, t, train=False)
+        return model.apply({"params": params}, x, t, y=y, train=False)
 
     return apply_fn
 
@@ -180,18 +182,56 @@ def sampler_options(config: ml_collections.ConfigDict) -> dict:
         var_type=str(config.diffusion.var_type),
         clip_denoised=bool(s.clip_denoised),
         pred=str(config.diffusion.pred),
+        **guidance_options(config),
     )
 
 
+def num_classes(config: ml_collections.ConfigDict) -> int:
+    """`model.num_classes`: 0 for an unconditional model."""
+    return int(config.model.get("num_classes", 0))
+
+
+def guidance_options(config: ml_collections.ConfigDict) -> dict:
+    """`sampling.sample`'s guidance_scale and null_label for a conditional model; {} otherwise
+    (so an unconditional run's options, and the eval meta that stores them, stay as before)."""
+    if not num_classes(config):
+        return {}
+    return dict(guidance_scale=float(config.sampling.get("guidance_scale", 0.0)),
+                null_label=num_classes(config))
+
+
+def sampler_labels(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
+    """The classes cycled over image indices (`sampler.Sampler(labels=...)`) from `sampling.labels`:
+    '' -> None (the null class: unconditional samples), 'all' -> 0..num_classes-1, '3,5' -> (3, 5).
+    Ranges are checked by `checks.check_labels`."""
+    spec = str(config.sampling.get("labels", "")).strip()
+    if not spec:
+        return None
+    if spec == "all":
+        return tuple(range(num_classes(config)))
+    try:
+        return tuple(int(c) for c in spec.split(","))
+    except ValueError:
+        raise ValueError(f"sampling.labels={spec!r} is not 'all' or a comma-separated list of class "
+                         "indices; use e.g. --config.sampling.labels=3,5") from None
+
+
 def sampler_tag(config: ml_collections.ConfigDict) -> str:
-    """A file-name part naming the sampler of `config.sampling`: ``ddpm``, ``ddim50``, ``ddim50eta0.5``."""
+    """A file-name part naming the sampler of `config.sampling`: ``ddpm``, ``ddim50``, ``ddim50eta0.5``;
+    a conditional model's labels and guidance follow: ``ddpm_yall_w2``, ``ddim50_y3-5``, ``ddpm_null``."""
     s, method = config.sampling, str(config.sampling.method)
     tag = f"{method}{int(s.ddim_steps)}" if method == "ddim" else method
     if method == "ddim" and float(s.ddim_eta):
         tag += f"eta{float(s.ddim_eta):g}"
     if method == "ddim" and str(s.ddim_spacing) != "leading":
         tag += f"-{s.ddim_spacing}"
-    return tag if bool(s.clip_denoised) else tag + "_noclip"
+    tag = tag if bool(s.clip_denoised) else tag + "_noclip"
+    if num_classes(config):
+        labels = str(s.get("labels", "")).strip()
+        tag += "_null" if not labels else "_y" + labels.replace(",", "-").replace(" ", "")
+        if float(s.get("guidance_scale", 0.0)):
+            tag += f"_w{float(s.guidance_scale):g}"
+    return tag
 
 
 def make_sampler(run: Run, config: ml_collections.ConfigDict, *, mesh: Mesh | None = None,
@@ -200,7 +240,7 @@ def make_sampler(run: Run, config: ml_collections.ConfigDict, *, mesh: Mesh | No
 
     `overrides` replace the config's options (e.g. `trajectory_every=10`, `start_step=k`).
     """
-    options = dict(seed=int(config.sampling.seed), **sampler_options(config))
+    options = dict(seed=int(config.sampling.seed), labels=sampler_labels(config), **sampler_options(config))
     options.update(overrides)
     return sampler.Sampler(run.apply_fn, run.sched, run.mesh if mesh is None else mesh, shape=run.shape,
                            **options)

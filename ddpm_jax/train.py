@@ -32,13 +32,14 @@ import numpy as np
 import optax
 from absl import logging
 
-from ddpm_jax import (checkpointing, checks, data, diffusion, files, imaging, metrics, parallel,
+from ddpm_jax import (checkpointing, checks, data, diffusion, files, guidance, imaging, metrics, parallel,
                       preemption, sampler, schedules, setup, workdir_lock)
 from ddpm_jax.evaluation import bpd
 from ddpm_jax.run_meta import RunMeta
 from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
 
 DISPATCH_LOOPS = ("auto", "scan", "unroll")
+_LABEL_STREAM = 0x1ABE  # label dropout's key: fold_in(step key, this), the step's other keys unchanged
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -62,13 +63,20 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         raise ValueError(f"training.dispatch_loop={loop!r} is unknown; use one of {DISPATCH_LOOPS}.")
     # XLA:CPU runs convolution gradients inside a while loop (scan) ~25x slower than outside it.
     use_scan = loop == "scan" or (loop == "auto" and jax.default_backend() != "cpu")
+    num_classes = setup.num_classes(config)
+    label_dropout = float(config.training.get("label_dropout", 0.0))
 
     def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        dropout_key, loss_key = jax.random.split(jax.random.fold_in(base_key, state.step))
+        step_key = jax.random.fold_in(base_key, state.step)
+        dropout_key, loss_key = jax.random.split(step_key)
+        cond = {}
+        if num_classes:  # class-conditional: the batch's labels, some replaced by the null class
+            cond["y"] = guidance.drop_labels(batch["y"], jax.random.fold_in(step_key, _LABEL_STREAM),
+                                             label_dropout, null_label=num_classes)
 
         def loss_fn(params):
             def model_fn(x_t, t):
-                return model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key})
+                return model.apply({"params": params}, x_t, t, **cond, train=True, rngs={"dropout": dropout_key})
 
             return jnp.mean(diffusion.loss_simple(sched, model_fn, batch["x"], loss_key, pred=pred))
 
