@@ -58,8 +58,16 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.num_timesteps = 1000  # T
     diffusion.beta_start = 1e-4  # beta_1
     diffusion.beta_end = 0.02  # beta_T
-    diffusion.pred = "eps"  # What the network predicts: eps | x0 | v
-    diffusion.var_type = "fixedlarge"  # Reverse variance: fixedlarge (beta_t) | fixedsmall (beta-tilde_t)
+    diffusion.pred = "eps"  # What the network predicts: eps | x0 | v | xprev (the posterior mean mu-tilde)
+    # Reverse variance: fixedlarge (beta_t) | fixedsmall (beta-tilde_t) | learned (the network outputs
+    # log sigma^2: 2C channels) | learned_range (Nichol & Dhariwal eq. 15: between beta-tilde_t and beta_t).
+    diffusion.var_type = "fixedlarge"
+    # Training loss: mse (L_simple, eq. 14; for xprev ||mu-tilde - mu||^2) | kl (the bound's term L_t in
+    # bits/dim) | hybrid (L_simple + 0.001 L_vlb, the mean stopped in L_vlb; needs a learned variance).
+    diffusion.loss = "mse"
+    # Timesteps of a training batch: uniform | loss_aware (importance sampling by the last 10 losses per
+    # t, reweighted to stay unbiased; Nichol & Dhariwal 3.3; its history is checkpointed).
+    diffusion.t_sampler = "uniform"
 
     # ---- Optimisation -----------------------------------------------------------------------
     config.optim = optim = ml_collections.ConfigDict()

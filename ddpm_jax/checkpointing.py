@@ -2,7 +2,7 @@
 
 Layout (one Orbax `CheckpointManager` under `<workdir>/checkpoints`):
 
-    checkpoints/<step>/train        step, params, optimizer state (pytree)
+    checkpoints/<step>/train        step, params, optimizer state, timestep history if any (pytree)
     checkpoints/<step>/ema_params   EMA params (pytree; what sampling/eval read)
     checkpoints/<step>/data         data-iterator state of every process (JSON)
     checkpoints/<step>/meta         model name + kwargs, data shape, schedule (JSON)
@@ -99,8 +99,9 @@ def _restore_args(template: Any) -> ocp.args.PyTreeRestore:
 
 
 def _state_fields(state: Any) -> dict:
-    """The train state without the EMA params (they are their own item)."""
-    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != EMA}
+    """The train state without the EMA params (they are their own item) and its unused (None) fields."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if f.name != EMA and getattr(state, f.name) is not None}
 
 
 def _gather_process_states(data_state: dict | None) -> list:

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ddpm_jax import data, parallel, sampling, schedules, setup
+from ddpm_jax import data, diffusion, parallel, sampling, schedules, setup, timestep_sampler
 from ddpm_jax.data.sources import SKIMAGE_PICTURES
 from ddpm_jax.evaluation import fid, inception
 
@@ -52,6 +52,7 @@ def check_config(config: ml_collections.ConfigDict, mode: str, mesh=None) -> Non
         return
     if mode != "fid_stats":
         check_schedule(config.diffusion)
+        check_objective(config.diffusion)
     if mode in ("sample", "eval"):
         check_sampler(config.sampling, int(config.diffusion.num_timesteps))
         check_labels(config)
@@ -77,6 +78,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     parallel.check_batch_size(int(t.batch_size), mesh)
     _check_model(config)
     check_schedule(config.diffusion)
+    check_objective(config.diffusion)
     if int(t.sample_every) > 0:  # the grids written during and after training
         check_sampler(config.sampling, int(config.diffusion.num_timesteps))
         check_labels(config)
@@ -155,6 +157,19 @@ def check_conditional_training(config: ml_collections.ConfigDict) -> None:
 
 
 # ---- the diffusion schedule ---------------------------------------------------------------------
+
+def check_objective(d: ml_collections.ConfigDict) -> None:
+    """diffusion.pred / var_type / loss / t_sampler known and compatible (one line naming the field)."""
+    try:
+        diffusion.check_pred(str(d.pred))
+        diffusion.check_loss(str(d.get("loss", "mse")), str(d.var_type))
+        if str(d.get("loss", "mse")) == "mse" and str(d.var_type) in diffusion.LEARNED_VAR_TYPES:
+            raise ValueError(f"loss='mse' leaves the learned variance (var_type={d.var_type!r}) untrained; "
+                             "use --config.diffusion.loss=hybrid (or kl).")
+        timestep_sampler.check_t_sampler(str(d.get("t_sampler", "uniform")))
+    except ValueError as err:
+        raise ValueError(f"diffusion.{err}".replace("diffusion.unknown ", "unknown diffusion.")) from None
+
 
 def check_schedule(diffusion: ml_collections.ConfigDict) -> None:
     """β in (0, 1) at every step and finite float32 tables, naming the `diffusion.` field at fault."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from ddpm_jax import data
+from ddpm_jax import data, diffusion
 
 # Model hyper-parameters that do not change the params' shapes: a checkpoint may be
 # resumed or sampled with other values (e.g. dropout off, bfloat16 compute).
@@ -29,12 +29,18 @@ class CheckpointMismatchError(ValueError):
     """The workdir holds a checkpoint of a different model / data shape / schedule."""
 
 
+def out_channels(data_channels: int, config: ml_collections.ConfigDict) -> int:
+    """The network's output channels: the data's C, or 2C when `diffusion.var_type` is learned."""
+    return diffusion.output_channels(data_channels, str(config.diffusion.get("var_type", "fixedlarge")))
+
+
 def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
     """(name, JSON-able keyword hyper-parameters) of the configured network."""
     m = config.model
     if m.name == "unet":
         kwargs = dict(
-            ch=int(m.ch), out_ch=int(config.data.num_channels), ch_mult=[int(c) for c in m.ch_mult],
+            ch=int(m.ch), out_ch=out_channels(int(config.data.num_channels), config),
+            ch_mult=[int(c) for c in m.ch_mult],
             num_res_blocks=int(m.num_res_blocks), attn_resolutions=[int(r) for r in m.attn_resolutions],
             dropout=float(m.dropout), resamp_with_conv=bool(m.resamp_with_conv), dtype=str(m.dtype),
             attention_impl=str(m.attention_impl), remat=bool(m.remat),
@@ -45,7 +51,8 @@ def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
         return "unet", kwargs
     if m.name == "mlp":
         return "mlp", dict(num_timesteps=int(config.diffusion.num_timesteps), hidden=int(m.mlp_hidden),
-                           out_dim=2, dtype=str(m.dtype), gate_init=str(m.get("mlp_gate_init", "ones")))
+                           out_dim=out_channels(2, config), dtype=str(m.dtype),
+                           gate_init=str(m.get("mlp_gate_init", "ones")))
     raise ValueError(f"unknown model.name={m.name!r}; use unet or mlp (--config.model.name=unet).")
 
 

@@ -46,7 +46,7 @@ def ddpm_step(sched: Schedule, model_output, x_t, t, noise, *, var_type: str = "
 
 
 def ddim_step(sched: Schedule, model_output, x_t, t, t_prev, noise, *, eta: float = 0.0,
-              clip_denoised: bool = True, pred: str = "eps"):
+              clip_denoised: bool = True, pred: str = "eps", var_type: str = "fixedlarge"):
     """One step of the generalised (DDIM) reverse process, Song et al. 2021 eq. (12):
 
         x_{t'} = √ᾱ_{t'} x̂_0 + √(1 − ᾱ_{t'} − σ_t²) ε̂ + σ_t z,
@@ -59,7 +59,8 @@ def ddim_step(sched: Schedule, model_output, x_t, t, t_prev, noise, *, eta: floa
     the DDPM "fixedsmall" step of Alg. 2. Returns (x_{t'}, x̂_0).
     """
     nd = x_t.ndim
-    x0_hat, eps_hat = diffusion.x0_and_eps(sched, model_output, x_t, t, pred)
+    # A learned variance's channels are dropped: DDIM defines its own σ_t(η).
+    x0_hat, eps_hat = diffusion.x0_and_eps(sched, model_output, x_t, t, pred, var_type=var_type)
     if clip_denoised:
         x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
         eps_hat = diffusion.eps_from_x0(sched, x_t, t, x0_hat)
@@ -219,7 +220,7 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
             return ddpm_step(sched, out, x, t, noise, var_type=var_type,
                              clip_denoised=clip_denoised, pred=pred)
         return ddim_step(sched, out, x, t, t_prev, noise, eta=eta,
-                         clip_denoised=clip_denoised, pred=pred)
+                         clip_denoised=clip_denoised, pred=pred, var_type=var_type)
 
     def body(carry, tt):
         x, _ = carry

@@ -25,7 +25,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpointing, data, parallel, sampler, schedules
+from ddpm_jax import checkpointing, data, parallel, sampler, schedules, timestep_sampler
 from ddpm_jax.models import build_model
 from ddpm_jax.run_meta import RunMeta, model_spec, schedule_spec
 from ddpm_jax.train_state import TrainState, create_optimizer
@@ -99,12 +99,21 @@ def abstract_params(model: nn.Module, shape: tuple, mesh: Mesh) -> Any:
     return _replicated_structs(jax.eval_shape(_init_fn(model, shape, jax.random.key(0))), mesh)
 
 
+def initial_t_history(config: ml_collections.ConfigDict) -> Callable[[], Any]:
+    """A function making the timestep sampler's initial state: `History` (loss_aware) or None."""
+    name = str(config.diffusion.get("t_sampler", "uniform"))
+    timestep_sampler.check_t_sampler(name)
+    T = int(config.diffusion.num_timesteps)
+    return (lambda: timestep_sampler.History.create(T)) if name == "loss_aware" else (lambda: None)
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, shape: tuple, mesh: Mesh
                        ) -> tuple[TrainState, optax.GradientTransformation]:
     """A fresh train state (params from `config.seed`), replicated on the mesh, and its optimiser."""
     tx = create_optimizer(config.optim)
     params = init_params(model, shape, int(config.seed), mesh)
-    state = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=parallel.replicated(mesh))(params)
+    history = initial_t_history(config)
+    state = jax.jit(lambda p: TrainState.create(p, tx, history()), out_shardings=parallel.replicated(mesh))(params)
     return state, tx
 
 
@@ -116,7 +125,8 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module, sh
     """
     tx = create_optimizer(config.optim)
     init = _init_fn(model, shape, jax.random.key(0))
-    return _replicated_structs(jax.eval_shape(lambda: TrainState.create(init(), tx)), mesh)
+    history = initial_t_history(config)
+    return _replicated_structs(jax.eval_shape(lambda: TrainState.create(init(), tx, history())), mesh)
 
 
 # ---- a run --------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 One data-parallel step, `jax.jit` over the ('data',) mesh: params replicated, the
 global batch sharded on its batch axis, the train state donated. Optimiser: Adam
 with linear warmup, global-norm clipping and an EMA of the params (Ho et al. 2020,
-App. B). The loss is L_simple (eq. (14)). The step's key is
+App. B). The loss is `diffusion.loss`: L_simple (eq. (14)), the bound (kl) or L_hybrid, with t
+uniform or loss-aware (`diffusion.t_sampler`, its history in the state). The step's key is
 `fold_in(base_key, step)`, so a resumed run draws exactly what an uninterrupted one
 would; together with the checkpointed data-iterator state it sees the same batches.
 
@@ -33,7 +34,7 @@ import optax
 from absl import logging
 
 from ddpm_jax import (checkpointing, checks, data, diffusion, files, guidance, imaging, metrics, parallel,
-                      preemption, sampler, schedules, setup, workdir_lock)
+                      preemption, sampler, schedules, setup, timestep_sampler, workdir_lock)
 from ddpm_jax.evaluation import bpd
 from ddpm_jax.run_meta import RunMeta
 from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
@@ -55,7 +56,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
     """
     base_key = jax.random.key(int(config.seed))
     decay = float(config.optim.ema_decay)
-    pred = str(config.diffusion.pred)
+    pred, var_type = str(config.diffusion.pred), str(config.diffusion.var_type)
+    loss_type = str(config.diffusion.get("loss", "mse"))
+    diffusion.check_loss(loss_type, var_type)
     skip = str(config.training.nonfinite) == "skip"
     lr_fn = learning_rate_schedule(config.optim)
     loop = str(config.training.get("dispatch_loop", "auto"))
@@ -73,14 +76,24 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         if num_classes:  # class-conditional: the batch's labels, some replaced by the null class
             cond["y"] = guidance.drop_labels(batch["y"], jax.random.fold_in(step_key, _LABEL_STREAM),
                                              label_dropout, null_label=num_classes)
+        # t (uniform, or importance-sampled with weights) and ε: loss_simple's draws from loss_key.
+        t_key, noise_key = jax.random.split(loss_key)
+        x0 = batch["x"]
+        t, weights = timestep_sampler.sample(t_key, x0.shape[0], sched.num_timesteps, state.t_history)
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        x_t = diffusion.q_sample(sched, x0, t, noise)
 
         def loss_fn(params):
             def model_fn(x_t, t):
                 return model.apply({"params": params}, x_t, t, **cond, train=True, rngs={"dropout": dropout_key})
 
-            return jnp.mean(diffusion.loss_simple(sched, model_fn, batch["x"], loss_key, pred=pred))
+            losses = diffusion.training_losses(sched, model_fn(x_t, t), x0, x_t, t, noise, pred=pred,
+                                               var_type=var_type, loss=loss_type)
+            return jnp.mean(weights * losses), losses
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        # The global batch's losses: every device computes the same new history.
+        t_history = None if state.t_history is None else timestep_sampler.update(state.t_history, t, losses)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -89,8 +102,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         if skip:  # a non-finite step leaves params, EMA and optimiser state untouched
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             params, ema = keep(params, state.params), keep(ema, state.ema_params)
-            opt_state = keep(opt_state, state.opt_state)
-        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+            opt_state, t_history = keep(opt_state, state.opt_state), keep(t_history, state.t_history)
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                                  t_history=t_history)
         step_metrics = dict(loss=loss, grad_norm=grad_norm, lr=jnp.asarray(lr_fn(state.step), jnp.float32),
                             finite=finite)
         return new_state, step_metrics

@@ -1,4 +1,4 @@
-"""The train state (step, params, EMA params, optimizer state) and the optimizer.
+"""The train state (step, params, EMA params, optimizer state, timestep history) and the optimizer.
 
 A plain pytree (`flax.struct`), so it can be sharded, donated to the compiled
 step and saved by Orbax as is. No RNG is stored: the step's key is
@@ -23,15 +23,18 @@ class TrainState:
     params: Any
     ema_params: Any
     opt_state: Any
+    # The loss-aware timestep sampler's history (`timestep_sampler.History`); None when t is uniform.
+    t_history: Any = None
 
     @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation) -> "TrainState":
+    def create(cls, params: Any, tx: optax.GradientTransformation, t_history: Any = None) -> "TrainState":
         """Step 0: EMA starts equal to the initial params (as the paper's code)."""
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
             ema_params=jax.tree.map(jnp.array, params),
             opt_state=tx.init(params),
+            t_history=t_history,
         )
 
 
