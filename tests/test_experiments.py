@@ -106,7 +106,7 @@ def test_toy2d_overrides_of_the_docstring_change_the_data_and_schedule():
     config = config_loading.load_config("configs/toy2d.py", [
         "data.toy_name=moons", "diffusion.schedule=sigmoid", "diffusion.beta_start=1e-5"])
     # The training points, mapped back to data coordinates, lie on scikit-learn's two moons:
-    # the unit circle about (0, 0) and the one about (1, 0.5), with N(0, 0.05²) noise.
+    # the unit circle about (0, 0) and the one about (1, 0.5), with the tutorial's N(0, 0.1²) noise.
     x = np.asarray(data.load_arrays(config.data, "train")["x"], np.float64)
     assert x.shape == (10_000, 2)
     np.testing.assert_allclose(x.mean(axis=0), 0.0, atol=1e-6)  # standardised
@@ -114,7 +114,7 @@ def test_toy2d_overrides_of_the_docstring_change_the_data_and_schedule():
     stats = data.toy2d_statistics(config.data)
     p = x * stats["std"] + stats["mean"]
     off_arc = np.minimum(np.abs(np.linalg.norm(p, axis=1) - 1), np.abs(np.linalg.norm(p - [1.0, 0.5], axis=1) - 1))
-    assert np.quantile(off_arc, 0.99) < 0.15 and off_arc.mean() < 0.05
+    assert np.quantile(off_arc, 0.99) < 0.3 and off_arc.mean() < 0.1  # |N(0, 0.1²)|: 0.26, 0.08
     # The sigmoid schedule from 1e-5 to beta_end = 0.2, by hand.
     want = 1e-5 + (0.2 - 1e-5) / (1 + np.exp(-np.linspace(-6, 6, 100)))
     np.testing.assert_allclose(setup.create_schedule(config).betas, want, rtol=1e-6)

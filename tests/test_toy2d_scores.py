@@ -122,14 +122,14 @@ def _iid_moons(rng, n, stats):
     """n i.i.d. points of scikit-learn's two-moons distribution, standardised as the model sees them.
 
     make_moons puts n/2 points at evenly spaced angles on each half circle (outer: (cos θ, sin θ),
-    inner: (1 − cos θ, 1/2 − sin θ), θ ∈ [0, π]) and adds N(0, 0.05²) noise (sources' moons
-    noise); here each point picks its moon by a coin flip and its angle uniformly.
+    inner: (1 − cos θ, 1/2 − sin θ), θ ∈ [0, π]) and adds N(0, 0.1²) noise (sources' moons
+    noise, the tutorial's); here each point picks its moon by a coin flip and its angle uniformly.
     """
     theta = rng.uniform(0.0, np.pi, n)
     outer = rng.random(n) < 0.5
     points = np.stack([np.where(outer, np.cos(theta), 1.0 - np.cos(theta)),
                        np.where(outer, np.sin(theta), 0.5 - np.sin(theta))], axis=1)
-    points += 0.05 * rng.standard_normal((n, 2))
+    points += 0.1 * rng.standard_normal((n, 2))
     return (points - stats["mean"]) / stats["std"]
 
 

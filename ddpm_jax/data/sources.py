@@ -47,8 +47,10 @@ from ddpm_jax.data.imagefit import fit_image, fit_pil
 
 SOURCE_NAMES = ("digits", "mnist", "toy2d", "image", "folder", "tfds")
 TOY_NAMES = ("swiss_roll", "s_curve", "moons")
-# Noise of each toy set (sklearn units; swiss roll and S-curve keep their x and z coordinates).
-_TOY_NOISE = {"swiss_roll": 0.5, "s_curve": 0.05, "moons": 0.05}
+# The seed tutorial's draws, exactly: make_swiss_roll(n, noise=0.1)[:, [0, 2]] / 10,
+# make_s_curve(n, noise=0.1)[:, [0, 2]] / 10, make_moons(n, noise=0.1) (noise in sklearn units).
+_TOY_NOISE = {"swiss_roll": 0.1, "s_curve": 0.1, "moons": 0.1}
+_TOY_SCALE = {"swiss_roll": 0.1, "s_curve": 0.1, "moons": 1.0}
 DIGITS_NUM_TRAIN = 1500  # The last 1797 - 1500 = 297 digits are the test split.
 BUILTIN_SPLITS = ("train", "test")  # Splits of digits, mnist and toy2d.
 DIGITS_NUM_CLASSES = 10
@@ -155,7 +157,7 @@ def digits_labels() -> np.ndarray:
 
 
 def toy_points(name: str, num_points: int, split: str) -> np.ndarray:
-    """Raw (unstandardised) float64 [num_points, 2] samples of a scikit-learn toy set."""
+    """Raw (unstandardised) float64 [num_points, 2] samples of a scikit-learn toy set, as the tutorial draws them."""
     from sklearn import datasets
 
     seed = zlib.crc32(split.encode()) % 2**31  # Fixed per split: "test" is fresh data.
@@ -166,7 +168,7 @@ def toy_points(name: str, num_points: int, split: str) -> np.ndarray:
         points = datasets.make_s_curve(num_points, noise=noise, random_state=seed)[0][:, [0, 2]]
     else:
         points = datasets.make_moons(num_points, noise=noise, random_state=seed)[0]
-    return points.astype(np.float64)
+    return points.astype(np.float64) * _TOY_SCALE[name]
 
 
 @functools.lru_cache(maxsize=8)
