@@ -1,5 +1,6 @@
-"""Reverse-process samplers: DDPM ancestral sampling (Ho et al. 2020, Alg. 2) and DDIM (Song et
-al. 2021, eq. (12)), as pure single steps and a `lax.scan` sampler built on them.
+"""Reverse-process samplers: DDPM ancestral sampling (Ho et al. 2020, Alg. 2), DDIM (Song et
+al. 2021, eq. (12)), as pure single steps and a `lax.scan` sampler built on them; the same scan
+drives the few-step solvers of `solvers.py` (DPM-Solver++ 2M/3M, SDE-DPM-Solver++ 2M, Heun).
 
 The steps take their noise as an argument, so they are deterministic functions that tests can
 compare against reference implementations. The sampler draws image i's noise from
@@ -15,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, guidance
+from ddpm_jax import diffusion, guidance, solvers
 from ddpm_jax.schedules import Schedule
 
-METHODS = ("ddpm", "ddim")
+METHODS = ("ddpm", "ddim") + solvers.METHODS  # the few-step solvers: solvers.py
 SPACINGS = ("leading", "trailing", "quadratic")
 
 
@@ -159,7 +160,7 @@ class SampleOutput(NamedTuple):
 
 def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices: jnp.ndarray,
            seed, method: str = "ddpm", num_steps: int | None = None, eta: float = 0.0,
-           spacing: str = "leading", var_type: str = "fixedlarge", clip_denoised: bool = True,
+           spacing: str | None = None, var_type: str = "fixedlarge", clip_denoised: bool = True,
            pred: str = "eps", x_start=None, start_step: int | None = None,
            trajectory_every: int = 0, labels: jnp.ndarray | None = None, guidance_scale: float = 0.0,
            null_label: int | None = None) -> SampleOutput:
@@ -174,6 +175,11 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
     x_start with start_step=k: x_start is x_k (paper index; see `noised_start`) and the k
     reverse steps t = k−1, …, 0 run (DDIM: its spacing over those k timesteps); k = 0 returns
     x_start. x_start without start_step is x_T.
+    method in solvers.METHODS ("dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "heun"): `num_steps`
+    integer timesteps laid out by `spacing` (time_uniform | logsnr | karras; None: logsnr,
+    Heun karras) over the k timesteps left, then a step to x_0 (`solvers.py`; NFE num_steps,
+    Heun 2·num_steps − 1); x̂_0 is clipped to [−1, 1] when clip_denoised. `spacing` None is
+    "leading" for DDIM.
     trajectory_every=n > 0 keeps x and x̂_0 after every n-th step (an outer scan over chunks of
     n steps, so only those frames are stored).
     labels int [B] (aligned with indices) conditions a class-conditional network, called as
@@ -202,7 +208,13 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
         raise ValueError(f"trajectory_every={trajectory_every} must be >= 0 (0 keeps no trajectory).")
     diffusion.check_pred(pred)
     diffusion.check_var_type(var_type)
-    ts, t_prevs = _plan(method, T, int(k), num_steps, spacing)
+    solver = method in solvers.METHODS and k > 0
+    if solver:  # the plan reads the (possibly traced) tables: jnp arrays
+        ts = solvers.timesteps(sched, num_steps, spacing or solvers.DEFAULT_SPACING[method], k=int(k))
+    elif method in solvers.METHODS:  # k = 0: nothing to solve
+        ts = t_prevs = np.zeros((0,), np.int32)
+    else:
+        ts, t_prevs = _plan(method, T, int(k), num_steps, spacing or "leading")
 
     if labels is not None and tuple(jnp.shape(labels)) != (B,):
         raise ValueError(f"labels must be an int array [len(indices)] = [{B}], got shape {jnp.shape(labels)}.")
@@ -222,29 +234,40 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
         return ddim_step(sched, out, x, t, t_prev, noise, eta=eta,
                          clip_denoised=clip_denoised, pred=pred, var_type=var_type)
 
-    def body(carry, tt):
-        x, _ = carry
-        return one_step(x, *tt), None
+    if solver:
+        def denoise(x, t):
+            t_b = jnp.full((B,), t, jnp.int32)
+            x0, _ = diffusion.x0_and_eps(sched, model_fn(x, t_b).astype(x.dtype), x, t_b, pred,
+                                         var_type=var_type)
+            return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
 
-    def run(x, ts, t_prevs):
-        if len(ts) == 0:  # nothing to do (k = 0, or no remainder): no scan to trace and compile
-            return x, jnp.zeros_like(x)
-        (x, x0), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), (ts, t_prevs))
-        return x, x0
+        st = solvers.stepper(method, denoise, sched, ts,
+                             noise_fn=lambda t: image_noise(keys, t, shape, x.dtype))
+    else:  # Alg. 2 / eq. (12) as a stepper with state (x, x̂_0)
+        st = solvers.Stepper(init=lambda x: (x, jnp.zeros_like(x)),
+                             step=lambda s, c: one_step(s[0], c["t"], c["t_prev"]),
+                             output=lambda s: s, xs=dict(t=ts, t_prev=t_prevs), t_next=t_prevs,
+                             nfe=len(ts))
 
-    n = int(trajectory_every)
+    def run(state, xs):
+        if jax.tree.leaves(xs)[0].shape[0] == 0:  # nothing to do (k = 0, or no remainder): no scan
+            return state
+        state, _ = jax.lax.scan(lambda s, c: (st.step(s, c), None), state, xs)
+        return state
+
+    state, n = st.init(x), int(trajectory_every)
     if n == 0:
-        x, _ = run(x, ts, t_prevs)
-        return SampleOutput(x, None, None, None)
+        return SampleOutput(st.output(run(state, st.xs))[0], None, None, None)
 
-    C = len(ts) // n  # chunks of n steps; the remaining len(ts) % n steps run after, unrecorded
+    C = int(st.t_next.shape[0]) // n  # chunks of n steps; the remaining steps run after, unrecorded
 
-    def chunk(x, tt):
-        x, x0 = run(x, *tt)
-        return x, (x, x0)
+    def chunk(state, xs):
+        state = run(state, xs)
+        return state, st.output(state)
 
-    x, (traj, traj_x0) = jax.lax.scan(chunk, x, (ts[:C * n].reshape(C, n), t_prevs[:C * n].reshape(C, n)))
-    x, _ = run(x, ts[C * n:], t_prevs[C * n:])
+    head = jax.tree.map(lambda a: a[:C * n].reshape((C, n) + a.shape[1:]), st.xs)
+    state, (traj, traj_x0) = jax.lax.scan(chunk, state, head)
+    state = run(state, jax.tree.map(lambda a: a[C * n:], st.xs))
     # After the step t → t_prev the state is x at noise level t_prev: the paper's x_{t_prev + 1}.
-    traj_t = (t_prevs[:C * n].reshape(C, n)[:, -1] + 1).astype(np.int32) if C else np.zeros((0,), np.int32)
-    return SampleOutput(x, traj, traj_x0, traj_t)
+    traj_t = (st.t_next[:C * n].reshape(C, n)[:, -1] + 1).astype(np.int32) if C else np.zeros((0,), np.int32)
+    return SampleOutput(st.output(state)[0], traj, traj_x0, traj_t)
