@@ -142,6 +142,14 @@ def get_config() -> ml_collections.ConfigDict:
     # with `python -m ddpm_jax.evaluation.classifier --config=...` ("" = workdirs/classifiers/<source>_<size>).
     evaluation.classifier_path = ""
 
+    # ---- Figures (--mode=figures): the paper's Figs. 5-8 ------------------------------------
+    config.figures = figures = ml_collections.ConfigDict()
+    # rate_distortion (Fig. 5) | progressive (Fig. 6) | shared_latents (Fig. 7) | interpolation (Fig. 8)
+    figures.kind = "rate_distortion"
+    figures.num_images = 8  # Samples per row (Figs. 6, 7).
+    figures.num_columns = 10  # Fig. 6: x0-hat at this many points of the chain.
+    figures.num_examples = 0  # Fig. 5: test images in the bits/dim loop (0 = eval.bpd_num_examples).
+
     # ---- Multi-host ---------------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()
     # "" = one process; "auto" = jax.distributed.initialize() detects the cluster (TPU pod,

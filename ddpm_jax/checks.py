@@ -9,6 +9,7 @@ before any file is written or anything is compiled. One entry point per mode,
     eval       the schedule, the sampler, eval's sizes and files (check_eval_inputs)
     bpd        the schedule, the bits/dim sizes
     fid_stats  eval's files (no model is involved)
+    figures    the schedule, the figure's sizes
 
 Call it after `parallel.initialize` (the schedule tables are built with jax.numpy).
 """
@@ -29,7 +30,7 @@ from ddpm_jax.data.sources import SKIMAGE_PICTURES
 from ddpm_jax.evaluation import fid, inception
 
 NONFINITE_POLICIES = ("error", "skip")
-MODES = ("train", "sample", "eval", "bpd", "fid_stats")
+MODES = ("train", "sample", "eval", "bpd", "fid_stats", "figures")
 EVAL_METRICS = ("inception", "classifier")  # eval.metric
 # The β fields each schedule reads (cosine and jsd have neither), with the paper's values.
 _BETA_FIELDS = {"linear": ("beta_start", "beta_end"), "quadratic": ("beta_start", "beta_end"),
@@ -66,6 +67,8 @@ def check_config(config: ml_collections.ConfigDict, mode: str, mesh=None) -> Non
                              "(0 = the whole split).")
     if mode in ("eval", "fid_stats"):
         check_eval_inputs(config, mode)
+    if mode == "figures":
+        _positive(config.figures, "figures", ("num_images", "num_columns"))
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:

@@ -26,7 +26,7 @@ from ddpm_jax import config_loading
 
 config_loading.ensure_configs_importable()
 
-MODES = ("train", "sample", "eval", "fid_stats", "bpd")
+MODES = ("train", "sample", "eval", "fid_stats", "bpd", "figures")
 _USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
                 errno.EISDIR)
 
@@ -100,13 +100,13 @@ def _quiet_library_info() -> None:
 def run_mode(config, workdir: str, mode: str):
     """Checks the config for `mode`, then runs it (imported only now: `--help` needs no JAX)."""
     from ddpm_jax import checks, train
-    from ddpm_jax.modes import bpd, evaluate, sample
+    from ddpm_jax.modes import bpd, evaluate, figures, sample
 
     if mode != "train":  # the training loop checks its config itself, against its mesh
         checks.check_config(config, mode)
 
     modes = {"train": train.train_and_evaluate, "sample": sample.run, "eval": evaluate.run_eval,
-             "fid_stats": evaluate.run_fid_stats, "bpd": bpd.run}
+             "fid_stats": evaluate.run_fid_stats, "bpd": bpd.run, "figures": figures.run}
     return modes[mode](config, workdir)
 
 

@@ -25,7 +25,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpointing, data, parallel, sampler, schedules, timestep_sampler
+from ddpm_jax import checkpointing, data, parallel, sampler, schedules, solvers, timestep_sampler
 from ddpm_jax.models import build_model
 from ddpm_jax.run_meta import RunMeta, model_spec, schedule_spec
 from ddpm_jax.train_state import TrainState, create_optimizer
@@ -184,16 +184,22 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None 
 def sampler_options(config: ml_collections.ConfigDict) -> dict:
     """The static keyword arguments of `sampling.sample` from `config.sampling` / `config.diffusion`."""
     s, method = config.sampling, str(config.sampling.method)
+    solver = method in solvers.METHODS  # the few-step solvers: sampling.solver_steps / solver_spacing
     return dict(
         method=method,
-        num_steps=int(s.ddim_steps) if method == "ddim" else None,
+        num_steps=int(s.ddim_steps) if method == "ddim" else int(s.solver_steps) if solver else None,
         eta=float(s.ddim_eta),
-        spacing=str(s.ddim_spacing),
+        spacing=solver_spacing(config) if solver else str(s.ddim_spacing),
         var_type=str(config.diffusion.var_type),
         clip_denoised=bool(s.clip_denoised),
         pred=str(config.diffusion.pred),
         **guidance_options(config),
     )
+
+
+def solver_spacing(config: ml_collections.ConfigDict) -> str:
+    """`sampling.solver_spacing`, or the method's default when "" (logsnr; Heun: karras)."""
+    return str(config.sampling.get("solver_spacing", "")) or solvers.DEFAULT_SPACING[str(config.sampling.method)]
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
@@ -227,10 +233,13 @@ def sampler_labels(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
 
 
 def sampler_tag(config: ml_collections.ConfigDict) -> str:
-    """A file-name part naming the sampler of `config.sampling`: ``ddpm``, ``ddim50``, ``ddim50eta0.5``;
+    """A file-name part naming the sampler of `config.sampling`: ``ddpm``, ``ddim50``, ``ddim50eta0.5``,
+    the few-step solvers by method, steps N and spacing: ``dpmpp_2m20-logsnr``, ``heun18-karras`` (NFE 35);
     a conditional model's labels and guidance follow: ``ddpm_yall_w2``, ``ddim50_y3-5``, ``ddpm_null``."""
     s, method = config.sampling, str(config.sampling.method)
     tag = f"{method}{int(s.ddim_steps)}" if method == "ddim" else method
+    if method in solvers.METHODS:
+        tag += f"{int(s.solver_steps)}-{solver_spacing(config)}"
     if method == "ddim" and float(s.ddim_eta):
         tag += f"eta{float(s.ddim_eta):g}"
     if method == "ddim" and str(s.ddim_spacing) != "leading":

@@ -19,10 +19,10 @@ LAYERS = (
     ("modes", ("train", "modes", "convert")),
     ("entry point", ("main",)),
 )
-MODES = {"train", "modes.sample", "modes.evaluate", "modes.bpd"}
+MODES = {"train", "modes.sample", "modes.evaluate", "modes.bpd", "modes.figures"}
 # Function-level imports of the package's own modules, and why they stay lazy.
 LAZY_ALLOWED = {
-    ("main", "train"), ("main", "modes.bpd"), ("main", "modes.evaluate"), ("main", "modes.sample"),
+    ("main", "train"), ("main", "modes.bpd"), ("main", "modes.evaluate"), ("main", "modes.sample"), ("main", "modes.figures"),
     ("main", "metrics"), ("main", "parallel"), ("main", "checkpointing"), ("main", "checks"),
     # (all of main's: `--help` and `--print_config` without importing JAX)
 }
