@@ -235,3 +235,26 @@ def test_bad_input_one_line_errors():
         with pytest.raises(ValueError) as err:
             fn()
         assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_checks_options_and_tags():
+    from configs import digits
+    from ddpm_jax import checks, setup
+
+    config = digits.get_config()
+    config.sampling.method, config.sampling.solver_steps = "heun", 18
+    assert setup.sampler_tag(config) == "heun18-karras"
+    assert setup.sampler_options(config)["num_steps"] == 18 and setup.sampler_options(config)["spacing"] == "karras"
+    config.sampling.method, config.sampling.solver_spacing = "dpmpp_2m", "time_uniform"
+    assert setup.sampler_tag(config) == "dpmpp_2m18-time_uniform"
+    checks.check_sampler(config.sampling, 100)
+    for field, value, needle in [("method", "dpmpp_4m", "sampling.method='dpmpp_4m'"),
+                                 ("solver_steps", 0, "sampling.solver_steps=0"),
+                                 ("solver_steps", 101, "sampling.solver_steps=101"),
+                                 ("solver_spacing", "cosine", "sampling.solver_spacing='cosine'")]:
+        bad = digits.get_config()
+        bad.sampling.method = "dpmpp_3m"
+        bad.sampling[field] = value
+        with pytest.raises(ValueError) as err:
+            checks.check_sampler(bad.sampling, 100)
+        assert needle in str(err.value) and "\n" not in str(err.value)
