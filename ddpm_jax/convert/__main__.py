@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {args.out}: UNet({', '.join(f'{k}={v}' for k, v in meta.model_kwargs.items())}), "
           f"images {meta.data_shape}, schedule {meta.schedule}, pred {meta.pred}.")
-    print(f"sample with: python -m ddpm_jax.main --config=CONFIG --workdir={args.out} --mode=sample")
+    var_type = meta.source.get("var_type", "fixedlarge")
+    flag = f" --config.diffusion.var_type={var_type}" if var_type in ("learned", "learned_range") else ""
+    print(f"sample with: python -m ddpm_jax.main --config=CONFIG --workdir={args.out} --mode=sample{flag}")
     return 0
 
 

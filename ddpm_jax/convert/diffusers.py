@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import diffusion
 from ddpm_jax.models.layers import NORM_EPS, NUM_GROUPS
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.run_meta import RunMeta
@@ -251,13 +252,18 @@ def read_scheduler(path: str) -> dict | None:
 # The released DDPM models' schedule (Ho et al. 2020), when the folder holds no scheduler config.
 PAPER_SCHEDULE = dict(name="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
 _PRED = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+# DDPMScheduler's variance_type -> diffusion.var_type (its *_log variants are the same variances).
+_VAR_TYPE = {"fixed_small": "fixedsmall", "fixed_small_log": "fixedsmall", "fixed_large": "fixedlarge",
+             "fixed_large_log": "fixedlarge", "learned": "learned", "learned_range": "learned_range"}
 
 
 def checkpoint_meta(path: str, unet_kwargs: dict) -> RunMeta:
     """The RunMeta of a converted checkpoint: model, data shape, and the scheduler's schedule / target.
 
     A folder without a scheduler config gets the released models' linear schedule and ε target,
-    and says so in `source`.
+    and says so in `source`. A learned variance (out_channels = 2 in_channels; the scheduler's
+    variance_type learned / learned_range, Nichol & Dhariwal) is named in `source["var_type"]`:
+    sample it with --config.diffusion.var_type=<that>.
     """
     config = read_config(find_model_dir(path))
     source: dict[str, Any] = dict(format="diffusers", path=os.path.abspath(path))
@@ -278,4 +284,22 @@ def checkpoint_meta(path: str, unet_kwargs: dict) -> RunMeta:
         if kind not in _PRED:
             raise ConversionError(f"{path}: prediction_type={kind!r} is unknown; use one of {sorted(_PRED)}.")
         pred = _PRED[kind]
+    source["var_type"] = _var_type(path, scheduler, int(config["in_channels"]), int(config["out_channels"]))
     return RunMeta("unet", dict(unet_kwargs), tuple(image_shape(config)), schedule, pred, source)
+
+def _var_type(path: str, scheduler: dict | None, in_channels: int, out_channels: int) -> str:
+    """The reverse variance of a converted model; refuses output channels that do not fit it."""
+    learned = out_channels == 2 * in_channels
+    if scheduler is None:
+        return "learned_range" if learned else "fixedlarge"  # improved-diffusion's / the released models'
+    kind = str(scheduler.get("variance_type", "fixed_small"))  # DDPMScheduler's default
+    if kind not in _VAR_TYPE:
+        raise ConversionError(f"{path}: the scheduler's variance_type={kind!r} is unknown; use one of "
+                              f"{sorted(_VAR_TYPE)}.")
+    var_type = _VAR_TYPE[kind]
+    if learned != (var_type in diffusion.LEARNED_VAR_TYPES):
+        raise ConversionError(
+            f"{path}: out_channels={out_channels} with in_channels={in_channels} does not fit the scheduler's "
+            f"variance_type={kind!r}: a learned variance needs out_channels = 2 * in_channels, a fixed one "
+            "out_channels = in_channels.")
+    return var_type
