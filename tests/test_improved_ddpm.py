@@ -254,3 +254,25 @@ def test_loss_aware_hybrid_learned_range_training_resumes_exactly(tmp_path):
                     jax.tree.leaves(jax.device_get((resumed.params, resumed.t_history)))):
         np.testing.assert_array_equal(a, b)
     assert straight.params["linear_out"]["kernel"].shape[-1] == 4  # 2C outputs for a learned variance
+
+
+def test_table2_rows_are_valid_configs_with_2c_outputs_when_learned():
+    from configs import table2
+    from ddpm_jax import checks, config_loading, run_meta
+
+    for base in ("", ",cifar10"):
+        for row, (pred, loss, var_type, t_sampler) in table2.ROWS.items():
+            if row == "eps_hybrid_cosine" and not base:
+                with pytest.raises(config_loading.ConfigError, match="digits uses the cosine schedule"):
+                    config_loading.load_config(f"configs/table2.py:{row}{base}")
+                continue
+            config = config_loading.load_config(f"configs/table2.py:{row}{base}")
+            checks.check_objective(config.diffusion)
+            assert (config.diffusion.pred, config.diffusion.loss, config.diffusion.t_sampler) == (pred, loss, t_sampler)
+            channels = int(config.data.num_channels)
+            want = 2 * channels if var_type in ("learned", "learned_range") else channels
+            assert run_meta.model_spec(config)[1]["out_ch"] == want
+    with pytest.raises(ValueError, match="use --config.diffusion.loss=hybrid"):
+        config = config_loading.load_config("configs/table2.py:eps_simple")
+        config.diffusion.var_type = "learned"
+        checks.check_objective(config.diffusion)
