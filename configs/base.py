@@ -103,12 +103,15 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- Sampling (--mode=sample, sample grids) ---------------------------------------------
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = "ddpm"  # ddpm (Algorithm 2) | ddim
+    sampling.method = "ddpm"  # ddpm (Algorithm 2) | ddim | dpmpp_2m | dpmpp_3m | sde_dpmpp_2m | heun
     sampling.num_samples = 64
     sampling.batch_size = 256  # Global batch per compiled sampling call.
     sampling.ddim_steps = 50
     sampling.ddim_eta = 0.0
     sampling.ddim_spacing = "leading"  # leading | trailing | quadratic
+    # Few-step solvers (method dpmpp_2m | dpmpp_3m | sde_dpmpp_2m | heun; docs/samplers.md):
+    sampling.solver_steps = 20  # Timesteps N the solver evaluates: N network calls (Heun: 2N - 1).
+    sampling.solver_spacing = ""  # time_uniform | logsnr | karras ("" = logsnr; heun: karras)
     sampling.clip_denoised = True  # Clip the predicted x0 to [-1, 1].
     sampling.seed = 0  # Image i depends only on (seed, i).
     sampling.trajectory_every = 0  # Keep x_t and predicted x0 every n steps, write a GIF (0 = off).
@@ -135,6 +138,11 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.bpd_num_examples = 0  # Test examples for bits/dim (0 = the whole split).
     evaluation.bpd_batch_size = 256
     evaluation.bpd_clip_denoised = True  # Clip predicted x0 in the bound (official calc_bpd_loop).
+    # --mode=bpd computes: vlb (the bound, eq. (5)) | ode (exact likelihood of the probability-flow ODE,
+    # Song et al. 2021b: evaluation/ode_likelihood.py) | both. Different quantities: docs/samplers.md.
+    evaluation.bpd_method = "vlb"
+    evaluation.ode_steps = 100  # RK4 steps of the ODE, uniform in log sigma (4 network jvps each).
+    evaluation.ode_trace = "hutchinson"  # Divergence: hutchinson (Rademacher probe) | exact (one jvp per dim).
     evaluation.inception_batch_size = 200  # Images per Inception call (global; resized to 299x299).
     evaluation.fid_stats_split = ""  # fid_stats split ("" = data.train_split, as the paper).
     evaluation.fid_stats_out = ""  # fid_stats .npz ("" = workdir/fid_stats_<dataset>_<split>.npz).

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ddpm_jax import data, diffusion, parallel, sampling, schedules, setup, timestep_sampler
+from ddpm_jax import data, diffusion, parallel, sampling, schedules, setup, solvers, timestep_sampler
 from ddpm_jax.data.sources import SKIMAGE_PICTURES
 from ddpm_jax.evaluation import fid, inception
 
@@ -62,6 +62,7 @@ def check_config(config: ml_collections.ConfigDict, mode: str, mesh=None) -> Non
         check_init_image(config)
     if mode == "bpd":
         _positive(config.eval, "eval", ("bpd_batch_size",))
+        check_ode_bpd(config.eval)
         if int(config.eval.bpd_num_examples) < 0:
             raise ValueError(f"eval.bpd_num_examples={config.eval.bpd_num_examples} must be >= 0 "
                              "(0 = the whole split).")
@@ -216,7 +217,10 @@ def check_sampler(s: ml_collections.ConfigDict, num_timesteps: int) -> None:
     """sampling.method / ddim_spacing known, and DDIM's steps in 1..T (refused, never clamped)."""
     method = str(s.method)
     if method not in sampling.METHODS:
-        raise ValueError(f"sampling.method={method!r} is unknown; use one of {', '.join(sampling.METHODS)}.")
+        raise ValueError(f"sampling.method={method!r} is unknown; use one of {', '.join(sampling.METHODS)} "
+                         "(DPM-Solver++ has orders 2 and 3: dpmpp_2m, dpmpp_3m).")
+    if method in solvers.METHODS:
+        check_solver(s, num_timesteps)
     if method != "ddim":
         return
     steps = int(s.ddim_steps)
@@ -228,6 +232,34 @@ def check_sampler(s: ml_collections.ConfigDict, num_timesteps: int) -> None:
     if str(s.ddim_spacing) not in sampling.SPACINGS:
         raise ValueError(f"sampling.ddim_spacing={s.ddim_spacing!r} is unknown; use one of "
                          f"{', '.join(sampling.SPACINGS)}.")
+
+
+def check_solver(s: ml_collections.ConfigDict, num_timesteps: int) -> None:
+    """A few-step solver's sampling.solver_steps in 1..T and a known sampling.solver_spacing."""
+    steps, spacing = s.get("solver_steps", 20), str(s.get("solver_spacing", ""))
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"sampling.solver_steps={steps!r} must be an int in 1..T={num_timesteps} with "
+                         f"sampling.method={s.method} (NFE = steps; heun: 2 steps - 1); use e.g. "
+                         f"--config.sampling.solver_steps={min(20, num_timesteps)}.")
+    if spacing and spacing not in solvers.SPACINGS:
+        raise ValueError(f"sampling.solver_spacing={spacing!r} is unknown; use one of "
+                         f"{', '.join(solvers.SPACINGS)} (or '' for the method's default).")
+
+
+def check_ode_bpd(ev: ml_collections.ConfigDict) -> None:
+    """eval.bpd_method known; for the ODE likelihood, eval.ode_steps >= 1 and a known eval.ode_trace."""
+    method = str(ev.get("bpd_method", "vlb"))
+    if method not in ("vlb", "ode", "both"):
+        raise ValueError(f"eval.bpd_method={method!r} is unknown; use vlb (the bound), ode (the probability-"
+                         "flow ODE likelihood) or both.")
+    if method == "vlb":
+        return
+    steps, trace = ev.get("ode_steps", 100), str(ev.get("ode_trace", "hutchinson"))
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"eval.ode_steps={steps!r} must be an int >= 1 (RK4 steps); use e.g. "
+                         "--config.eval.ode_steps=100.")
+    if trace not in ("hutchinson", "exact"):
+        raise ValueError(f"eval.ode_trace={trace!r} is unknown; use hutchinson or exact.")
 
 
 def check_init_image(config: ml_collections.ConfigDict) -> None:

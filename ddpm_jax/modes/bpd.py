@@ -1,27 +1,53 @@
 """``--mode=bpd``: bits/dim of a workdir's newest valid EMA params over ``data.eval_split``.
 
-The bound and its loop are ``evaluation/bpd.py``; this writes ``workdir/eval/bpd_<step>.json``,
-``bpd_<step>.png`` and TensorBoard scalars, and prints one line.
+``eval.bpd_method`` picks what is computed:
+
+* ``vlb`` (default): the variational bound of Ho et al. (2020), eq. (5) (``evaluation/bpd.py``),
+  written to ``workdir/eval/bpd_<step>.json``, ``bpd_<step>.png`` and TensorBoard scalars;
+* ``ode``: the exact log-likelihood of the probability-flow ODE of dequantised data
+  (Song et al. 2021b; ``evaluation/ode_likelihood.py``; ``eval.ode_steps``, ``eval.ode_trace``),
+  written to ``workdir/eval/bpd_ode_<step>.json``;
+* ``both``: the two, one after the other. They are different quantities (see
+  ``ode_likelihood``'s docstring): neither bounds the other.
+
+Each prints one line.
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
 import ml_collections
 
-from ddpm_jax import data, setup
-from ddpm_jax.evaluation import bpd
+from ddpm_jax import data, files, metrics, setup
+from ddpm_jax.evaluation import bpd, ode_likelihood
 from ddpm_jax.modes import require_images
+
+BPD_METHODS = ("vlb", "ode", "both")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Evaluates the bound; returns its terms (``bpd.evaluate_bpd``), the step and the paths written."""
+    """Evaluates `eval.bpd_method`; returns the bound's terms (``bpd.evaluate_bpd``) and/or ``ode``."""
     require_images(data.example_shape(config.data), config.data.source, "bpd")
+    method = str(config.eval.get("bpd_method", "vlb"))
+    if method not in BPD_METHODS:
+        raise ValueError(f"eval.bpd_method={method!r} is unknown; use one of {', '.join(BPD_METHODS)}.")
     loaded = setup.load_run(config, workdir)
-    result = dict(bpd.evaluate_bpd(config, loaded.params, loaded.model, loaded.sched, loaded.mesh),
-                  step=loaded.step)
-    paths = bpd.write_report(workdir, loaded.step, result)
-    if jax.process_index() == 0:
-        print(f"step {loaded.step}: {bpd.summary_line(result)}; wrote {paths['json']} and {paths['png']}",
-              flush=True)
-    return dict(result, paths=paths)
+    result: dict = dict(step=loaded.step)
+    if method in ("vlb", "both"):
+        result.update(bpd.evaluate_bpd(config, loaded.params, loaded.model, loaded.sched, loaded.mesh))
+        paths = bpd.write_report(workdir, loaded.step, result)
+        result["paths"] = paths
+        if jax.process_index() == 0:
+            print(f"step {loaded.step}: {bpd.summary_line(result)}; wrote {paths['json']} and {paths['png']}",
+                  flush=True)
+    if method in ("ode", "both"):
+        ode = ode_likelihood.evaluate_ode_bpd(config, loaded.params, loaded.model, loaded.sched)
+        result["ode"] = ode
+        if jax.process_index() == 0:
+            path = files.write_json(os.path.join(workdir, "eval", f"bpd_ode_{loaded.step}.json"),
+                                    dict(ode, step=loaded.step))
+            metrics.write_scalars(workdir, loaded.step, {"eval/ode_total_bpd": ode["total_bpd"]})
+            print(f"step {loaded.step}: {ode_likelihood.summary_line(ode)}; wrote {path}", flush=True)
+    return result
