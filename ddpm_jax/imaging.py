@@ -95,6 +95,20 @@ def save_gif(path: str, frames: np.ndarray, fps: float = 10.0, loop: int = 0) ->
     )
 
 
+def class_grid(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A uint8 picture with one row per class: row k holds the images of the k-th smallest label
+    (in index order), rows padded with blank cells to the longest; small images enlarged."""
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),):
+        raise ValueError(f"class_grid needs one label per image, got {labels.shape} for {len(images)} images.")
+    rows = [np.asarray(images)[labels == c] for c in np.unique(labels)]
+    ncol = max(len(r) for r in rows)
+    blank = np.ones((1, *np.asarray(images).shape[1:]), np.float32)  # white in [-1, 1]
+    cells = np.concatenate([np.concatenate([as_float(r)] + [blank] * (ncol - len(r))) for r in rows])
+    grid = make_grid(cells, ncol=ncol)
+    return upscale(grid, max(1, 512 // max(grid.shape[:2])))
+
+
 def grid_image(samples: np.ndarray, reference: np.ndarray | None = None, title: str = "") -> np.ndarray:
     """A uint8 picture of samples: an image grid (small images enlarged) or a 2-D scatter plot."""
     if not is_image_shape(samples.shape[1:]):

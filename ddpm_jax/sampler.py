@@ -85,9 +85,14 @@ class Sampler:
 
     def labels_for(self, indices: np.ndarray) -> np.ndarray | None:
         """Image i's class, `labels[i % len(labels)]` (int32, host), or None (unconditional)."""
-        if self.labels is None:
-            return None
-        return np.asarray(self.labels, np.int32)[np.asarray(indices, np.int64) % len(self.labels)]
+        return cycle_labels(self.labels, indices)
+
+
+def cycle_labels(labels: Sequence[int] | None, indices: np.ndarray) -> np.ndarray | None:
+    """`labels[i % len(labels)]` for each image index i (int32), or None when labels is None."""
+    if labels is None:
+        return None
+    return np.asarray(labels, np.int32)[np.asarray(indices, np.int64) % len(labels)]
 
 
 def _put_global(x: np.ndarray, sharding) -> jax.Array:

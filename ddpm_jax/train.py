@@ -41,6 +41,7 @@ from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learn
 
 DISPATCH_LOOPS = ("auto", "scan", "unroll")
 _LABEL_STREAM = 0x1ABE  # label dropout's key: fold_in(step key, this), the step's other keys unchanged
+_LABEL_STREAM = 0x1ABE  # label dropout's key: fold_in(step key, this), the step's other keys unchanged
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -66,6 +67,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         raise ValueError(f"training.dispatch_loop={loop!r} is unknown; use one of {DISPATCH_LOOPS}.")
     # XLA:CPU runs convolution gradients inside a while loop (scan) ~25x slower than outside it.
     use_scan = loop == "scan" or (loop == "auto" and jax.default_backend() != "cpu")
+    num_classes = setup.num_classes(config)
+    label_dropout = float(config.training.get("label_dropout", 0.0))
     num_classes = setup.num_classes(config)
     label_dropout = float(config.training.get("label_dropout", 0.0))
 
@@ -320,7 +323,9 @@ class _SampleGrids:
 
     def write(self, ema_params, step: int) -> None:
         out = sampler.generate(self.sampler, ema_params, num_samples=self.num, batch_size=self.batch)
-        picture = imaging.grid_image(out.samples, self.reference, title=f"EMA samples, step {step}")
+        labels = self.sampler.labels_for(np.arange(self.num))  # conditional: one row per class
+        picture = (imaging.grid_image(out.samples, self.reference, title=f"EMA samples, step {step}")
+                   if labels is None else imaging.class_grid(out.samples, labels))
         if jax.process_index() == 0:
             imaging.save_png(os.path.join(self.workdir, "samples", f"step_{step}.png"), picture)
             self.writer.image(step, "samples/ema", picture)

@@ -11,6 +11,13 @@ the same function are checked on the config, not assumed: GroupNorm(32, eps=1e-6
 sinusoidal embedding with flip_sin_to_cos=False and freq_shift=1 (= the official
 `get_timestep_embedding`), single-head attention, downsample_padding=0 (pad right/bottom, as
 TF 'SAME' with stride 2), [h, skip] concatenation (both do this).
+
+Class-conditional models (`num_class_embeds=N`, `class_embed_type=None`: diffusers'
+`nn.Embedding(N, 4ch)` added to the timestep embedding, the same function as `UNet`'s
+`class_embedding`) import as `num_classes = N - 1`: `UNet` keeps its null class in the last
+row, so a model trained with classifier-free guidance in that layout maps exactly; for a model
+trained without a null class, row N - 1 is then simply its last class, and guidance
+(guidance_scale > 0) has no meaning for it.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ REQUIRED: dict[str, Any] = dict(
     center_input_sample=False, time_embedding_type="positional", freq_shift=1, flip_sin_to_cos=False,
     mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, downsample_padding=0,
     downsample_type="conv", upsample_type="conv", norm_num_groups=NUM_GROUPS,
-    resnet_time_scale_shift="default", add_attention=True, class_embed_type=None, num_class_embeds=None,
+    resnet_time_scale_shift="default", add_attention=True, class_embed_type=None,
 )
 # Deprecated attention names of early diffusers ports (diffusers renames them on load too).
 _DEPRECATED_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -143,9 +150,16 @@ def unet_kwargs_from_config(config: dict) -> dict:
     if head_dim is not None and any(c != head_dim for c in attn_channels):
         raise ConversionError(f"attention_head_dim={head_dim} gives multi-head attention on {attn_channels} "
                               "channels; the DDPM U-Net has single-head attention (attention_head_dim None).")
-    return dict(ch=ch, out_ch=int(config["out_channels"]), ch_mult=[c // ch for c in channels],
-                num_res_blocks=int(config["layers_per_block"]), attn_resolutions=attn_resolutions,
-                dropout=float(config["dropout"]), resamp_with_conv=True)
+    kwargs = dict(ch=ch, out_ch=int(config["out_channels"]), ch_mult=[c // ch for c in channels],
+                  num_res_blocks=int(config["layers_per_block"]), attn_resolutions=attn_resolutions,
+                  dropout=float(config["dropout"]), resamp_with_conv=True)
+    embeds = config.get("num_class_embeds")
+    if embeds is not None:  # nn.Embedding(N, 4ch): N - 1 classes and the null class (module docstring)
+        if int(embeds) < 2:
+            raise ConversionError(f"config num_class_embeds={embeds}: the conditional U-Net needs at least "
+                                  "2 rows (one class and the null class).")
+        kwargs["num_classes"] = int(embeds) - 1
+    return kwargs
 
 
 def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
@@ -191,7 +205,9 @@ def _torch_key(path: tuple[str, ...]) -> str:
 
 
 def _to_flax(key: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if len(shape) == 4:  # Conv2d weight OIHW -> HWIO
+    if key == "class_embedding.weight":  # nn.Embedding (num, dim): already the table's layout
+        pass
+    elif len(shape) == 4:  # Conv2d weight OIHW -> HWIO
         value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
     elif len(shape) == 2:  # Linear (out, in) -> (in, out); a 1x1 conv (out, in, 1, 1) also fits
         if value.ndim == 4 and value.shape[2:] == (1, 1):

@@ -55,8 +55,12 @@ def example_noise(seed: int, indices, t: int, shape: tuple) -> jax.Array:
 
 
 def bpd_terms(apply_fn: Callable, params: Any, sched: Schedule, x0: jnp.ndarray, keys: jax.Array, *,
-              pred: str = "eps", var_type: str = "fixedlarge", clip_denoised: bool = True) -> dict:
+              pred: str = "eps", var_type: str = "fixedlarge", clip_denoised: bool = True,
+              labels: jnp.ndarray | None = None) -> dict:
     """Every term of the bound for a batch x0 [B, ...]; one ``lax.scan`` over t = T−1 … 0.
+
+    ``labels`` [B]: a class-conditional model's bound given those classes, −log p(x_0 | y)
+    (apply_fn(params, x_t, t, labels)); None: the network called without labels.
 
     Returns dict(total=[B], prior=[B], terms=[B, T] (column t: L_t, the decoder NLL at
     t = 0), mse=[B, T] (mean (x̂_0 − x_0)² at each t)), all in float32.
@@ -69,7 +73,8 @@ def bpd_terms(apply_fn: Callable, params: Any, sched: Schedule, x0: jnp.ndarray,
     def one_timestep(carry, t):
         t_b = jnp.full((B,), t, jnp.int32)
         x_t = diffusion.q_sample(sched, x0, t_b, sampling.image_noise(keys, t, x0.shape[1:]))
-        out = diffusion.vlb_terms_bpd(sched, apply_fn(params, x_t, t_b).astype(jnp.float32), x0, x_t,
+        net = apply_fn(params, x_t, t_b) if labels is None else apply_fn(params, x_t, t_b, labels)
+        out = diffusion.vlb_terms_bpd(sched, net.astype(jnp.float32), x0, x_t,
                                       t_b, pred=pred, var_type=var_type, clip_denoised=clip_denoised)
         return carry, (out["kl_bpd"], out["mse"])
 
@@ -81,18 +86,19 @@ def bpd_terms(apply_fn: Callable, params: Any, sched: Schedule, x0: jnp.ndarray,
 
 
 def make_bpd_fn(apply_fn: Callable, sched: Schedule, mesh, *, seed: int, **options) -> Callable:
-    """``fn(params, x, indices) -> bpd_terms(...)``, jit-compiled over the ('data',) mesh.
+    """``fn(params, x, indices, labels=None) -> bpd_terms(...)``, jit-compiled over the ('data',) mesh.
 
-    ``x`` [B, ...] and ``indices`` [B] (the examples' global indices) are global arrays
-    sharded on the batch axis, params replicated; the outputs are sharded on the batch.
+    ``x`` [B, ...], ``indices`` [B] (the examples' global indices) and ``labels`` [B] (a
+    conditional model's classes, or None) are global arrays sharded on the batch axis, params
+    replicated; the outputs are sharded on the batch.
     """
     rep, shard = parallel.replicated(mesh), parallel.data_sharded(mesh)
 
-    def fn(params, sched, x, indices):
-        return bpd_terms(apply_fn, params, sched, x, example_keys(seed, indices), **options)
+    def fn(params, sched, x, indices, labels):
+        return bpd_terms(apply_fn, params, sched, x, example_keys(seed, indices), labels=labels, **options)
 
-    jitted = jax.jit(fn, in_shardings=(rep, rep, shard, shard), out_shardings=shard)
-    return lambda params, x, indices: jitted(params, sched, x, indices)
+    jitted = jax.jit(fn, in_shardings=(rep, rep, shard, shard, shard), out_shardings=shard)
+    return lambda params, x, indices, labels=None: jitted(params, sched, x, indices, labels)
 
 
 class BpdAccumulator:
@@ -131,8 +137,9 @@ class BpdAccumulator:
 
 def bpd_over_batches(bpd_fn: Callable, params: Any, batches: Iterable[dict], mesh, *,
                      num_timesteps: int, global_batch: int, limit: int, process_index: int = 0,
-                     process_count: int = 1, progress: bool = False) -> dict:
-    """Averages ``bpd_fn`` over an eval iterator's host batches (dicts ``x``, ``mask``).
+                     process_count: int = 1, progress: bool = False, conditional: bool = False) -> dict:
+    """Averages ``bpd_fn`` over an eval iterator's host batches (dicts ``x``, ``mask``; ``y``
+    the true labels, given to ``bpd_fn`` when ``conditional``).
 
     Global batch k holds examples [k·global_batch, (k+1)·global_batch), host p its p-th
     block (``data.create_eval_iterator``'s layout); examples with index ≥ ``limit`` and
@@ -154,7 +161,8 @@ def bpd_over_batches(bpd_fn: Callable, params: Any, batches: Iterable[dict], mes
             idx_global = parallel.host_to_global(host_idx.astype(np.int32), mesh)
             x_global = parallel.host_to_global(x, mesh)
             mask_global = parallel.to_host(parallel.host_to_global(host_mask & (host_idx < limit), mesh))
-            out = parallel.to_host(bpd_fn(params, x_global, idx_global))
+            labels = parallel.host_to_global(np.asarray(batch["y"], np.int32), mesh) if conditional else None
+            out = parallel.to_host(bpd_fn(params, x_global, idx_global, labels))
             acc.update(out, mask_global)
             bar.update(int(min(lo + global_batch, limit) - lo))
     return acc.result()
@@ -194,7 +202,9 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, model, sched: S
     result = bpd_over_batches(bpd_fn, params, it, mesh, num_timesteps=sched.num_timesteps,
                               global_batch=global_batch, limit=limit,
                               process_index=jax.process_index(), process_count=jax.process_count(),
-                              progress=progress)
+                              progress=progress, conditional=bool(setup.num_classes(config)))
+    if setup.num_classes(config):  # the bound of -log p(x | y), each image given its true class
+        result["given"] = "true labels"
     result.update(split=split, seconds=time.time() - start, num_timesteps=sched.num_timesteps,
                   var_type=str(config.diffusion.var_type), clip_denoised=clip, seed=int(config.seed))
     return result

@@ -12,6 +12,11 @@ on the data set (``classifier.py``):
 * ``classifier_score`` — exp E_x KL(p(y|x) ‖ p(y)), the Inception Score formula with
   one split (``fid.inception_score``); at most the number of classes.
 * ``confident`` — fraction of images whose most likely class has probability > 0.9.
+* ``label_accuracy`` (class-conditional samples, ``labels`` given) — the fraction of samples
+  the classifier assigns to the class they were asked for, overall and per class; beside it,
+  the classifier's accuracy on the real held-out images with their true labels (what samples
+  indistinguishable from real ones of the asked class would score). Not a ratio to a floor:
+  higher is better up to that real-image accuracy.
 * the class histogram — the fraction of images predicted as each class, for the
   generated, held-out and reference images. (No single number with a floor: mnist's
   stratified test split has exactly 100 digits per class, so its histogram lacks the
@@ -147,6 +152,16 @@ def confident_fraction(logits: np.ndarray, threshold: float = CONFIDENT) -> floa
     return float(np.mean(class_probabilities(logits).max(axis=1) > threshold))
 
 
+def label_accuracy(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Fraction of rows whose argmax is the asked ``labels`` [N], overall and per asked class."""
+    labels = np.asarray(labels, np.int64)
+    if labels.shape != (len(logits),):
+        raise ValueError(f"labels must be [N] = [{len(logits)}] (one per sample), got {labels.shape}")
+    hit = np.argmax(np.asarray(logits), axis=1) == labels
+    per_class = [float(hit[labels == c].mean()) if np.any(labels == c) else None for c in range(num_classes)]
+    return {"accuracy": float(hit.mean()), "per_class": per_class}
+
+
 def class_histogram(logits: np.ndarray) -> np.ndarray:
     """Fraction of rows predicted as each class (argmax), float64 [num_classes]."""
     logits = np.asarray(logits)
@@ -200,13 +215,22 @@ def compare(generated: FeatureSet, reference: FeatureSet, held_out: FeatureSet, 
     }
 
 
-def evaluate_samples(clf: Any, data_cfg: Any, samples: Any) -> dict[str, Any]:
+def evaluate_samples(clf: Any, data_cfg: Any, samples: Any, labels: Any = None) -> dict[str, Any]:
     """``compare`` for ``samples`` (uint8 or [-1, 1] NHWC), with the data's train split as the
-    reference and its eval split as the floor; the whole of both splits is loaded."""
-    reference = data.load_arrays(data_cfg, data_cfg.train_split)["x"]
-    held_out = data.load_arrays(data_cfg, data_cfg.eval_split)["x"]
-    return compare(FeatureSet.of(clf, samples), FeatureSet.of(clf, reference), FeatureSet.of(clf, held_out),
-                   reference_split=str(data_cfg.train_split), held_out_split=str(data_cfg.eval_split))
+    reference and its eval split as the floor; the whole of both splits is loaded.
+
+    ``labels`` [N] (the classes a conditional model was asked for) adds ``"conditional"``:
+    ``label_accuracy`` of the samples and, for reference, of the held-out real images."""
+    reference = data.load_arrays(data_cfg, data_cfg.train_split)
+    held_out = data.load_arrays(data_cfg, data_cfg.eval_split)
+    generated, held = FeatureSet.of(clf, samples), FeatureSet.of(clf, held_out["x"])
+    out = compare(generated, FeatureSet.of(clf, reference["x"]), held,
+                  reference_split=str(data_cfg.train_split), held_out_split=str(data_cfg.eval_split))
+    if labels is not None:
+        k = generated.logits.shape[1]
+        out["conditional"] = {"generated": label_accuracy(generated.logits, labels, k),
+                              "real": label_accuracy(held.logits, held_out["y"], k)}
+    return out
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -219,6 +243,11 @@ def format_report(result: dict[str, Any]) -> str:
     for name in ALL_METRICS:
         value, floor, ratio = result["metrics"][name], result["floor"][name], result["ratio"][name]
         lines.append(f"{name} {_num(value)} (floor {_num(floor)}, {ratio:.2f}x floor)")
+    if "conditional" in result:
+        gen, real = result["conditional"]["generated"], result["conditional"]["real"]
+        per = " ".join(f"{i}:{100 * a:.0f}%" for i, a in enumerate(gen["per_class"]) if a is not None)
+        lines.append(f"label_accuracy {gen['accuracy']:.3f} (real {result['splits']['floor']} images: "
+                     f"{real['accuracy']:.3f}); per asked class {per}")
     for name in ("generated", "floor", "reference"):
         hist = " ".join(f"{i}:{100 * p:.0f}%" for i, p in enumerate(result["histogram"][name]))
         lines.append(f"classes ({name}) {hist}")

@@ -40,7 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import checks, data, files, metrics, parallel, setup
+from ddpm_jax import checks, data, files, metrics, parallel, sampler, setup
 from ddpm_jax.evaluation import chunked_generation, classifier, fid, sample_quality
 from ddpm_jax.evaluation import inception_metrics as im
 from ddpm_jax.modes import require_images, say
@@ -63,11 +63,14 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if metric == "inception":
         results.update(_inception_metrics(config, out_dir, step_dir))
     elif jax.process_index() == 0:  # a small network on one device: process 0 scores for all
-        images = np.concatenate([im for _, im in chunked_generation.read_chunks(
+        chunks = list(chunked_generation.read_chunks(
             out_dir, range(gen["num_chunks"]), num_samples=int(config.eval.num_samples),
-            chunk_size=int(config.eval.chunk_size))])
+            chunk_size=int(config.eval.chunk_size)))
+        images = np.concatenate([im for _, im in chunks])
+        # A conditional model's samples are scored against the class each was asked for.
+        asked = sampler.cycle_labels(setup.sampler_labels(config), np.concatenate([i for i, _ in chunks]))
         results["classifier"] = dict(path=classifier.resolve_path(config), **clf.info)
-        results.update(sample_quality.evaluate_samples(clf, config.data, images))
+        results.update(sample_quality.evaluate_samples(clf, config.data, images, labels=asked))
     _write_results(step_dir, loaded.step, results)
     return results
 
@@ -76,9 +79,11 @@ def _generate(config: ml_collections.ConfigDict, loaded: setup.LoadedRun, step_d
     """The resumable uint8 sample chunks of `eval.num_samples` images under `step_dir/samples`."""
     ev, shape, seed = config.eval, loaded.shape, int(config.sampling.seed)
     out_dir = os.path.join(step_dir, "samples")
-    chunked_generation.check_samples_meta(out_dir, dict(step=loaded.step, sampling_seed=seed, shape=list(shape),
-                                                        chunk_size=int(ev.chunk_size),
-                                                        sampler=setup.sampler_options(config)))
+    meta = dict(step=loaded.step, sampling_seed=seed, shape=list(shape), chunk_size=int(ev.chunk_size),
+                sampler=setup.sampler_options(config))
+    if setup.num_classes(config):  # which class each image was asked for
+        meta["labels"] = setup.sampler_labels(config)
+    chunked_generation.check_samples_meta(out_dir, meta)
     local_mesh = parallel.make_mesh(jax.local_devices())  # each process samples its own chunks
     gen = chunked_generation.generate_samples(
         setup.make_sampler(loaded, config, mesh=local_mesh), parallel.to_host(loaded.params), out_dir,
@@ -126,6 +131,8 @@ def _write_results(step_dir: str, step: int, results: dict) -> None:
     for name, value in results.get("metrics", {}).items():
         scalars[f"eval/classifier_{name}"] = value
         scalars[f"eval/classifier_{name}_x_floor"] = results["ratio"][name]
+    if "conditional" in results:
+        scalars["eval/label_accuracy"] = results["conditional"]["generated"]["accuracy"]
     metrics.write_scalars(workdir, step, scalars)
     if results["metric"] == "classifier":
         sampler = results["sampler"]

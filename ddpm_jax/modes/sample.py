@@ -5,7 +5,8 @@ the seed and the count (`output_tag`, e.g. `ddim50_step2000_seed0_n64`), so anot
 setting never overwrites an earlier result. Under `<workdir>/samples/`:
   sample_<tag>.png / .npz                  grid (images) or scatter plot (2-D points) of
                                            `sampling.num_samples` samples; the arrays
-                                           (float32, uint8 images)
+                                           (float32, uint8 images; a conditional model's
+                                           grid has one row per class, its labels saved)
   trajectory_<tag>_every<n>.gif            x_t (left) and predicted x0 (right) every
                                            `sampling.trajectory_every` = n steps
 2-D toy data (data.source = toy2d) also gets
@@ -130,9 +131,13 @@ def _from_noise(config, loaded: setup.LoadedRun, out_dir: str) -> dict[str, str]
         scores = toy2d.evaluate(out.samples, config.data)
         reference = toy2d.fresh_points(config.data, str(config.data.eval_split), out.samples.shape[0])
     stem = os.path.join(out_dir, f"sample_{tag}")
-    paths = {"grid": _write_png(stem + ".png", imaging.grid_image(out.samples, reference,
-                                                                  f"{method} samples, step {step}"))}
+    labels = sampler_fn.labels_for(np.arange(out.samples.shape[0]))  # a conditional model's classes
+    picture = (imaging.grid_image(out.samples, reference, f"{method} samples, step {step}") if labels is None
+               else imaging.class_grid(out.samples, labels))  # one row per class
+    paths = {"grid": _write_png(stem + ".png", picture)}
     arrays = {"samples": out.samples.astype(np.float32)}
+    if labels is not None:
+        arrays["labels"] = labels
     if not toy:
         arrays["images"] = imaging.to_uint8(out.samples)
     paths["npz"] = _write_npz(stem + ".npz", **arrays)
