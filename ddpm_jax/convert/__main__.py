@@ -1,4 +1,5 @@
-"""`python -m ddpm_jax.convert --diffusers DIR --out DIR`: released DDPM weights -> ddpm_jax checkpoint."""
+"""`python -m ddpm_jax.convert --diffusers DIR --out DIR`: released DDPM weights -> ddpm_jax checkpoint;
+`python -m ddpm_jax.convert --to-diffusers WORKDIR --out DIR`: a ddpm_jax run -> diffusers UNet2DModel folder."""
 
 from __future__ import annotations
 
@@ -6,25 +7,37 @@ import argparse
 import sys
 
 from ddpm_jax.convert import convert_diffusers
+from ddpm_jax.convert.export_diffusers import export_workdir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddpm_jax.convert", description=__doc__)
-    parser.add_argument("--diffusers", required=True, metavar="DIR",
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--diffusers", metavar="DIR",
                         help="diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.*), "
                              "e.g. a local snapshot of google/ddpm-cifar10-32")
-    parser.add_argument("--out", required=True, metavar="DIR", help="new (or empty) checkpoint directory")
+    source.add_argument("--to-diffusers", metavar="WORKDIR", dest="to_diffusers",
+                        help="export the newest valid EMA params of this workdir to a diffusers folder")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new (or empty) output directory")
+    parser.add_argument("--var-type", dest="var_type", default=None,
+                        choices=("fixedlarge", "fixedsmall", "learned", "learned_range"),
+                        help="--to-diffusers: the run's diffusion.var_type for scheduler_config.json "
+                             "(default: learned_range for a 2C-channel output, else fixedlarge)")
     args = parser.parse_args(argv)
     try:
+        if args.to_diffusers:
+            step, meta = export_workdir(args.to_diffusers, args.out, var_type=args.var_type)
+            print(f"wrote {args.out}: config.json, diffusion_pytorch_model.safetensors and scheduler_config.json "
+                  f"of step {step} (UNet {meta.model_kwargs.get('ch')} channels, images {meta.data_shape}).")
+            print(f"load with: diffusers.UNet2DModel.from_pretrained({args.out!r})")
+            return 0
         meta = convert_diffusers(args.diffusers, args.out)
     except (OSError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}: UNet({', '.join(f'{k}={v}' for k, v in meta.model_kwargs.items())}), "
           f"images {meta.data_shape}, schedule {meta.schedule}, pred {meta.pred}.")
-    var_type = meta.source.get("var_type", "fixedlarge")
-    flag = f" --config.diffusion.var_type={var_type}" if var_type in ("learned", "learned_range") else ""
-    print(f"sample with: python -m ddpm_jax.main --config=CONFIG --workdir={args.out} --mode=sample{flag}")
+    print(f"sample with: python -m ddpm_jax.main --config=CONFIG --workdir={args.out} --mode=sample")
     return 0
 
 
