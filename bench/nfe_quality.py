@@ -1,0 +1,155 @@
+"""Sample quality per network call: every sampler of a trained run through `--mode=eval`, timed.
+
+    python -m bench.nfe_quality --config=configs/digits.py --workdir=workdirs/digits_nfe \
+        [--samplers=ddpm,ddim:10,dpmpp_2m:20,heun:10] [--spread=dpmpp_2m:20] [--seeds=0,1] \
+        [--time_samples=297] [--out=nfe.jsonl] [--plot=docs/figures/nfe_quality_digits.png] [--config.X=...]
+
+For each sampler (`method[:steps]`; heun's steps N are 2N − 1 network calls) this runs the
+project's own `--mode=eval` (`modes.evaluate.run_eval`: eval.num_samples samples, the
+metric of eval.metric, e.g. the classifier features' Fréchet distance and precision /
+recall beside their real-vs-real floors; existing sample chunks are reused) and then times
+the compiled sampler on `--time_samples` images in batches of min(eval.batch_size,
+time_samples) (one warm-up call of the same batch first, so compilation is not counted;
+jax.block_until_ready ends each call), reported per 1,000 images. The
+samplers of `--spread` are evaluated again with every seed of `--seeds`: their spread
+is the run-to-run noise a difference must exceed. One JSON line per (sampler, seed) on
+stdout (and `--out`) with the load average (a shared CPU is slow for reasons that are not ours), and
+a plot of the Fréchet distance and precision / recall against NFE with the floors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common
+
+DEFAULT_SAMPLERS = ("ddpm,ddim:10,ddim:20,ddim:50,ddim:100,dpmpp_2m:5,dpmpp_2m:10,dpmpp_2m:15,dpmpp_2m:20,"
+                    "dpmpp_3m:5,dpmpp_3m:10,dpmpp_3m:15,dpmpp_3m:20,sde_dpmpp_2m:20,heun:5,heun:10,heun:18")
+
+
+def parse_samplers(text: str) -> list[tuple[str, int | None]]:
+    """'ddpm,ddim:10,heun:5' -> [("ddpm", None), ("ddim", 10), ("heun", 5)]."""
+    out = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        method, _, steps = item.partition(":")
+        if method != "ddpm" and not steps:
+            raise common.BenchError(f"--samplers item {item!r} needs :steps (e.g. {method}:20); only ddpm runs all T.")
+        out.append((method, int(steps) if steps else None))
+    return out
+
+
+def sampler_config(config, method: str, steps: int | None, seed: int):
+    """A copy of `config` sampling with `method` over `steps` (DDIM: ddim_steps; solvers: solver_steps)."""
+    c = copy.deepcopy(config)
+    c.sampling.method, c.sampling.seed = method, int(seed)
+    if method == "ddim":
+        c.sampling.ddim_steps = int(steps)
+    elif method != "ddpm":
+        c.sampling.solver_steps = int(steps)
+    return c
+
+
+def nfe(method: str, steps: int | None, num_timesteps: int) -> int:
+    from ddpm_jax import solvers  # noqa: PLC0415
+
+    if method == "ddpm":
+        return num_timesteps
+    return int(steps) if method == "ddim" else solvers.nfe(method, int(steps))
+
+
+def time_sampler(config, workdir: str, num_samples: int) -> dict:
+    """Seconds for `num_samples` images from the compiled sampler (a warm-up call not counted)."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from ddpm_jax import setup  # noqa: PLC0415
+
+    loaded = setup.load_run(config, workdir)
+    sampler = setup.make_sampler(loaded, config)
+    batch = min(int(config.eval.batch_size), num_samples)
+    jax.block_until_ready(sampler(loaded.params, np.arange(batch)).samples)  # compile + one run
+    start = time.perf_counter()
+    for lo in range(0, num_samples, batch):
+        jax.block_until_ready(sampler(loaded.params, np.arange(lo, lo + batch)).samples)
+    seconds = time.perf_counter() - start
+    done = -(-num_samples // batch) * batch
+    return dict(seconds_per_1000=seconds * 1000.0 / done, timed_samples=done, batch=batch)
+
+
+def plot(path: str, records: list[dict]) -> None:
+    """FD and precision / recall against NFE (log x), one line per method, floors dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    from ddpm_jax import files  # noqa: PLC0415
+
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    first = [r for r in records if r["seed"] == records[0]["seed"]]
+    for ax, name in zip(axes, ("fd", "precision", "recall")):
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in first)):
+            rows = sorted((r for r in first if r["method"] == method), key=lambda r: r["nfe"])
+            style = dict(marker="o", color=f"C{i}", label=method)
+            ax.plot([r["nfe"] for r in rows], [r["metrics"][name] for r in rows], **style)
+        others = [r for r in records if r["seed"] != records[0]["seed"]]
+        if others:
+            ax.plot([r["nfe"] for r in others], [r["metrics"][name] for r in others], "x", color="k",
+                    label="other seeds")
+        ax.axhline(records[0]["floor"][name], color="gray", ls="--", label="floor (real vs real)")
+        ax.set_xscale("log")
+        ax.set(xlabel="network calls (NFE)", title={"fd": "Fréchet distance (classifier features)"}.get(name, name))
+    axes[0].legend(fontsize=7)
+    files.write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def main(argv=None) -> int:
+    rest, overrides = common.split_overrides(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/digits.py")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--samplers", default=DEFAULT_SAMPLERS)
+    p.add_argument("--spread", default="", help="samplers evaluated with every seed of --seeds")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--time_samples", type=int, default=297, help="images timed per sampler (0: no timing)")
+    p.add_argument("--out", default="", help="also append the JSON lines to this file")
+    p.add_argument("--plot", default="")
+    args = p.parse_args(rest)
+    config = common.load_config(args.config, overrides)
+
+    from ddpm_jax.modes import evaluate  # noqa: PLC0415
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    jobs = [(m, n, seeds[0]) for m, n in parse_samplers(args.samplers)]
+    jobs += [(m, n, s) for m, n in parse_samplers(args.spread) for s in seeds[1:]]
+    records = []
+    for method, steps, seed in jobs:
+        c = sampler_config(config, method, steps, seed)
+        start = time.perf_counter()
+        result = evaluate.run_eval(c, args.workdir)
+        record = dict(method=method, steps=steps, seed=seed,
+                      nfe=nfe(method, steps, int(config.diffusion.num_timesteps)),
+                      num_samples=result["num_samples"], metrics=result.get("metrics"),
+                      floor=result.get("floor"), ratio=result.get("ratio"), eval_seconds=time.perf_counter() - start,
+                      host=common.host_info(), time=common.utc_now())
+        if args.time_samples and seed == seeds[0]:
+            record.update(time_sampler(c, args.workdir, args.time_samples))
+        records.append(common.emit(record))
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(records[-1], default=str) + "\n")
+    if args.plot and records and records[0].get("metrics"):
+        plot(args.plot, records)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

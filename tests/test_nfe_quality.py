@@ -1,0 +1,20 @@
+"""bench/nfe_quality.py: sampler specs, NFE per sampler, the per-sampler config."""
+
+import pytest
+
+from bench import common, nfe_quality
+
+
+def test_specs_nfe_and_configs():
+    from configs import digits
+
+    specs = nfe_quality.parse_samplers("ddpm, ddim:10,dpmpp_3m:15,heun:18")
+    assert specs == [("ddpm", None), ("ddim", 10), ("dpmpp_3m", 15), ("heun", 18)]
+    assert [nfe_quality.nfe(m, n, 100) for m, n in specs] == [100, 10, 15, 35]
+    config = digits.get_config()
+    c = nfe_quality.sampler_config(config, "heun", 18, seed=1)
+    assert (c.sampling.method, c.sampling.solver_steps, c.sampling.seed) == ("heun", 18, 1)
+    assert config.sampling.method == "ddpm"  # the original is left alone
+    assert nfe_quality.sampler_config(config, "ddim", 20, 0).sampling.ddim_steps == 20
+    with pytest.raises(common.BenchError, match="dpmpp_2m:20"):
+        nfe_quality.parse_samplers("dpmpp_2m")
