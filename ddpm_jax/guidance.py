@@ -22,6 +22,10 @@ i.e. combining the outputs in the network's own parameterisation IS guiding in �
 result converts to exactly the guided ε by `diffusion.x0_and_eps`. We combine in the
 native parameterisation so that no ill-conditioned round trip (1/√ᾱ_t near t = T) enters;
 tests/test_guidance.py checks the equality against the explicit ε-space computation.
+
+A learned variance (var_type learned / learned_range: 2C output channels) is not guided: the
+mean part is combined as above and the variance part is the conditional branch's, as GLIDE's
+guided sampler does.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from ddpm_jax import diffusion
 
 
 def combine(out_cond: jnp.ndarray, out_uncond: jnp.ndarray, guidance_scale) -> jnp.ndarray:
@@ -72,14 +78,15 @@ def check_guidance(*, labels, guidance_scale, null_label) -> None:
 
 
 def model_fn(apply_fn: Callable, params, *, labels=None, guidance_scale=0.0,
-             null_label: int | None = None) -> Callable:
+             null_label: int | None = None, var_type: str = "fixedlarge") -> Callable:
     """The network as `fn(x_t, t) -> output`, conditioned on `labels` and guided with w = guidance_scale.
 
     apply_fn(params, x, t) (labels None: the unconditional network, called as before) or
     apply_fn(params, x, t, y) with y int32 [B]. With w = 0 (a Python number) one plain
     conditional call is made. With w ≠ 0 (or a traced w) the batch is doubled: labels
     [labels; null_label] in one call, then `combine`. The output stays in the network's own
-    parameterisation (eps | x0 | v), see the module docstring.
+    parameterisation (eps | x0 | v), see the module docstring; a learned variance's channels
+    (`var_type`) are the conditional branch's.
     """
     check_guidance(labels=labels, guidance_scale=guidance_scale, null_label=null_label)
     if labels is None:
@@ -94,6 +101,9 @@ def model_fn(apply_fn: Callable, params, *, labels=None, guidance_scale=0.0,
         out = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                        jnp.concatenate([labels, null]))
         out_cond, out_uncond = jnp.split(out, 2, axis=0)
-        return combine(out_cond, out_uncond, guidance_scale)
+        mean_cond, var_cond = diffusion.split_output(out_cond, var_type)
+        mean_uncond, _ = diffusion.split_output(out_uncond, var_type)
+        guided_mean = combine(mean_cond, mean_uncond, guidance_scale)
+        return guided_mean if var_cond is None else jnp.concatenate([guided_mean, var_cond], axis=-1)
 
     return guided

@@ -220,7 +220,7 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
         raise ValueError(f"labels must be an int array [len(indices)] = [{B}], got shape {jnp.shape(labels)}.")
     # The network as model_fn(x_t, t), labels and guidance applied: every method's steps call this.
     model_fn = guidance.model_fn(apply_fn, params, labels=labels, guidance_scale=guidance_scale,
-                                 null_label=null_label)
+                                 null_label=null_label, var_type=var_type)
     keys = image_keys(seed, indices)
     x = image_noise(keys, T, shape) if x_start is None else jnp.asarray(x_start, jnp.float32)
     deterministic = method == "ddim" and isinstance(eta, (int, float)) and eta == 0

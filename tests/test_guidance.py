@@ -165,3 +165,22 @@ def test_bad_label_shapes_and_dropout_are_refused(sched):
                         labels=jnp.zeros(2, jnp.int32), null_label=NUM_CLASSES)
     with pytest.raises(ValueError, match="training.label_dropout=1.5"):
         guidance.drop_labels(jnp.zeros(3, jnp.int32), jax.random.key(0), 1.5, 4)
+
+
+def test_a_learned_variance_is_taken_from_the_conditional_branch():
+    """2C outputs (var_type learned_range): the mean channels are guided, the variance is c's."""
+    params = _toy_params()
+
+    def apply2(params, x, t, y=None):
+        out = _toy_apply(params, x, t, y)
+        return jnp.concatenate([out, 0.1 * out + 1.0], axis=-1)
+
+    x, t, y = _inputs()
+    x = jnp.asarray(x, jnp.float32)
+    fn = guidance.model_fn(apply2, params, labels=jnp.asarray(y), guidance_scale=3.0, null_label=NUM_CLASSES,
+                           var_type="learned_range")
+    out = np.asarray(fn(x, jnp.asarray(t)))
+    cond = np.asarray(apply2(params, x, jnp.asarray(t), jnp.asarray(y)))
+    uncond = np.asarray(apply2(params, x, jnp.asarray(t), jnp.full(len(y), NUM_CLASSES)))
+    np.testing.assert_allclose(out[..., :1], 4.0 * cond[..., :1] - 3.0 * uncond[..., :1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[..., 1:], cond[..., 1:])
