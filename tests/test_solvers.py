@@ -273,7 +273,8 @@ def test_guided_solver_uses_the_one_model_fn():
     def apply_fn(params, x, t, y):
         return _apply(params, x, t) + 0.2 * y[:, None].astype(x.dtype)
 
-    kw = dict(shape=(2,), indices=jnp.arange(3), seed=0, method="dpmpp_2m", num_steps=6, labels=jnp.array([0, 1, 2]), null_label=3)
+    kw = dict(shape=(2,), indices=jnp.arange(3), seed=0, method="dpmpp_2m", num_steps=6,
+              labels=jnp.array([0, 1, 2]), null_label=3)
     guided = sampling.sample(apply_fn, 0.5, sched, guidance_scale=2.0, **kw).samples
     # The same solve with the guided network written out by hand (w = 2, ∅ = 3).
     by_hand = lambda p, x, t, y: 3.0 * apply_fn(p, x, t, y) - 2.0 * apply_fn(p, x, t, jnp.full_like(y, 3))  # noqa: E731
