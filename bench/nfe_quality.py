@@ -35,25 +35,30 @@ DEFAULT_SAMPLERS = ("ddpm,ddim:10,ddim:20,ddim:50,ddim:100,dpmpp_2m:5,dpmpp_2m:1
                     "dpmpp_3m:5,dpmpp_3m:10,dpmpp_3m:15,dpmpp_3m:20,sde_dpmpp_2m:20,heun:5,heun:10,heun:18")
 
 
-def parse_samplers(text: str) -> list[tuple[str, int | None]]:
-    """'ddpm,ddim:10,heun:5' -> [("ddpm", None), ("ddim", 10), ("heun", 5)]."""
+def parse_samplers(text: str) -> list[tuple]:
+    """'ddpm,ddim:10,heun:5:time_uniform' -> [("ddpm", None, ""), ("ddim", 10, ""), ("heun", 5, "time_uniform")]
+    (a solver's optional third part is its sampling.solver_spacing)."""
     out = []
     for item in filter(None, (p.strip() for p in text.split(","))):
-        method, _, steps = item.partition(":")
+        method, _, rest = item.partition(":")
+        steps, _, spacing = rest.partition(":")
         if method != "ddpm" and not steps:
             raise common.BenchError(f"--samplers item {item!r} needs :steps (e.g. {method}:20); only ddpm runs all T.")
-        out.append((method, int(steps) if steps else None))
+        out.append((method, int(steps) if steps else None, spacing))
     return out
 
 
-def sampler_config(config, method: str, steps: int | None, seed: int):
-    """A copy of `config` sampling with `method` over `steps` (DDIM: ddim_steps; solvers: solver_steps)."""
+def sampler_config(config, method: str, steps: int | None, seed: int, spacing: str = ""):
+    """A copy of `config` sampling with `method` over `steps` (DDIM: ddim_steps; solvers: solver_steps
+    and, if given, solver_spacing)."""
     c = copy.deepcopy(config)
     c.sampling.method, c.sampling.seed = method, int(seed)
     if method == "ddim":
         c.sampling.ddim_steps = int(steps)
     elif method != "ddpm":
         c.sampling.solver_steps = int(steps)
+        if spacing:
+            c.sampling.solver_spacing = spacing
     return c
 
 
@@ -97,7 +102,8 @@ def plot(path: str, records: list[dict]) -> None:
     first = [r for r in records if r["seed"] == records[0]["seed"]]
     for ax, name in zip(axes, ("fd", "precision", "recall")):
         for i, method in enumerate(dict.fromkeys(r["method"] for r in first)):
-            rows = sorted((r for r in first if r["method"] == method), key=lambda r: r["nfe"])
+            rows = sorted((r for r in first if r["method"] == method and "time_uniform" not in r.get("tag", "")),
+                          key=lambda r: r["nfe"])
             style = dict(marker="o", color=f"C{i}", label=method)
             ax.plot([r["nfe"] for r in rows], [r["metrics"][name] for r in rows], **style)
         others = [r for r in records if r["seed"] != records[0]["seed"]]
@@ -125,17 +131,18 @@ def main(argv=None) -> int:
     args = p.parse_args(rest)
     config = common.load_config(args.config, overrides)
 
+    from ddpm_jax import setup  # noqa: PLC0415
     from ddpm_jax.modes import evaluate  # noqa: PLC0415
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(m, n, seeds[0]) for m, n in parse_samplers(args.samplers)]
-    jobs += [(m, n, s) for m, n in parse_samplers(args.spread) for s in seeds[1:]]
+    jobs = [(m, n, sp, seeds[0]) for m, n, sp in parse_samplers(args.samplers)]
+    jobs += [(m, n, sp, s) for m, n, sp in parse_samplers(args.spread) for s in seeds[1:]]
     records = []
-    for method, steps, seed in jobs:
-        c = sampler_config(config, method, steps, seed)
+    for method, steps, spacing, seed in jobs:
+        c = sampler_config(config, method, steps, seed, spacing)
         start = time.perf_counter()
         result = evaluate.run_eval(c, args.workdir)
-        record = dict(method=method, steps=steps, seed=seed,
+        record = dict(method=method, steps=steps, seed=seed, tag=setup.sampler_tag(c),
                       nfe=nfe(method, steps, int(config.diffusion.num_timesteps)),
                       num_samples=result["num_samples"], metrics=result.get("metrics"),
                       fid=result.get("fid"), inception_score=result.get("inception_score"),

@@ -43,6 +43,10 @@ SPACINGS = ("time_uniform", "logsnr", "karras")
 DEFAULT_SPACING = {"dpmpp_2m": "logsnr", "dpmpp_3m": "logsnr", "sde_dpmpp_2m": "logsnr", "heun": "karras"}
 MAX_ORDER = 3
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. (5)
+# Plans start no noisier than λ = −5.1 (diffusers' `lambda_min_clipped`): a schedule whose last β
+# is capped (cosine: β_T = 0.999) ends with one huge jump in λ (T = 100: −4.2 → −7.6) that would
+# otherwise draw a λ- or σ-uniform plan's first steps into the last few timesteps.
+LAMBDA_MIN_CLIPPED = -5.1
 
 Denoise = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
@@ -90,10 +94,12 @@ def _distinct(t: jnp.ndarray, k: int) -> jnp.ndarray:
 
 
 def timesteps(sched: Schedule, num_steps: int, spacing: str, *, k: int | None = None,
-              rho: float = KARRAS_RHO) -> jnp.ndarray:
+              rho: float = KARRAS_RHO, lambda_min: float | None = LAMBDA_MIN_CLIPPED) -> jnp.ndarray:
     """The `num_steps` integer timesteps (int32, strictly descending) a solver evaluates from x_k.
 
     k (paper index, default T) limits the plan to timesteps 0..k−1 (partial denoising).
+    logsnr and karras start at λ = max(λ(k−1), lambda_min) (None: λ(k−1)): the start x_k, pure
+    noise there, is then taken as x at that timestep, as diffusers' `lambda_min_clipped`.
     time_uniform: round(linspace(0, k−1, N+1))[::-1][:-1] (diffusers' "linspace"; ends above 0).
     logsnr:       λ uniform from λ(k−1) to λ(0) (Lu et al. 2022, §4 / App. D; diffusers'
                   `use_lu_lambdas`).
@@ -109,6 +115,8 @@ def timesteps(sched: Schedule, num_steps: int, spacing: str, *, k: int | None = 
         return _distinct(jnp.asarray(ts, jnp.int32), k)
     log_sigmas = log_sigma_table(sched)[:k]
     lo, hi = log_sigmas[0], log_sigmas[k - 1]
+    if lambda_min is not None:  # log σ̃ = −λ
+        hi = jnp.minimum(hi, -lambda_min)
     ramp = jnp.linspace(0.0, 1.0, n, dtype=log_sigmas.dtype)
     if spacing == "logsnr":
         target = hi + ramp * (lo - hi)

@@ -3,14 +3,14 @@
 import pytest
 
 from bench import common, nfe_quality
+from configs import digits
 
 
 def test_specs_nfe_and_configs():
-    from configs import digits
-
-    specs = nfe_quality.parse_samplers("ddpm, ddim:10,dpmpp_3m:15,heun:18")
-    assert specs == [("ddpm", None), ("ddim", 10), ("dpmpp_3m", 15), ("heun", 18)]
-    assert [nfe_quality.nfe(m, n, 100) for m, n in specs] == [100, 10, 15, 35]
+    specs = nfe_quality.parse_samplers("ddpm, ddim:10,dpmpp_3m:15:karras,heun:18")
+    assert specs == [("ddpm", None, ""), ("ddim", 10, ""), ("dpmpp_3m", 15, "karras"), ("heun", 18, "")]
+    assert [nfe_quality.nfe(m, n, 100) for m, n, _ in specs] == [100, 10, 15, 35]
+    assert nfe_quality.sampler_config(digits.get_config(), "dpmpp_3m", 15, 0, "karras").sampling.solver_spacing == "karras"
     config = digits.get_config()
     c = nfe_quality.sampler_config(config, "heun", 18, seed=1)
     assert (c.sampling.method, c.sampling.solver_steps, c.sampling.seed) == ("heun", 18, 1)

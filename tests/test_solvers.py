@@ -282,3 +282,17 @@ def test_guided_solver_uses_the_one_model_fn():
     np.testing.assert_allclose(guided, want, atol=1e-5)
     plain = sampling.sample(apply_fn, 0.5, sched, guidance_scale=0.0, **kw).samples
     assert not np.allclose(guided, plain)
+
+
+def test_capped_cosine_plans_start_at_lambda_min():
+    """The capped cosine schedule's last step jumps in λ (T = 100: −4.2 → −7.6); logsnr / karras
+    plans start at λ ≥ −5.1 (t = 98) instead of crowding into the last timesteps."""
+    sched = Schedule.from_betas(schedules.get_betas("cosine", 100))
+    lam = -np.asarray(solvers.log_sigma_table(sched))
+    assert lam[99] < solvers.LAMBDA_MIN_CLIPPED < lam[98]
+    for spacing in ("logsnr", "karras"):
+        assert int(solvers.timesteps(sched, 5, spacing)[0]) == 98
+        assert int(solvers.timesteps(sched, 5, spacing, lambda_min=None)[0]) == 99
+    assert int(solvers.timesteps(sched, 5, "time_uniform")[0]) == 99
+    linear = Schedule.from_betas(schedules.get_betas("linear", 1000))  # λ(999) = −5.06: no clip
+    assert int(solvers.timesteps(linear, 5, "logsnr")[0]) == 999
