@@ -3,6 +3,7 @@ sampler, training's label dropout, checks, the diffusers import with num_class_e
 given the labels, and a small conditional digits model that draws the class it is asked for."""
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -329,3 +330,15 @@ def test_a_conditional_digits_model_draws_the_asked_class(tmp_path):
     accuracy = clf.accuracy(imaging.to_uint8(out.samples), np.arange(100) % 10)
     # chance is 0.1; Binomial(100, 0.1) exceeds 0.3 with probability < 1e-8
     assert accuracy > 0.3, accuracy
+
+
+def test_the_conditional_doc_names_real_configs_keys_and_figures():
+    from test_experiments import test_doc_commands_name_real_configs_and_keys
+
+    test_doc_commands_name_real_configs_and_keys("docs/conditional.md")
+    with open(os.path.join(ROOT, "docs", "conditional.md")) as f:
+        figures = re.findall(r"\]\((figures/[^)]+)\)", f.read())
+    assert figures
+    for figure in figures:
+        path = os.path.join(ROOT, "docs", figure)
+        assert os.path.isfile(path) and os.path.getsize(path) < 1_000_000, figure
