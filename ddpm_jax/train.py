@@ -41,7 +41,6 @@ from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learn
 
 DISPATCH_LOOPS = ("auto", "scan", "unroll")
 _LABEL_STREAM = 0x1ABE  # label dropout's key: fold_in(step key, this), the step's other keys unchanged
-_LABEL_STREAM = 0x1ABE  # label dropout's key: fold_in(step key, this), the step's other keys unchanged
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -67,8 +66,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         raise ValueError(f"training.dispatch_loop={loop!r} is unknown; use one of {DISPATCH_LOOPS}.")
     # XLA:CPU runs convolution gradients inside a while loop (scan) ~25x slower than outside it.
     use_scan = loop == "scan" or (loop == "auto" and jax.default_backend() != "cpu")
-    num_classes = setup.num_classes(config)
-    label_dropout = float(config.training.get("label_dropout", 0.0))
     num_classes = setup.num_classes(config)
     label_dropout = float(config.training.get("label_dropout", 0.0))
 
