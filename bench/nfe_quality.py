@@ -146,6 +146,7 @@ def main(argv=None) -> int:
                       nfe=nfe(method, steps, int(config.diffusion.num_timesteps)),
                       num_samples=result["num_samples"], metrics=result.get("metrics"),
                       fid=result.get("fid"), inception_score=result.get("inception_score"),
+                      generation=result.get("generation"),
                       floor=result.get("floor"), ratio=result.get("ratio"), eval_seconds=time.perf_counter() - start,
                       host=common.host_info(), time=common.utc_now())
         if args.time_samples and seed == seeds[0]:
