@@ -12,7 +12,7 @@ Rows (`configs/table2.py:<row>`, digits; `configs/table2.py:<row>,cifar10` for C
     eps_hybrid_cosine     the same with the cosine schedule (CIFAR-10 only: digits is cosine already)
     eps_kl_loss_aware     ε, L with learned_range Σ and importance-sampled t (N&D's L_vlb)
 
-Digits (2-core CPU; measured 14-22 min per row for the three commands at load averages 4-15, i.e.
+Digits (2-core CPU; measured 7-22 min per row for the three commands at load averages 3-15, i.e.
 shared with other jobs; an idle machine is faster; results in docs/table2.md):
     python -m ddpm_jax.main --config=configs/table2.py:eps_simple --workdir=workdirs/table2/eps_simple_s0
     python -m ddpm_jax.main --config=configs/table2.py:eps_simple --workdir=workdirs/table2/eps_simple_s0 --mode=bpd
