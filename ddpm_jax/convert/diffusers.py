@@ -303,6 +303,7 @@ def checkpoint_meta(path: str, unet_kwargs: dict) -> RunMeta:
     source["var_type"] = _var_type(path, scheduler, int(config["in_channels"]), int(config["out_channels"]))
     return RunMeta("unet", dict(unet_kwargs), tuple(image_shape(config)), schedule, pred, source)
 
+
 def _var_type(path: str, scheduler: dict | None, in_channels: int, out_channels: int) -> str:
     """The reverse variance of a converted model; refuses output channels that do not fit it."""
     learned = out_channels == 2 * in_channels
