@@ -209,13 +209,6 @@ read -r -u 3
 """
 
 
-def _as_from_a_terminal() -> None:
-    """SIGINT as a command typed in a terminal gets it. A shell ignores SIGINT in its background
-    jobs (`make test &`, nohup), children inherit that, and bash cannot trap a signal that was
-    ignored when it started: the launcher's Ctrl-C handling would never run."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _start_waiting_run(tmp_path, **env):
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir(parents=True)
@@ -227,8 +220,7 @@ def _start_waiting_run(tmp_path, **env):
         ["bash", str(LAUNCH / "local_multiprocess.sh"), "--processes=2", "--port=23459",
          "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}"],
         env=_env(PYTHON=str(fake), READY_DIR=str(ready), TERM_LOG=str(tmp_path / "term.log"), **env),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        preexec_fn=_as_from_a_terminal)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 60  # a bound for a failure, not what decides the outcome
     while len(list(ready.glob("[0-9]"))) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
