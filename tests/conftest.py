@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import signal
 
 # Must happen before jax is imported anywhere: every test process sees 8 CPU devices,
 # so data-parallel code paths run as they would on an 8-GPU host.
@@ -14,6 +15,12 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The Ctrl-C tests need SIGINT as a terminal delivers it. Started from a background job
+# (`make test &`, nohup), Python inherits SIGINT ignored and keeps it so, its children too,
+# and bash cannot trap a signal ignored at its start: restore Python's default handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _tree_checksums(root) -> dict:
