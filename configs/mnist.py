@@ -9,12 +9,13 @@ Hardware and time: a 2-core CPU. Measured (docs/experiments.md §3): 1.22 steps/
 with the CPU to itself (the first minute of the run), so 3,200 steps take about 44 min plus
 compilation and grids: more than the ~30 min aimed for. The run here took 69 min for steps
 0-1,600 and 37 min for 1,600-3,200 (resumed), with other jobs loading the cores (load 3-14).
-Expected result (measured, DDIM-50; 500 samples against the 4,000 training digits, the floor
-the 1,000 real test digits in two blocks of 500 against the same):
-Fréchet distance in the classifier's features 281 at step 3,200 (floor 13.2: 21x; 737 = 56x at
-step 1,600), precision 0.32 (floor 0.92), recall 0.86 (0.90), confident fraction 0.55 (0.95);
+Expected result (measured; 500 samples against the 4,000 training digits, the floor the
+1,000 real test digits in two blocks of 500 against the same), at step 3,200: DDPM (200
+steps) Fréchet distance in the classifier's features 76.1 (floor 13.2: 5.75x), precision
+0.50 (floor 0.92), recall 0.92 (0.90), confident fraction 0.67 (0.95); DDIM-50 fd 281 (21x;
+737 = 56x at step 1,600);
 samples in workdirs/mnist/samples/step_3200.png mostly read as digits, some still blobs on a
-grey background. The distance was still falling fast (56x -> 21x from 1,600 to 3,200 steps):
+grey background. The distance was still falling fast (DDIM-50: 56x -> 21x from 1,600 to 3,200 steps):
 a longer run should get nearer the 3x floor (not run: 12,000 steps would take 2.7 h at 1.22 steps/s).
 Why this recipe: T = 200 (cosine) so that the 200-step DDPM evaluation of 500 samples
 fits (DDPM at T = 1000 would take about 5x longer); batch 32 (twice the updates of batch 64
