@@ -54,10 +54,13 @@ def get_timestep_embedding(t: jnp.ndarray, dim: int) -> jnp.ndarray:
     return emb
 
 
-def group_norm(name: str, param_dtype: Dtype, dtype: Dtype) -> nn.GroupNorm:
-    """GroupNorm(32, eps=1e-6): statistics in float32 (two-pass variance), output in `dtype`."""
+def group_norm(name: str, param_dtype: Dtype, dtype: Dtype, num_groups: int = NUM_GROUPS) -> nn.GroupNorm:
+    """GroupNorm(32, eps=1e-6): statistics in float32 (two-pass variance), output in `dtype`.
+
+    `num_groups` other than 32 serves the autoencoder (diffusers' `norm_num_groups`).
+    """
     return nn.GroupNorm(
-        num_groups=NUM_GROUPS,
+        num_groups=num_groups,
         epsilon=NORM_EPS,
         dtype=dtype,
         param_dtype=param_dtype,
@@ -119,24 +122,27 @@ class ResnetBlock(nn.Module):
 
     The second conv is zero-initialised, so a fresh block is the identity on its shortcut.
     When the channel count changes the shortcut is a 1x1 conv (official `nin_shortcut`,
-    diffusers `conv_shortcut`).
+    diffusers `conv_shortcut`). `temb=None` leaves out the timestep projection (the
+    autoencoder's blocks: diffusers' `temb_channels=None`).
     """
 
     out_ch: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    num_groups: int = NUM_GROUPS
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, temb: jnp.ndarray | None, train: bool = False) -> jnp.ndarray:
         conv = functools.partial(nn.Conv, self.out_ch, padding="SAME", dtype=self.dtype,
                                  param_dtype=self.param_dtype)
-        h = nn.swish(group_norm("norm1", self.param_dtype, self.dtype)(x))
+        h = nn.swish(group_norm("norm1", self.param_dtype, self.dtype, self.num_groups)(x))
         h = conv((3, 3), kernel_init=default_init(), name="conv1")(h)
-        temb = nn.Dense(self.out_ch, kernel_init=default_init(), dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="time_emb_proj")(nn.swish(temb))
-        h = h + temb[:, None, None, :]
-        h = nn.swish(group_norm("norm2", self.param_dtype, self.dtype)(h))
+        if temb is not None:
+            temb = nn.Dense(self.out_ch, kernel_init=default_init(), dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="time_emb_proj")(nn.swish(temb))
+            h = h + temb[:, None, None, :]
+        h = nn.swish(group_norm("norm2", self.param_dtype, self.dtype, self.num_groups)(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = conv((3, 3), kernel_init=default_init(0.0), name="conv2")(h)
         if x.shape[-1] != self.out_ch:
@@ -155,12 +161,13 @@ class AttnBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    num_groups: int = NUM_GROUPS
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         b, height, width, c = x.shape
         dense = functools.partial(nn.Dense, c, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = group_norm("group_norm", self.param_dtype, self.dtype)(x)
+        h = group_norm("group_norm", self.param_dtype, self.dtype, self.num_groups)(x)
         # [B, H*W, 1 head, C]: the layout jax.nn.dot_product_attention expects.
         h = h.reshape(b, height * width, 1, c)
         q, k, v = (dense(kernel_init=default_init(), name=n)(h) for n in ("to_q", "to_k", "to_v"))
