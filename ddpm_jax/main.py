@@ -26,7 +26,7 @@ from ddpm_jax import config_loading
 
 config_loading.ensure_configs_importable()
 
-MODES = ("train", "sample", "eval", "fid_stats", "bpd", "figures")
+MODES = ("train", "sample", "eval", "fid_stats", "bpd", "figures", "train_autoencoder")
 _USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
                 errno.EISDIR)
 
@@ -100,13 +100,14 @@ def _quiet_library_info() -> None:
 def run_mode(config, workdir: str, mode: str):
     """Checks the config for `mode`, then runs it (imported only now: `--help` needs no JAX)."""
     from ddpm_jax import checks, train
-    from ddpm_jax.modes import bpd, evaluate, figures, sample
+    from ddpm_jax.modes import autoencoder, bpd, evaluate, figures, sample
 
-    if mode != "train":  # the training loop checks its config itself, against its mesh
+    if mode not in ("train", "train_autoencoder"):  # the training loops check their configs themselves
         checks.check_config(config, mode)
 
     modes = {"train": train.train_and_evaluate, "sample": sample.run, "eval": evaluate.run_eval,
-             "fid_stats": evaluate.run_fid_stats, "bpd": bpd.run, "figures": figures.run}
+             "fid_stats": evaluate.run_fid_stats, "bpd": bpd.run, "figures": figures.run,
+             "train_autoencoder": autoencoder.run}
     return modes[mode](config, workdir)
 
 

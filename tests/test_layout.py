@@ -19,10 +19,11 @@ LAYERS = (
     ("modes", ("train", "modes", "convert")),
     ("entry point", ("main",)),
 )
-MODES = {"train", "modes.sample", "modes.evaluate", "modes.bpd", "modes.figures"}
+MODES = {"train", "modes.sample", "modes.evaluate", "modes.bpd", "modes.figures", "modes.autoencoder"}
 # Function-level imports of the package's own modules, and why they stay lazy.
 LAZY_ALLOWED = {
     ("main", "train"), ("main", "modes.bpd"), ("main", "modes.evaluate"), ("main", "modes.sample"), ("main", "modes.figures"),
+    ("main", "modes.autoencoder"),
     ("main", "metrics"), ("main", "parallel"), ("main", "checkpointing"), ("main", "checks"),
     # (all of main's: `--help` and `--print_config` without importing JAX)
 }

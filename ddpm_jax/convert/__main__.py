@@ -1,5 +1,7 @@
 """`python -m ddpm_jax.convert --diffusers DIR --out DIR`: released DDPM weights -> ddpm_jax checkpoint;
-`python -m ddpm_jax.convert --to-diffusers WORKDIR --out DIR`: a ddpm_jax run -> diffusers UNet2DModel folder."""
+`python -m ddpm_jax.convert --to-diffusers WORKDIR --out DIR`: a ddpm_jax run -> diffusers UNet2DModel folder;
+`python -m ddpm_jax.convert --autoencoder-kl DIR --out DIR`: a diffusers AutoencoderKL (e.g. the SD VAE) ->
+an autoencoder workdir (as `--mode=train_autoencoder` writes)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import argparse
 import sys
 
 from ddpm_jax.convert import convert_diffusers
+from ddpm_jax.convert.autoencoder_kl import convert_autoencoder_kl
 from ddpm_jax.convert.export_diffusers import export_workdir
 
 
@@ -18,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
                              "e.g. a local snapshot of google/ddpm-cifar10-32")
     source.add_argument("--to-diffusers", metavar="WORKDIR", dest="to_diffusers",
                         help="export the newest valid EMA params of this workdir to a diffusers folder")
+    source.add_argument("--autoencoder-kl", metavar="DIR", dest="autoencoder_kl",
+                        help="diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.*), "
+                             "e.g. a local snapshot of stabilityai/sd-vae-ft-mse")
     parser.add_argument("--out", required=True, metavar="DIR", help="new (or empty) output directory")
     parser.add_argument("--var-type", dest="var_type", default=None,
                         choices=("fixedlarge", "fixedsmall", "learned", "learned_range"),
@@ -30,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: config.json, diffusion_pytorch_model.safetensors and scheduler_config.json "
                   f"of step {step} (UNet {meta.model_kwargs.get('ch')} channels, images {meta.data_shape}).")
             print(f"load with: diffusers.UNet2DModel.from_pretrained({args.out!r})")
+            return 0
+        if args.autoencoder_kl:
+            info = convert_autoencoder_kl(args.autoencoder_kl, args.out)
+            print(f"wrote {args.out}: AutoencoderKL({', '.join(f'{k}={v}' for k, v in info['model_kwargs'].items())}), "
+                  f"images {info['image_shape']} -> latents {info['latent_shape']}, scale factor "
+                  f"{info['scale_factor']:g}.")
             return 0
         meta = convert_diffusers(args.diffusers, args.out)
     except (OSError, ValueError, ImportError) as err:

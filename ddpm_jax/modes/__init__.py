@@ -6,6 +6,8 @@
     fid_stats  ddpm_jax.modes.evaluate.run_fid_stats    reference statistics of a split
     bpd        ddpm_jax.modes.bpd.run                   bits/dim of the test split
     figures    ddpm_jax.modes.figures.run               the paper's Figs. 5-8 (figures.kind)
+    train_autoencoder  ddpm_jax.modes.autoencoder.run   the KL autoencoder of latent diffusion
+                                                        (its workdir: checkpoints, scale factor, PSNR)
 
 This package's own helpers are the few things every mode does the same way.
 """
