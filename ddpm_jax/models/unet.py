@@ -16,6 +16,18 @@ num_classes + 1 rows, 4ch wide; row `num_classes` is the null class of classifie
 Ho & Salimans 2022) is added to the timestep embedding, as improved-diffusion's `label_emb` and
 diffusers' `class_embedding` (num_class_embeds). With `num_classes = 0` the network, its
 parameter tree and its outputs are exactly the unconditional ones.
+
+Text / context conditioning (`context_dim > 0`; Rombach et al. 2022, LDM §3.3): a
+`SpatialTransformer` (`models/attention.py`: self-attention, cross-attention to a context
+[B, L, context_dim], GEGLU MLP) follows each residual block (after its self-attention, if any)
+at the resolutions in `transformer_resolutions`, named `transformers_j`, and one follows the
+middle block's self-attention (`mid_block/transformers_0`, as LDM's middle block always has one).
+With `vocab_size > 0` the context comes from a `TextEncoder` inside the network (`text_encoder`,
+width context_dim, trained jointly, `models/text.py`) applied to `tokens` int32 [B, L]; with
+`vocab_size = 0` a precomputed `context` (and `context_mask`) can be passed instead. No tokens
+and no context is the fully masked context: every cross-attention adds exactly zero. With the
+defaults (`context_dim = 0`, `transformer_resolutions = ()`) nothing of this exists: the
+parameter tree and the outputs are exactly those of the network above.
 """
 
 from __future__ import annotations
@@ -25,8 +37,10 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ddpm_jax.models.attention import SpatialTransformer
 from ddpm_jax.models.layers import (ATTENTION_IMPLS, NUM_GROUPS, AttnBlock, ClassEmbedding, Downsample,
                                     ResnetBlock, TimestepEmbedding, Upsample, default_init, group_norm)
+from ddpm_jax.models.text import NULL_ID, TextEncoder
 
 Dtype = Any
 
@@ -34,6 +48,15 @@ Dtype = Any
 def _resnet_cls(remat: bool) -> type[nn.Module]:
     # static_argnums counts `self` as 0: (self, x, temb, train) -> `train` is static.
     return nn.remat(ResnetBlock, static_argnums=(3,)) if remat else ResnetBlock
+
+
+def _transformer(block: nn.Module, name: str, h: jnp.ndarray, ctx) -> jnp.ndarray:
+    """h -> SpatialTransformer(h, *ctx) inside `block` when it has them, else h unchanged."""
+    if not block.use_transformer:
+        return h
+    return SpatialTransformer(block.transformer_heads, block.context_dim, block.transformer_depth,
+                              dtype=block.dtype, param_dtype=block.param_dtype,
+                              attention_impl=block.attention_impl, name=name)(h, *ctx)
 
 
 class DownBlock(nn.Module):
@@ -49,9 +72,14 @@ class DownBlock(nn.Module):
     param_dtype: Dtype
     attention_impl: str
     remat: bool
+    # SpatialTransformers after each block (none with the default False).
+    use_transformer: bool = False
+    transformer_heads: int = 8
+    transformer_depth: int = 1
+    context_dim: int = 0
 
     @nn.compact
-    def __call__(self, h, temb, train: bool):
+    def __call__(self, h, temb, train: bool, ctx=(None, None)):
         resnet = _resnet_cls(self.remat)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         outputs = []
@@ -59,6 +87,7 @@ class DownBlock(nn.Module):
             h = resnet(self.out_ch, self.dropout, name=f"resnets_{j}", **kw)(h, temb, train)
             if self.use_attn:
                 h = AttnBlock(attention_impl=self.attention_impl, name=f"attentions_{j}", **kw)(h)
+            h = _transformer(self, f"transformers_{j}", h, ctx)
             outputs.append(h)
         if self.add_downsample:
             h = Downsample(self.resamp_with_conv, name="downsamplers_0", **kw)(h)
@@ -67,21 +96,27 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """The bottleneck: res block, self-attention, res block."""
+    """The bottleneck: res block, self-attention, (SpatialTransformer,) res block."""
 
     dropout: float
     dtype: Dtype
     param_dtype: Dtype
     attention_impl: str
     remat: bool
+    # SpatialTransformers after each block (none with the default False).
+    use_transformer: bool = False
+    transformer_heads: int = 8
+    transformer_depth: int = 1
+    context_dim: int = 0
 
     @nn.compact
-    def __call__(self, h, temb, train: bool):
+    def __call__(self, h, temb, train: bool, ctx=(None, None)):
         resnet = _resnet_cls(self.remat)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = h.shape[-1]
         h = resnet(c, self.dropout, name="resnets_0", **kw)(h, temb, train)
         h = AttnBlock(attention_impl=self.attention_impl, name="attentions_0", **kw)(h)
+        h = _transformer(self, "transformers_0", h, ctx)
         return resnet(c, self.dropout, name="resnets_1", **kw)(h, temb, train)
 
 
@@ -98,9 +133,14 @@ class UpBlock(nn.Module):
     param_dtype: Dtype
     attention_impl: str
     remat: bool
+    # SpatialTransformers after each block (none with the default False).
+    use_transformer: bool = False
+    transformer_heads: int = 8
+    transformer_depth: int = 1
+    context_dim: int = 0
 
     @nn.compact
-    def __call__(self, h, skips: Sequence[jnp.ndarray], temb, train: bool):
+    def __call__(self, h, skips: Sequence[jnp.ndarray], temb, train: bool, ctx=(None, None)):
         """`skips` in consumption order (the most recent down-path output first)."""
         resnet = _resnet_cls(self.remat)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -110,6 +150,7 @@ class UpBlock(nn.Module):
             h = resnet(self.out_ch, self.dropout, name=f"resnets_{j}", **kw)(h, temb, train)
             if self.use_attn:
                 h = AttnBlock(attention_impl=self.attention_impl, name=f"attentions_{j}", **kw)(h)
+            h = _transformer(self, f"transformers_{j}", h, ctx)
         if self.add_upsample:
             h = Upsample(self.resamp_with_conv, name="upsamplers_0", **kw)(h)
         return h
@@ -128,6 +169,13 @@ class UNet(nn.Module):
     "cudnn" for the fused GPU kernel: bfloat16/float16 compute, per-head dim <= 128, or <= 256 on
     Hopper). `remat=True` rematerialises every residual block in the backward pass.
     Dropout is active only with `train=True` and then needs the "dropout" rng.
+
+    Context conditioning (see the module docstring): `context_dim > 0` adds SpatialTransformers
+    (`transformer_heads` heads, `transformer_depth` blocks each) at `transformer_resolutions` and in
+    the middle block. `vocab_size > 0` adds the jointly trained `text_encoder` (`text_layers`
+    blocks of `text_heads` heads, position table of `context_length`): call with `tokens` int32
+    [B, L <= context_length] (`text.Tokenizer.encode`). Otherwise `context` [B, L, context_dim]
+    with an optional bool `context_mask` [B, L]. Neither: the fully masked (null) context.
     """
 
     ch: int = 128
@@ -142,6 +190,14 @@ class UNet(nn.Module):
     attention_impl: str = "xla"
     remat: bool = False
     num_classes: int = 0
+    transformer_resolutions: Sequence[int] = ()
+    context_dim: int = 0
+    transformer_heads: int = 8
+    transformer_depth: int = 1
+    vocab_size: int = 0
+    context_length: int = 16
+    text_layers: int = 2
+    text_heads: int = 4
 
     def _check(self, x: jnp.ndarray, dtype: jnp.dtype) -> None:
         if x.ndim != 4:
@@ -163,10 +219,47 @@ class UNet(nn.Module):
         if self.attention_impl == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError(f"attention_impl='cudnn' needs a bfloat16/float16 compute dtype, got {dtype}; "
                              "set dtype='bfloat16' or attention_impl='xla'.")
+        if self.transformer_resolutions and not self.context_dim:
+            raise ValueError(f"transformer_resolutions={tuple(self.transformer_resolutions)} needs a context: "
+                             "set model.context_dim > 0 (the text encoder's width).")
+        if self.vocab_size and not self.context_dim:
+            raise ValueError(f"vocab_size={self.vocab_size} (a text encoder) needs model.context_dim > 0, "
+                             "its width.")
+        if self.vocab_size and self.context_length < 1:
+            raise ValueError(f"context_length={self.context_length} must be >= 1 for a text encoder: "
+                             "set model.context_length to the longest caption's word count.")
+
+    def _context(self, tokens, context, context_mask, batch: int, dtype, param_dtype):
+        """(context, mask) for the SpatialTransformers: from the text encoder, as given, or (None, None)."""
+        if not self.context_dim:
+            if tokens is not None or context is not None:
+                raise ValueError("tokens / context were given to a U-Net without cross-attention "
+                                 "(context_dim=0); set model.context_dim > 0 or pass neither.")
+            return None, None
+        if tokens is not None and context is not None:
+            raise ValueError("pass tokens (the U-Net's own text encoder) or a precomputed context, not both.")
+        if tokens is not None:
+            if not self.vocab_size:
+                raise ValueError("tokens were given but the U-Net has no text encoder (vocab_size=0); "
+                                 "set model.vocab_size to the tokenizer's vocab_size or pass a context.")
+            tokens = jnp.asarray(tokens)
+            if tokens.ndim != 2 or tokens.shape[0] != batch:
+                raise ValueError(f"tokens must have shape [{batch}, L] (the batch, the context length), "
+                                 f"got {tokens.shape}.")
+            return TextEncoder(self.vocab_size, self.context_length, self.context_dim, self.text_layers,
+                               self.text_heads, dtype=dtype, param_dtype=param_dtype, name="text_encoder")(tokens)
+        if self.vocab_size and self.is_initializing():
+            # Initialised without captions: create the encoder's parameters (from the null caption);
+            # the transformers still see the fully masked context below.
+            null = jnp.full((batch, 1), NULL_ID, jnp.int32)
+            TextEncoder(self.vocab_size, self.context_length, self.context_dim, self.text_layers,
+                        self.text_heads, dtype=dtype, param_dtype=param_dtype, name="text_encoder")(null)
+        return context, context_mask
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray | None = None,
-                 train: bool = False) -> jnp.ndarray:
+                 train: bool = False, tokens: jnp.ndarray | None = None, context: jnp.ndarray | None = None,
+                 context_mask: jnp.ndarray | None = None) -> jnp.ndarray:
         dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
         self._check(x, dtype)
         batch = x.shape[0]
@@ -185,24 +278,30 @@ class UNet(nn.Module):
         elif y is not None:
             raise ValueError("labels y were given to an unconditional UNet (num_classes=0); "
                              "set model.num_classes > 0 or pass y=None.")
+        ctx = self._context(tokens, context, context_mask, batch, dtype, param_dtype)
+        if self.context_dim:
+            blk.update(transformer_heads=self.transformer_heads, transformer_depth=self.transformer_depth,
+                       context_dim=self.context_dim)
+        use_transformer = lambda h: bool(self.context_dim) and h.shape[1] in self.transformer_resolutions  # noqa: E731
         h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init(), name="conv_in", **kw)(x)
         skips = [h]
         for i, mult in enumerate(self.ch_mult):
             h, outputs = DownBlock(
                 self.ch * mult, self.num_res_blocks, use_attn=h.shape[1] in self.attn_resolutions,
                 add_downsample=i != num_levels - 1, resamp_with_conv=self.resamp_with_conv,
-                name=f"down_blocks_{i}", **blk)(h, temb, train)
+                use_transformer=use_transformer(h), name=f"down_blocks_{i}", **blk)(h, temb, train, ctx)
             skips.extend(outputs)
 
-        h = MidBlock(name="mid_block", **blk)(h, temb, train)
+        h = MidBlock(use_transformer=bool(self.context_dim), name="mid_block", **blk)(h, temb, train, ctx)
 
         for k, i in enumerate(reversed(range(num_levels))):
             level_skips = tuple(skips.pop() for _ in range(self.num_res_blocks + 1))
             h = UpBlock(
                 self.ch * self.ch_mult[i], self.num_res_blocks,
                 use_attn=h.shape[1] in self.attn_resolutions, add_upsample=i != 0,
-                resamp_with_conv=self.resamp_with_conv, name=f"up_blocks_{k}", **blk,
-            )(h, level_skips, temb, train)
+                resamp_with_conv=self.resamp_with_conv, use_transformer=use_transformer(h),
+                name=f"up_blocks_{k}", **blk,
+            )(h, level_skips, temb, train, ctx)
         assert not skips, "every skip connection must be consumed"
 
         # Output head in float32: the returned eps (and the loss built on it) stay full precision.
