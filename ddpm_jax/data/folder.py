@@ -9,6 +9,10 @@
   files' sizes and modification times stay the same): an unreadable one is a one-line
   ValueError naming it, or, with ``skip_bad=True`` (``data.skip_bad_images``), left out
   with a warning that counts them. Training never meets a broken file at its first batch.
+* Captions (``captions=True``, ``data.captions``): each image ``name.ext`` has its caption in
+  ``name.txt`` beside it (UTF-8; whitespace collapsed; an empty file is the null caption ""),
+  read when the source is built into ``FolderSource.captions``; a missing one is a one-line
+  ValueError naming the image and the ``.txt`` path.
 """
 
 from __future__ import annotations
@@ -82,6 +86,24 @@ def _bad_files(stamped: tuple[tuple[str, int, int], ...]) -> tuple[tuple[int, st
     return tuple(bad)
 
 
+def caption_path(image_path: str) -> str:
+    """Where the caption of ``image_path`` lives: the same name with the extension ``.txt``."""
+    return os.path.splitext(image_path)[0] + ".txt"
+
+
+def read_captions(image_files: Sequence[str]) -> list[str]:
+    """The caption beside each image (see the module docstring), in order."""
+    out = []
+    for path in image_files:
+        txt = caption_path(path)
+        if not os.path.isfile(txt):
+            raise ValueError(f"Image {path!r} has no caption file {txt!r}: add one (the caption as text) "
+                             "beside every image, or set --config.data.captions=False.")
+        with open(txt, encoding="utf-8") as f:
+            out.append(" ".join(f.read().split()))
+    return out
+
+
 def _stamp(path: str) -> tuple[str, int, int]:
     st = os.stat(path)
     return path, st.st_size, st.st_mtime_ns
@@ -91,8 +113,12 @@ class FolderSource(Source):
     """Image files read lazily, each fitted to ``size``×``size``×``channels`` (uint8)."""
 
     def __init__(self, files: Sequence[str], size: int, channels: int,
-                 labels: np.ndarray | None = None, num_classes: int = 0, skipped: int = 0):
+                 labels: np.ndarray | None = None, num_classes: int = 0, skipped: int = 0,
+                 captions: Sequence[str] | None = None):
         self.files = list(files)
+        if captions is not None and len(captions) != len(self.files):
+            raise ValueError(f"{len(captions)} captions for {len(self.files)} images")
+        self.captions = None if captions is None else list(captions)  # One per image (data.captions).
         self.size = size
         self.channels = channels
         self.labels = None if labels is None else np.asarray(labels, np.int32)
@@ -107,8 +133,9 @@ class FolderSource(Source):
             return fit_pil(image, self.size, self.channels)
 
 
-def load_folder(folder: str, size: int, channels: int, *, skip_bad: bool = False) -> FolderSource:
-    """The checked, labelled (where the layout says so) source of the images under ``folder``."""
+def load_folder(folder: str, size: int, channels: int, *, skip_bad: bool = False,
+                captions: bool = False) -> FolderSource:
+    """The checked, labelled (where the layout says so), optionally captioned source of ``folder``'s images."""
     files = list_images(folder)
     labels, names = class_labels(folder, files)
     bad = _bad_files(tuple(_stamp(f) for f in files))
@@ -129,4 +156,5 @@ def load_folder(folder: str, size: int, channels: int, *, skip_bad: bool = False
                              "point data.path at a folder of readable images.")
         files = [files[i] for i in keep]
         labels = None if labels is None else labels[keep]
-    return FolderSource(files, size, channels, labels=labels, num_classes=len(names), skipped=len(bad))
+    return FolderSource(files, size, channels, labels=labels, num_classes=len(names), skipped=len(bad),
+                        captions=read_captions(files) if captions else None)
