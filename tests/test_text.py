@@ -309,3 +309,25 @@ def test_unet_context_errors():
         trace(UNet(**XATTN), tokens=ids)
     with pytest.raises(ValueError, match="not divisible by 3 heads"):
         _shapes(UNet(**dict(XATTN, transformer_heads=3)), x, t)
+
+
+def test_gradients_reach_the_text_encoder_and_bf16_is_close():
+    tok = Tokenizer.build(CAPTIONS)
+    small = dict(XATTN, ch_mult=(1,), attn_resolutions=(), vocab_size=tok.vocab_size)  # One level: fast compile.
+    model = UNet(**small)
+    x, t = _inputs((2, 4, 4, 3))
+    ids = jnp.asarray(tok.encode(["a thick seven", "an upright eight"], 6)[0])
+    params = _random(_shapes(model, x, t, tokens=ids))
+
+    @jax.jit
+    def grads(p):
+        return jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x, t, tokens=ids) ** 2))(p)
+
+    g = grads(params)["text_encoder"]
+    assert float(jnp.abs(g["token_embedding"]["embedding"]).max()) > 0  # Trained jointly, end to end.
+    assert float(jnp.abs(g["blocks_0"]["attn"]["to_q"]["kernel"]).max()) > 0
+    y16 = _unet_apply(UNet(**small, dtype=jnp.bfloat16))(params, x, t, ids)
+    y32 = _unet_apply(model)(params, x, t, ids)
+    assert y16.dtype == jnp.float32
+    err = float(jnp.abs(y16 - y32).max())
+    assert 0 < err < 0.05 * float(jnp.abs(y32).max()), err
