@@ -36,20 +36,26 @@ DIFFUSERS_SD_SMALL = dict(DIFFUSERS_TINY, block_out_channels=[32, 64, 64, 64], l
 
 @pytest.mark.parametrize("widths,f", [((16, 16, 16), 4), ((16, 16, 16, 16), 8)])
 def test_shapes(widths, f):
+    """Shapes and dtypes by tracing only (jax.eval_shape: nothing is compiled)."""
     model = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=widths, layers_per_block=1,
                           latent_channels=3, norm_num_groups=8)
     assert model.downsampling_factor == f
-    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 16, 16, 3)), jnp.float32)
-    params = model.init(jax.random.key(0), x)["params"]
-    posterior = model.apply({"params": params}, x, method="encode")
-    assert posterior.mean.shape == posterior.logvar.shape == (1, 16 // f, 16 // f, 3)
     assert model.latent_shape((16, 16, 3)) == (16 // f, 16 // f, 3)
-    z = posterior.sample(jax.random.key(1))
-    assert z.shape == (1, 16 // f, 16 // f, 3)
-    assert model.apply({"params": params}, z, method="decode").shape == (1, 16, 16, 3)
-    x_rec, _ = model.apply({"params": params}, x, jax.random.key(2))
+    x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)["params"]
+    assert set(params) == {"encoder", "decoder", "quant_conv", "post_quant_conv"}
+    assert len(params["encoder"]) == len(widths) + 4  # conv_in, down_blocks_i, mid_block, conv_norm_out, conv_out
+    assert "downsamplers_0" not in params["encoder"][f"down_blocks_{len(widths) - 1}"]
+    assert len(params["decoder"]["up_blocks_0"]) == 2 + 1  # layers_per_block + 1 resnets, upsampler
+    apply = lambda method: (lambda p, a: model.apply({"params": p}, a, method=method))  # noqa: E731
+    posterior = jax.eval_shape(apply("encode"), params, x)
+    assert posterior.mean.shape == posterior.logvar.shape == (2, 16 // f, 16 // f, 3)
+    z = jax.ShapeDtypeStruct(posterior.mean.shape, jnp.float32)
+    assert jax.eval_shape(apply("decode"), params, z).shape == (2, 16, 16, 3)
+    x_rec, post = jax.eval_shape(lambda p, a: model.apply({"params": p}, a, jax.random.key(2)), params, x)
     assert x_rec.shape == x.shape and x_rec.dtype == jnp.float32
-    assert posterior.kl().shape == (1,)
+    assert jax.eval_shape(lambda q: q.kl(), post).shape == (2,)
+    assert jax.eval_shape(lambda q: q.sample(jax.random.key(1)), post).shape == (2, 16 // f, 16 // f, 3)
 
 
 def test_kl_against_the_closed_form_and_sampling():

@@ -9,8 +9,8 @@ perceptual and adversarial terms:
     L = sum_pixels |x - D(z)|  (or squared: autoencoder.loss = l1 | l2)  +  kl_weight * KL(q(z|x) || N(0, I)),
     z ~ q(z|x) = E(x) (reparameterised), both terms summed per image and averaged over the batch,
 
-as LDM's ``LPIPSWithDiscriminator`` with its perceptual weight and discriminator off (so
-``kl_weight`` means what LDM's 1e-6 means). Left out, and why: the LPIPS perceptual loss needs
+as LDM's ``LPIPSWithDiscriminator`` with its perceptual weight and discriminator off and its learned
+scalar output log-variance kept at its initial 0 (so ``kl_weight`` means what LDM's 1e-6 means). Left out, and why: the LPIPS perceptual loss needs
 pretrained VGG weights (a download this project does not make at run time); the patch-GAN
 adversarial term needs a discriminator warm-up (LDM starts it after 50k steps) and many more
 steps than a CPU run affords. Without them reconstructions are sharp enough for digits but
@@ -26,13 +26,15 @@ After the last step (process 0 writes):
   PSNR in dB on the [0, 255] scale (mean over images, and of the pooled error), and for a
   labelled source the classifier metrics of ``evaluation/sample_quality.py`` with the
   reconstructions of the test images as the "generated" set: the floor (real test images vs
-  the training images) is what perfect reconstructions score; printed as one line.
+  the training images) is what perfect reconstructions score; printed as one line;
+* ``reconstructions.png`` — the first 16 test images, each row of 8 above its reconstructions.
+
+The scale-factor and test passes read the whole split on every process; process 0 writes.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable
 
 import jax
@@ -50,6 +52,7 @@ from ddpm_jax.train_state import TrainState, create_optimizer
 MODEL_NAME = "autoencoder_kl"
 INFO_FILE = "autoencoder.json"
 METRICS_FILE = "autoencoder_metrics.json"
+PICTURE_FILE = "reconstructions.png"
 LOSSES = ("l1", "l2")
 _INIT_STREAM, _SCALE_STREAM = 0xAE01, 0xAE02  # keys disjoint from the per-step fold_in(base, step)
 
@@ -178,18 +181,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     agree=parallel.primary_decides)
     try:
         with lock:
-            state, seconds = _train(config, workdir, model, tx, meta, init, template, it, mesh)
+            state = _train(config, workdir, model, tx, meta, init, template, it, mesh)
     finally:
         it.close()
     if int(state.step) < int(ae.num_steps):  # preempted (SIGTERM): checkpointed; rerun to go on
         return dict(step=int(state.step), preempted=True)
     params = parallel.to_host(state.ema_params)
-    info = dict(meta, step=int(state.step), train_seconds=round(seconds, 1),
+    info = dict(meta, step=int(state.step),
                 **latent_statistics(model, params, config.data, int(ae.eval_batch_size), int(config.seed)))
-    result = evaluate(model, params, config, int(state.step))
+    result, pairs = evaluate(model, params, config, int(state.step))
     if jax.process_index() == 0:
         files.write_json(os.path.join(workdir, INFO_FILE), info)
         files.write_json(os.path.join(workdir, METRICS_FILE), result)
+        imaging.save_png(os.path.join(workdir, PICTURE_FILE), pairs)
         print(summary_line(result, info), flush=True)
     return dict(info=info, metrics=result)
 
@@ -204,9 +208,9 @@ def _check_meta(meta: dict, workdir: str) -> Callable[[dict | None], None]:
     return check
 
 
-def _train(config, workdir: str, model, tx, meta: dict, init, template, it, mesh) -> tuple[TrainState, float]:
+def _train(config, workdir: str, model, tx, meta: dict, init, template, it, mesh) -> TrainState:
     """The loop: restore or init, steps with a progress bar, periodic and final checkpoints."""
-    ae, started = config.autoencoder, time.time()
+    ae = config.autoencoder
     num_steps = int(ae.num_steps)
     with checkpointing.Checkpointer(workdir, keep=int(ae.keep_checkpoints), cleanup_tmp=True) as ckpt:
         restored = ckpt.restore_newest_valid(template, check_meta=_check_meta(meta, workdir))
@@ -220,7 +224,7 @@ def _train(config, workdir: str, model, tx, meta: dict, init, template, it, mesh
         metrics.write_config(config, workdir, "config_train_autoencoder.json")
         step = int(state.step)
         if step >= num_steps:
-            return state, time.time() - started
+            return state
         train_step = make_train_step(model, tx, loss=str(ae.loss), kl_weight=float(ae.kl_weight),
                                      ema_decay=float(ae.ema_decay), seed=int(config.seed), mesh=mesh)
         writer, watcher = metrics.MetricWriter(workdir, resume_step=step), preemption.PreemptionWatcher()
@@ -253,7 +257,7 @@ def _train(config, workdir: str, model, tx, meta: dict, init, template, it, mesh
         if step < num_steps:
             say(f"{watcher.reason}: checkpoint of step {step} written to {ckpt.directory}; rerun the same "
                 "command to resume.")
-    return state, time.time() - started
+    return state
 
 
 # ---- after training ---------------------------------------------------------------------------
@@ -294,8 +298,10 @@ def reconstruct(model: AutoencoderKL, params: Any, images: np.ndarray, batch_siz
     return np.concatenate(out)
 
 
-def evaluate(model: AutoencoderKL, params: Any, config: ml_collections.ConfigDict, step: int) -> dict:
-    """Test-split PSNR of the reconstructions and (labelled data) their classifier metrics vs the floor."""
+def evaluate(model: AutoencoderKL, params: Any, config: ml_collections.ConfigDict, step: int
+             ) -> tuple[dict, np.ndarray]:
+    """Test-split PSNR of the reconstructions and (labelled data) their classifier metrics vs the floor;
+    and a picture: the first 16 test images (odd rows) above their reconstructions (even rows)."""
     data_cfg, batch = config.data, int(config.autoencoder.eval_batch_size)
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
     psnrs, sq_err, recons, count = [], 0.0, [], 0
@@ -304,6 +310,8 @@ def evaluate(model: AutoencoderKL, params: Any, config: ml_collections.ConfigDic
         psnrs += [imaging.psnr(r, o) for r, o in zip(rec, real)]
         sq_err += float(np.sum((rec.astype(np.float64) - real.astype(np.float64)) ** 2))
         count += real.size
+        if not recons:
+            first = real[:16]
         recons.append(rec)
     pooled = 10.0 * np.log10(255.0 ** 2 / max(sq_err / count, 1e-12))
     result: dict[str, Any] = dict(step=step, split=str(data_cfg.eval_split), num_images=len(psnrs),
@@ -313,7 +321,9 @@ def evaluate(model: AutoencoderKL, params: Any, config: ml_collections.ConfigDic
         quality = sample_quality.evaluate_samples(clf, data_cfg, np.concatenate(recons))
         result["classifier"] = dict(path=classifier.resolve_path(config), test_accuracy=clf.info["test_accuracy"])
         result.update(quality)
-    return result
+    rows = [im for r in range(0, len(first), 8) for im in (first[r:r + 8], recons[0][r:r + 8])]
+    grid = imaging.make_grid(np.concatenate(rows), ncol=8)
+    return result, imaging.upscale(grid, max(1, 128 // grid.shape[0]))
 
 
 def summary_line(result: dict, info: dict) -> str:
