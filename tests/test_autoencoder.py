@@ -17,6 +17,7 @@ import pytest
 
 from configs import autoencoder_mnist
 from ddpm_jax import checkpointing, data, imaging
+from ddpm_jax.convert.__main__ import main as cli_main
 from ddpm_jax.convert.autoencoder_kl import convert_autoencoder_kl, load_diffusers_autoencoder
 from ddpm_jax.convert.diffusers import ConversionError
 from ddpm_jax.evaluation import classifier
@@ -190,6 +191,9 @@ def test_converted_workdir_and_missing_weight(tmp_path):
     assert info["scale_factor"] == 0.5 and info["latent_shape"] == [8, 8, 4]
     assert json.load(open(tmp_path / "out" / ae_mode.INFO_FILE))["image_shape"] == [16, 16, 3]
     assert checkpointing.read_meta(str(tmp_path / "out"))["model"] == ae_mode.MODEL_NAME
+    assert cli_main(["--autoencoder-kl", str(tmp_path / "vae"), "--out", str(tmp_path / "cli")]) == 0
+    assert json.load(open(tmp_path / "cli" / ae_mode.INFO_FILE))["latent_shape"] == [8, 8, 4]
+    assert cli_main(["--autoencoder-kl", str(tmp_path / "vae"), "--out", str(tmp_path / "cli")]) == 1  # not empty
     weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
     state = load_file(str(weights))
     del state["decoder.mid_block.attentions.0.to_q.weight"]
@@ -260,6 +264,7 @@ def test_train_mode_writes_checkpoint_scale_factor_metrics_and_resumes(tmp_path,
     assert metrics["num_images"] == 297 and np.isfinite(metrics["psnr"])
     assert metrics["metrics"]["fd"] > 0 and metrics["floor"]["fd"] > 0 and "ratio" in metrics
     assert out["metrics"]["psnr"] == metrics["psnr"]
+    assert os.path.getsize(os.path.join(workdir, ae_mode.PICTURE_FILE)) > 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("autoencoder step 6: test PSNR") and "x floor" in line and "scale factor" in line
 

@@ -290,10 +290,14 @@ def latent_statistics(model: AutoencoderKL, params: Any, data_cfg, batch_size: i
                 scale_source="1 / std of posterior samples over the training split")
 
 
+def _reconstruct_fn(model: AutoencoderKL) -> Callable:
+    """(params, x [-1, 1]) -> D(mode of q(z|x)), compiled."""
+    return jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+
+
 def reconstruct(model: AutoencoderKL, params: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
     """uint8 reconstructions D(mode of q(z|x)) of uint8 (or [-1, 1]) images, in batches."""
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
-    x = imaging.as_float(images)
+    fn, x = _reconstruct_fn(model), imaging.as_float(images)
     out = [imaging.to_uint8(np.asarray(fn(params, x[s:s + batch_size]))) for s in range(0, len(x), batch_size)]
     return np.concatenate(out)
 
@@ -303,7 +307,7 @@ def evaluate(model: AutoencoderKL, params: Any, config: ml_collections.ConfigDic
     """Test-split PSNR of the reconstructions and (labelled data) their classifier metrics vs the floor;
     and a picture: the first 16 test images (odd rows) above their reconstructions (even rows)."""
     data_cfg, batch = config.data, int(config.autoencoder.eval_batch_size)
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+    fn = _reconstruct_fn(model)
     psnrs, sq_err, recons, count = [], 0.0, [], 0
     for x, mask in _eval_batches(data_cfg, data_cfg.eval_split, batch):
         real, rec = imaging.to_uint8(x[mask]), imaging.to_uint8(np.asarray(fn(params, x))[mask])
