@@ -194,6 +194,10 @@ def test_converted_workdir_and_missing_weight(tmp_path):
     assert cli_main(["--autoencoder-kl", str(tmp_path / "vae"), "--out", str(tmp_path / "cli")]) == 0
     assert json.load(open(tmp_path / "cli" / ae_mode.INFO_FILE))["latent_shape"] == [8, 8, 4]
     assert cli_main(["--autoencoder-kl", str(tmp_path / "vae"), "--out", str(tmp_path / "cli")]) == 1  # not empty
+    model, params, loaded_info = ae_mode.load_autoencoder(str(tmp_path / "out"))
+    _, converted, _ = load_diffusers_autoencoder(str(tmp_path / "vae"))
+    jax.tree.map(np.testing.assert_array_equal, params, converted)
+    assert loaded_info == info and model.latent_channels == 4
     weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
     state = load_file(str(weights))
     del state["decoder.mid_block.attentions.0.to_q.weight"]
@@ -265,6 +269,10 @@ def test_train_mode_writes_checkpoint_scale_factor_metrics_and_resumes(tmp_path,
     assert metrics["metrics"]["fd"] > 0 and metrics["floor"]["fd"] > 0 and "ratio" in metrics
     assert out["metrics"]["psnr"] == metrics["psnr"]
     assert os.path.getsize(os.path.join(workdir, ae_mode.PICTURE_FILE)) > 0
+    model, params, loaded_info = ae_mode.load_autoencoder(workdir)
+    assert loaded_info == info and model.downsampling_factor == 2
+    assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]))
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("autoencoder step 6: test PSNR") and "x floor" in line and "scale factor" in line
 

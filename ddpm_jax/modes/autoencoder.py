@@ -260,6 +260,25 @@ def _train(config, workdir: str, model, tx, meta: dict, init, template, it, mesh
     return state
 
 
+def load_autoencoder(workdir: str) -> tuple[AutoencoderKL, Any, dict]:
+    """(model, params of the newest valid checkpoint, `autoencoder.json`) of a trained or converted
+    autoencoder workdir: everything a latent data source needs (as numpy params on the host)."""
+    path = os.path.join(str(workdir), INFO_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {INFO_FILE} in {workdir}; train the autoencoder there first "
+                                "(--mode=train_autoencoder) or convert one (python -m ddpm_jax.convert "
+                                "--autoencoder-kl DIR --out WORKDIR).")
+    info = files.read_json(path)
+    model = AutoencoderKL(**info["model_kwargs"])
+    shape = tuple(info["image_shape"])
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape), jnp.float32)))["params"]
+    expected = {k: info[k] for k in ("model", "model_kwargs", "image_shape", "latent_shape")}
+    with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
+        _, params = ckpt.restore_newest_valid_ema(template, check_meta=lambda m: _check_meta(expected, workdir)(
+            {k: m.get(k) for k in expected}))
+    return model, params, info
+
+
 # ---- after training ---------------------------------------------------------------------------
 
 
