@@ -10,10 +10,10 @@ perceptual and adversarial terms:
     z ~ q(z|x) = E(x) (reparameterised), both terms summed per image and averaged over the batch,
 
 as LDM's ``LPIPSWithDiscriminator`` with its perceptual weight and discriminator off and its learned
-scalar output log-variance kept at its initial 0 (so ``kl_weight`` means what LDM's 1e-6 means). Left out, and why: the LPIPS perceptual loss needs
-pretrained VGG weights (a download this project does not make at run time); the patch-GAN
-adversarial term needs a discriminator warm-up (LDM starts it after 50k steps) and many more
-steps than a CPU run affords. Without them reconstructions are sharp enough for digits but
+scalar output log-variance kept at its initial 0 (so ``kl_weight`` means what LDM's 1e-6 means).
+Left out, and why: the LPIPS perceptual loss needs pretrained VGG weights (a download this project
+does not make at run time); the patch-GAN adversarial term needs a discriminator warm-up (LDM's
+KL-f4/f8 configs start it at step 50,001) and many more steps than a CPU run affords. Without them reconstructions are sharp enough for digits but
 blurrier than LDM's on natural images.
 
 After the last step (process 0 writes):
