@@ -12,8 +12,11 @@ Rows (`configs/table2.py:<row>`, digits; `configs/table2.py:<row>,cifar10` for C
     eps_hybrid_cosine     the same with the cosine schedule (CIFAR-10 only: digits is cosine already)
     eps_kl_loss_aware     ε, L with learned_range Σ and importance-sampled t (N&D's L_vlb)
 
-Digits (2-core CPU; measured 7-22 min per row for the three commands at load averages 3-15, i.e.
-shared with other jobs; an idle machine is faster; results in docs/table2.md):
+Digits (2-core CPU; measured 7-22 min per row for the three commands at load averages 3-15 for
+seed 0, 4.5-9 min at load 1-13 for seed 1, i.e. shared with other jobs; results in docs/table2.md:
+both seeds give the same groups, {eps_simple, eps_hybrid} best (FD 0.45-0.49x the floor), then
+eps_kl_loss_aware (1.1-1.4x, the best bits/dim: 4.24-4.25), the three xprev rows (1.9-2.4x), and
+eps_kl_fixed / eps_kl_learned last (4.8-6.1x)):
     python -m ddpm_jax.main --config=configs/table2.py:eps_simple --workdir=workdirs/table2/eps_simple_s0
     python -m ddpm_jax.main --config=configs/table2.py:eps_simple --workdir=workdirs/table2/eps_simple_s0 --mode=bpd
     python -m ddpm_jax.main --config=configs/table2.py:eps_simple --workdir=workdirs/table2/eps_simple_s0 --mode=eval
