@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.image_size = 32  # Height = width after resize / centre crop.
     data.num_channels = 3  # 3 = RGB, 1 = grayscale.
     data.random_flip = True  # Random horizontal flip (the paper: on, except LSUN cat).
+    # Latent diffusion: an autoencoder workdir (--mode=train_autoencoder or convert --autoencoder-kl); the
+    # DDPM then trains on its normalised latents (data/latents.py) and samples are decoded. "" = pixels.
+    data.latents_from = ""
     data.train_split = "train"
     data.eval_split = "test"  # Split for bits/dim and reference statistics.
     data.repeat_single_image = 1024  # image: how many copies of the one picture make an "epoch".

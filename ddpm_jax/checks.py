@@ -51,6 +51,7 @@ def check_config(config: ml_collections.ConfigDict, mode: str, mesh=None) -> Non
     if mode == "train":
         validate_config(config, mesh)
         return
+    check_latent_mode(config, mode)
     if mode != "fid_stats":
         check_schedule(config.diffusion)
         check_objective(config.diffusion)
@@ -89,6 +90,28 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     check_conditional_training(config)
 
 
+# What is not written for a DDPM on latents (data.latents_from), and the way out.
+_NOT_ON_LATENTS = {
+    "fid_stats": "reference statistics are of the images: run it with --config.data.latents_from=''",
+    "figures": "the figures are of pixel-space chains: use --mode=sample (it decodes)",
+}
+
+
+def check_latent_mode(config: ml_collections.ConfigDict, mode: str) -> None:
+    """Refuses, in one line, what a latent run cannot do yet (modes, the ODE likelihood, init_image)."""
+    workdir = data.latents_from(config.data)
+    if not workdir:
+        return
+    if mode in _NOT_ON_LATENTS:
+        raise ValueError(f"--mode={mode} is not written for data.latents_from={workdir!r}; {_NOT_ON_LATENTS[mode]}.")
+    if mode == "bpd" and str(config.eval.get("bpd_method", "vlb")) != "vlb":
+        raise ValueError(f"eval.bpd_method={config.eval.bpd_method!r} is not written for data.latents_from="
+                         f"{workdir!r}; use --config.eval.bpd_method=vlb (bits/dim of the latents).")
+    if mode == "sample" and str(config.sampling.get("init_image", "")):
+        raise ValueError(f"sampling.init_image is not supported on latents (data.latents_from={workdir!r}); "
+                         "sample from noise: --config.sampling.init_image=''.")
+
+
 def _positive(section: ml_collections.ConfigDict, name: str, keys: tuple) -> None:
     for key in keys:
         if int(section[key]) < 1:
@@ -104,8 +127,13 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"model.name='mlp' takes 2-D points, not the images of data.source="
                          f"{config.data.source!r}; use --config.model.name=unet.")
     if str(config.model.name) == "unet":
-        levels, size = len(config.model.ch_mult), int(config.data.image_size)
+        levels, size = len(config.model.ch_mult), int(data.example_shape(config.data)[0])
         factor = 2 ** (levels - 1)
+        if size % factor and data.latents_from(config.data):  # the network sees the latents
+            raise ValueError(
+                f"the {size}x{size} latents of data.latents_from={config.data.latents_from!r} cannot go "
+                f"through the U-Net: model.ch_mult has {levels} levels, so the size must be a multiple of "
+                f"{factor}; use fewer levels (e.g. --config.model.ch_mult='(1,2)').")
         if size % factor:
             raise ValueError(
                 f"data.image_size={size} cannot go through the U-Net: model.ch_mult has {levels} levels, "

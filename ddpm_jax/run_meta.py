@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from ddpm_jax import data, diffusion
+from ddpm_jax.data import latents as latent_data
 
 # Model hyper-parameters that do not change the params' shapes: a checkpoint may be
 # resumed or sampled with other values (e.g. dropout off, bfloat16 compute).
@@ -38,8 +39,10 @@ def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
     """(name, JSON-able keyword hyper-parameters) of the configured network."""
     m = config.model
     if m.name == "unet":
+        # On latents the network's channels are the latents' (data.example_shape reads autoencoder.json).
+        channels = data.example_shape(config.data)[-1] if data.latents_from(config.data) else config.data.num_channels
         kwargs = dict(
-            ch=int(m.ch), out_ch=out_channels(int(config.data.num_channels), config),
+            ch=int(m.ch), out_ch=out_channels(int(channels), config),
             ch_mult=[int(c) for c in m.ch_mult],
             num_res_blocks=int(m.num_res_blocks), attn_resolutions=[int(r) for r in m.attn_resolutions],
             dropout=float(m.dropout), resamp_with_conv=bool(m.resamp_with_conv), dtype=str(m.dtype),
@@ -78,12 +81,13 @@ class RunMeta:
     schedule: dict
     pred: str
     source: dict = dataclasses.field(default_factory=dict)  # where converted params came from (not compared)
+    latents: dict = dataclasses.field(default_factory=dict)  # the autoencoder of a latent run ({}: pixels)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "RunMeta":
         name, kwargs = model_spec(config)
         return cls(name, kwargs, tuple(data.example_shape(config.data)), schedule_spec(config),
-                   str(config.diffusion.pred))
+                   str(config.diffusion.pred), latents=latent_data.latent_meta(config.data))
 
     @classmethod
     def from_dict(cls, meta: dict) -> "RunMeta":
@@ -91,7 +95,7 @@ class RunMeta:
         try:
             return cls(str(meta["model"]["name"]), dict(meta["model"]["kwargs"]),
                        tuple(int(s) for s in meta["data_shape"]), dict(meta["schedule"]),
-                       str(meta.get("pred", "eps")), dict(meta.get("source", {})))
+                       str(meta.get("pred", "eps")), dict(meta.get("source", {})), dict(meta.get("latents", {})))
         except (KeyError, TypeError) as err:
             raise CheckpointMismatchError(
                 f"the checkpoint's meta lacks {err}; it was not written by ddpm_jax (convert released "
@@ -102,6 +106,8 @@ class RunMeta:
                    data_shape=list(self.data_shape), schedule=_plain(self.schedule), pred=self.pred)
         if self.source:
             out["source"] = _plain(self.source)
+        if self.latents:  # only a latent run names it: pixel checkpoints keep their stored meta
+            out["latents"] = _plain(self.latents)
         return out
 
     def structural(self) -> dict:
@@ -114,9 +120,18 @@ class RunMeta:
 
     def check_matches(self, stored: "RunMeta", where: str) -> None:
         """Raises CheckpointMismatchError naming the first structural entry where `stored` differs."""
-        found = _first_difference(stored.structural(), self.structural())
+        # The autoencoder first: another one changes the data shape too, and its name says more.
+        found = (_first_difference({"latents": stored.latents}, {"latents": self.latents})
+                 or _first_difference(stored.structural(), self.structural()))
         if found:
             key, a, b = found
+            if key.startswith("latents"):  # the autoencoder: name both, whatever field differs
+                on = (f"the latents of autoencoder {stored.latents['autoencoder']!r}" if stored.latents
+                      else "pixels (no data.latents_from)")
+                raise CheckpointMismatchError(
+                    f"{where} holds a DDPM trained on {on}, but the config gives data.latents_from="
+                    f"{self.latents.get('autoencoder', '')!r} ({key}: {json.dumps(a)} there, {json.dumps(b)} here); "
+                    "set --config.data.latents_from to the autoencoder it was trained on, or use a fresh --workdir.")
             raise CheckpointMismatchError(
                 f"{where} holds a checkpoint with {key}={json.dumps(a)}, but the config gives "
                 f"{key}={json.dumps(b)}; use a fresh --workdir or the config it was trained with.")

@@ -7,6 +7,8 @@ the batch size or on the number of devices. Used by the training loop's sample
 grids, by `--mode=sample` (`modes/sample.py`) and by evaluation's resumable chunked
 generation (`evaluation/chunked_generation.py`). The math of each step is `sampling.py`.
 
+A latent run's sampler decodes at its output (`decode`): the one place where latents become images.
+
 Class labels (a class-conditional model) are a function of the image index too:
 `labels[i % len(labels)]` (`labels_for`), computed on the host and sharded like the
 indices, so image i depends only on (seed, i, its label) whatever the batch.
@@ -37,6 +39,10 @@ class Sampler:
     `apply_fn(params, x_t, t[, y])` is the network (eval mode). Every option of
     `sampling.sample` except the arrays is fixed here (static under jit). `labels` (a
     conditional model): the classes cycled over the image indices, see `labels_for`.
+    `decode` = (decode_fn, decode_params) (a latent run): `decode_fn(decode_params, z)` maps
+    the chain's outputs (samples, trajectories; any leading axes) to images inside the compiled
+    call, so every caller (grids, --mode=sample, eval's chunks) sees decoded images;
+    `x_start` stays in the chain's (latent) space.
     """
 
     def __init__(
@@ -50,6 +56,7 @@ class Sampler:
         trajectory_every: int = 0,
         start_step: int | None = None,
         labels: Sequence[int] | None = None,
+        decode: tuple[Callable, Any] | None = None,
         **options: Any,
     ):
         self.mesh, self.sched, self.shape = mesh, sched, tuple(int(s) for s in shape)
@@ -66,12 +73,20 @@ class Sampler:
             trajectory_t=self._replicated if trajectory_every else None,
         )
 
-        def run(params, sched, indices, x_start, labels):
-            return sampling.sample(
+        decode_fn, decode_params = decode if decode is not None else (None, None)
+        self._decode_params = None if decode is None else jax.device_put(decode_params, self._replicated)
+
+        def run(params, sched, indices, x_start, labels, decode_params):
+            out = sampling.sample(
                 apply_fn, params, sched, shape=self.shape, indices=indices, seed=int(seed),
                 x_start=x_start, start_step=start_step, trajectory_every=int(trajectory_every),
                 labels=labels, **options,
             )
+            if decode_fn is None:
+                return out
+            dec = lambda z: None if z is None else decode_fn(decode_params, z)  # noqa: E731
+            return out._replace(samples=dec(out.samples), trajectory=dec(out.trajectory),
+                                trajectory_x0=dec(out.trajectory_x0))
 
         self._run = jax.jit(run, out_shardings=out_shardings)
 
@@ -81,7 +96,8 @@ class Sampler:
         put = functools.partial(_put_global, sharding=self._sharded)
         x = None if x_start is None else put(np.asarray(x_start, np.float32))
         labels = self.labels_for(indices)
-        return self._run(params, self.sched, put(indices), x, None if labels is None else put(labels))
+        return self._run(params, self.sched, put(indices), x, None if labels is None else put(labels),
+                         self._decode_params)
 
     def labels_for(self, indices: np.ndarray) -> np.ndarray | None:
         """Image i's class, `labels[i % len(labels)]` (int32, host), or None (unconditional)."""

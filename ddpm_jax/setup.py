@@ -4,7 +4,7 @@ Every mode starts here, and nothing below this module sees a ConfigDict whole:
 
     run = setup.create_run(config)            # mesh, example shape, model, schedule, RunMeta
     loaded = setup.load_run(config, workdir)  # the same, plus the newest valid EMA params
-    sampler = setup.make_sampler(run, config.sampling)
+    sampler = setup.make_sampler(run, config.sampling)   # a latent run's decodes to images
 
 `load_run` is how every read-only mode (sample, eval, bpd, figures) gets the params of a
 trained or converted run: the checkpoint's `RunMeta` is compared with the config's, and
@@ -26,6 +26,7 @@ import optax
 from jax.sharding import Mesh
 
 from ddpm_jax import checkpointing, data, parallel, sampler, schedules, solvers, timestep_sampler
+from ddpm_jax.data import latents
 from ddpm_jax.models import build_model
 from ddpm_jax.run_meta import RunMeta, model_spec, schedule_spec
 from ddpm_jax.train_state import TrainState, create_optimizer
@@ -137,14 +138,20 @@ class Run:
     """What every mode needs, built from a config."""
 
     mesh: Mesh
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # what the network sees: the images, or a latent run's latents
     model: nn.Module
     sched: schedules.Schedule
     meta: RunMeta
+    codec: latents.Codec | None = None  # a latent run's autoencoder: samples are decoded by it
 
     @property
     def apply_fn(self) -> Callable:
         return model_apply_fn(self.model)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of what the sampler returns: the decoded images of a latent run."""
+        return self.shape if self.codec is None else self.codec.image_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,10 +163,13 @@ class LoadedRun(Run):
 
 
 def create_run(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Run:
-    """Mesh (all devices unless given), example shape, model, schedule and RunMeta of `config`."""
+    """Mesh (all devices unless given), example shape, model, schedule and RunMeta of `config`;
+    with `data.latents_from`, the autoencoder whose decoder every sampler applies at its output."""
     mesh = parallel.make_mesh() if mesh is None else mesh
+    workdir = data.latents_from(config.data)
     return Run(mesh=mesh, shape=tuple(data.example_shape(config.data)), model=create_model(config),
-               sched=create_schedule(config), meta=RunMeta.from_config(config))
+               sched=create_schedule(config), meta=RunMeta.from_config(config),
+               codec=latents.load_codec(workdir) if workdir else None)
 
 
 def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> LoadedRun:
@@ -257,9 +267,12 @@ def make_sampler(run: Run, config: ml_collections.ConfigDict, *, mesh: Mesh | No
                  **overrides: Any) -> sampler.Sampler:
     """The compiled sharded sampler of `config.sampling` for `run` (seed, trajectory, start step...).
 
+    A latent run's sampler decodes its outputs (samples and trajectories): every caller sees images.
+
     `overrides` replace the config's options (e.g. `trajectory_every=10`, `start_step=k`).
     """
     options = dict(seed=int(config.sampling.seed), labels=sampler_labels(config), **sampler_options(config))
     options.update(overrides)
+    decode = None if run.codec is None else (run.codec.decode_fn, run.codec.params)
     return sampler.Sampler(run.apply_fn, run.sched, run.mesh if mesh is None else mesh, shape=run.shape,
-                           **options)
+                           decode=decode, **options)

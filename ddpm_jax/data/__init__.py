@@ -12,6 +12,7 @@ state = it.get_state()                              # JSON-able; it.set_state(st
 for batch in data.create_eval_iterator(config.data, "test", batch_size=256):
     ...                                             # {"x": ..., "mask": bool [256 // P], "y": ...}
 data.num_classes(config.data)                       # 10 for digits / mnist / CIFAR-10; 0 = no labels
+data.latents_from(config.data)                      # AE workdir: batches are its latents (latents.py)
 arrays = data.load_arrays(config.data, "test")      # {"x": uint8 [N, H, W, C], "y": int32 [N]}
 ```
 
@@ -27,11 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from ddpm_jax.data.latents import latents_from
 from ddpm_jax.data.pipeline import TrainIterator, create_eval_iterator, create_train_iterator
 from ddpm_jax.data.sources import (
     SOURCE_NAMES,
     TOY_NAMES,
     example_shape,
+    image_shape,
+    load_pixel_source,
     load_source,
     num_classes,
     toy2d_statistics,
@@ -47,7 +51,10 @@ __all__ = [
     "create_eval_iterator",
     "create_train_iterator",
     "example_shape",
+    "image_shape",
+    "latents_from",
     "load_arrays",
+    "load_pixel_source",
     "load_source",
     "num_classes",
     "num_examples",
@@ -65,9 +72,10 @@ def load_arrays(data_cfg: Any, split: str, limit: int | None = None) -> dict[str
     """The first ``limit`` (default: all) examples of ``split`` in memory, in source order, unflipped.
 
     ``{"x": uint8 [N, H, W, C] (float32 [N, 2] for toy2d), "y": int32 [N]}`` (``"y"`` for
-    labelled sources). Meant for small data sets (digits, MNIST: the classifier metrics).
+    labelled sources). Meant for small data sets (digits, MNIST: the classifier metrics). Always
+    the images, also with ``data.latents_from``: the classifier judges decoded samples against them.
     """
-    src = load_source(data_cfg, split)
+    src = load_pixel_source(data_cfg, split)
     n = len(src) if limit is None else min(int(limit), len(src))
     if n < 1:
         raise ValueError(f"No examples to load from split {split!r} of data.source={data_cfg.source!r}.")

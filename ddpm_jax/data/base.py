@@ -4,7 +4,7 @@ A source is a sequence: ``len(src)``, ``src[i]`` (the example's image, or a
 toy2d point). A labelled source also has ``num_classes > 0`` and
 ``example(i)["y"]``, its class in ``0..num_classes-1``. ``read(indices)`` reads
 several examples as stacked arrays (one gather for in-memory sources); the
-pipelines call only ``example`` and ``read``.
+pipelines call only ``example``, ``read`` and ``flip_rows`` (the random flip).
 """
 
 from __future__ import annotations
@@ -37,6 +37,14 @@ class Source:
         """The examples at ``indices``, stacked: ``{"x": [n, ...], "y": int32 [n]}`` (fresh arrays)."""
         examples = [self.example(int(i)) for i in indices]
         return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+    def flip_rows(self, batch: dict[str, np.ndarray], indices: np.ndarray, flips: np.ndarray) -> None:
+        """Mirrors (in place) the rows of ``batch`` (read at ``indices``) where ``flips`` is True.
+
+        Horizontal flip of NHWC images; a source whose examples are not images overrides it.
+        """
+        x = batch["x"]
+        x[flips] = x[flips, :, ::-1]
 
 
 class ArraySource(Source):

@@ -194,8 +194,7 @@ class _HostBatches(grain.MapDataset):
             flips[here] = coins[within[here]]
         batch = self._source.read(indices)  # Fresh arrays (fancy indexing / stacking copies).
         if self._flip and flips.any():
-            x = batch["x"]
-            x[flips] = x[flips, :, ::-1]  # Horizontal flip of NHWC images.
+            self._source.flip_rows(batch, indices, flips)
         return batch
 
 

@@ -5,7 +5,9 @@ Every source is a ``base.Source``: a sequence (``len(src)`` and ``src[i]``) whos
 * images (digits, mnist, image, folder, tfds): ``uint8 [H, W, C]`` with
   ``H = W = data.image_size`` and ``C = data.num_channels`` (resized, cropped
   and converted here, so the pipeline only flips and rescales);
-* toy2d: ``float32 [2]``, standardised with the training split's statistics.
+* toy2d: ``float32 [2]``, standardised with the training split's statistics;
+* with ``data.latents_from=AE_WORKDIR``, any image source's examples become the
+  autoencoder's normalised latents, ``float32 [h, w, c]`` (``latents.py``).
 
 Labels (``src.num_classes > 0``; ``src.example(i)["y"]``, int32): digits and
 mnist (10 classes), a folder with one sub-folder per class (``folder.py``), a
@@ -39,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from ddpm_jax.data import folder as folder_lib
-from ddpm_jax.data import mnist, tfds_source
+from ddpm_jax.data import latents, mnist, tfds_source
 # Names defined in base / folder / imagefit, importable from here as before they moved.
 from ddpm_jax.data.base import ArraySource, RepeatedSource, Source
 from ddpm_jax.data.folder import IMAGE_EXTENSIONS, FolderSource, list_images  # noqa: F401
@@ -74,6 +76,9 @@ def validate_config(cfg: Any) -> None:
             f"Unknown data.source {source!r}: use one of {', '.join(SOURCE_NAMES)}."
         )
     if source == "toy2d":
+        if latents.latents_from(cfg):
+            raise ValueError(f"data.latents_from={latents.latents_from(cfg)!r} needs an image source, not "
+                             "data.source='toy2d'; set --config.data.latents_from=''.")
         if cfg.toy_name not in TOY_NAMES:
             raise ValueError(
                 f"Unknown data.toy_name {cfg.toy_name!r}: use one of {', '.join(TOY_NAMES)}."
@@ -127,10 +132,18 @@ def check_builtin_split(source: str, split: str) -> None:
 
 
 def example_shape(cfg: Any) -> tuple[int, ...]:
-    """Shape of one example: ``(2,)`` for toy2d, ``(image_size, image_size, num_channels)`` else."""
+    """Shape of one example: ``(2,)`` for toy2d, the latent shape with ``data.latents_from``,
+    ``(image_size, image_size, num_channels)`` else."""
     validate_config(cfg)
     if cfg.source == "toy2d":
         return (2,)
+    if latents.latents_from(cfg):
+        return tuple(int(s) for s in latents.checked_info(cfg)["latent_shape"])
+    return image_shape(cfg)
+
+
+def image_shape(cfg: Any) -> tuple[int, int, int]:
+    """``(image_size, image_size, num_channels)``: the images (decoded ones too, with latents)."""
     return (int(cfg.image_size), int(cfg.image_size), int(cfg.num_channels))
 
 
@@ -206,6 +219,16 @@ def load_picture(path: str, size: int, channels: int) -> np.ndarray:
 
 def load_source(cfg: Any, split: str) -> Source:
     """The random-access source of ``split`` for ``config.data`` (see the module docstring)."""
+    src = load_pixel_source(cfg, split)
+    if not latents.latents_from(cfg):
+        return src
+    latents.checked_info(cfg)
+    key = source_fingerprint(cfg, split, len(src))
+    return latents.LatentSource(src, latents.latents_from(cfg), key, flip=bool(cfg.random_flip))
+
+
+def load_pixel_source(cfg: Any, split: str) -> Source:
+    """The images of ``split`` (``load_source`` without ``data.latents_from``)."""
     validate_config(cfg)
     source = cfg.source
     size, channels = int(cfg.image_size), int(cfg.num_channels)
@@ -251,4 +274,6 @@ def source_fingerprint(cfg: Any, split: str, length: int) -> str:
         what = f"{cfg.source}:{cfg.path}"
     else:
         what = cfg.source
+    if latents.latents_from(cfg):  # pixel fingerprints stay as they were
+        what = f"latents:{os.path.normpath(latents.latents_from(cfg))}:{what}"
     return f"{what}:{split}:{length}"

@@ -19,6 +19,10 @@ on the batch size nor on the device count. Data are images on the 256-level grid
 [−1, 1] (``x / 127.5 − 1`` of the uint8 image); padding rows (mask False) are left out
 of every average.
 
+On a DDPM of an autoencoder's latents (``data.latents_from``) the same bound is computed on the
+normalised latents and reported under ``latent_*`` keys, ``space="latent"``, and a printed
+"latent-space bits/dim" (``label_latent``; the caveat in ``LATENT_CAVEAT``).
+
 ``evaluate_bpd(config, params, model, sched, mesh)`` is what the training loop
 (``training.eval_bpd_after``) and ``--mode=bpd`` (``modes/bpd.py``) call; ``write_report``
 writes ``workdir/eval/bpd_<step>.json``, a plot ``workdir/eval/bpd_<step>.png`` and
@@ -207,15 +211,36 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, model, sched: S
         result["given"] = "true labels"
     result.update(split=split, seconds=time.time() - start, num_timesteps=sched.num_timesteps,
                   var_type=str(config.diffusion.var_type), clip_denoised=clip, seed=int(config.seed))
-    return result
+    return label_latent(result, data.latents_from(config.data))
+
+
+LATENT_PREFIX = "latent_"
+_BPD_KEYS = ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd", "total_bpd_stderr", "terms_bpd")
+LATENT_CAVEAT = ("bits per latent dimension of the normalised latents, not of the images: the decoder term treats "
+                 "each latent value as if on the 256-level grid of [-1, 1], and the autoencoder's own "
+                 "-log p(x|z) is not included; not comparable with a pixel-space bits/dim")
+
+
+def label_latent(result: dict, latents_from: str) -> dict:
+    """A latent run's bits/dim under ``latent_*`` keys with ``space="latent"`` and the caveat; else as is."""
+    if not latents_from:
+        return result
+    out = {(LATENT_PREFIX + k if k in _BPD_KEYS else k): v for k, v in result.items()}
+    return dict(out, space="latent", latents_from=str(latents_from), caveat=LATENT_CAVEAT)
+
+
+def _get(result: dict, key: str) -> Any:
+    """``result[key]``, or its ``latent_`` name in a latent run's result."""
+    return result[LATENT_PREFIX + key] if result.get("space") == "latent" else result[key]
 
 
 def summary_line(result: dict) -> str:
     """One line: the total and its breakdown."""
-    return (f"bits/dim on {result.get('split', '?')} ({result['num_examples']} examples): "
-            f"{result['total_bpd']:.4f} ± {result['total_bpd_stderr']:.4f} = prior (L_T) "
-            f"{result['prior_bpd']:.4f} + decoder (L_0, t=0) {result['decoder_bpd']:.4f} "
-            f"+ KL terms (t≥1) {result['kl_bpd']:.4f}")
+    latent = "latent-space " if result.get("space") == "latent" else ""
+    return (f"{latent}bits/dim on {result.get('split', '?')} ({result['num_examples']} examples): "
+            f"{_get(result, 'total_bpd'):.4f} ± {_get(result, 'total_bpd_stderr'):.4f} = prior (L_T) "
+            f"{_get(result, 'prior_bpd'):.4f} + decoder (L_0, t=0) {_get(result, 'decoder_bpd'):.4f} "
+            f"+ KL terms (t≥1) {_get(result, 'kl_bpd'):.4f}")
 
 
 def plot_terms(path: str, result: dict, title: str = "") -> None:
@@ -223,7 +248,7 @@ def plot_terms(path: str, result: dict, title: str = "") -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415 (no pyplot: no global state)
 
-    terms, mse = np.asarray(result["terms_bpd"]), np.asarray(result["mse"])
+    terms, mse = np.asarray(_get(result, "terms_bpd")), np.asarray(result["mse"])
     t = np.arange(len(terms))
     fig = Figure(figsize=(11, 4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -236,8 +261,8 @@ def plot_terms(path: str, result: dict, title: str = "") -> None:
     ax2.plot(t, mse)
     ax2.set_yscale("log")
     ax2.set(xlabel="timestep t (0-based)", ylabel="mean (x̂_0 − x_0)²", title="x_0 prediction MSE")
-    fig.suptitle(title or (f"{result['total_bpd']:.4f} bits/dim = prior {result['prior_bpd']:.4f} + "
-                           f"decoder {result['decoder_bpd']:.4f} + KL {result['kl_bpd']:.4f}"))
+    fig.suptitle(title or (f"{_get(result, 'total_bpd'):.4f} bits/dim = prior {_get(result, 'prior_bpd'):.4f} + "
+                           f"decoder {_get(result, 'decoder_bpd'):.4f} + KL {_get(result, 'kl_bpd'):.4f}"))
     files.write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
@@ -249,6 +274,7 @@ def write_report(workdir: str, step: int, result: dict) -> dict[str, str]:
         return paths
     files.write_json(paths["json"], {**result, "step": int(step)})
     plot_terms(paths["png"], result, title=f"step {step}: " + summary_line(result).split(": ", 1)[1])
-    metrics.write_scalars(workdir, step, {f"eval/{key}": result[key]
+    prefix = LATENT_PREFIX if result.get("space") == "latent" else ""
+    metrics.write_scalars(workdir, step, {f"eval/{prefix}{key}": _get(result, key)
                                           for key in ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd")})
     return paths

@@ -18,7 +18,8 @@ blurrier than LDM's on natural images.
 
 After the last step (process 0 writes):
 
-* ``autoencoder.json`` — what a later ``data.latents_from=AE_WORKDIR`` loader needs: the model
+* ``autoencoder.json`` — what ``data.latents_from=AE_WORKDIR`` (``data/latents.py``, with
+  ``load_autoencoder``) reads: the model
   name and kwargs, image and latent shapes, the step, and ``scale_factor`` = 1 / std of the
   latents (posterior samples) over the training split (LDM's / SD's ``scale_factor``), with the
   latents' mean, per-channel mean / std and the count;
@@ -44,13 +45,13 @@ import numpy as np
 import optax
 
 from ddpm_jax import checkpointing, checks, data, files, imaging, metrics, parallel, preemption, workdir_lock
+# load_autoencoder lives below the modes (data/latents.py); named here too for callers of part 1.
+from ddpm_jax.data.latents import INFO_FILE, MODEL_NAME, check_autoencoder_meta, load_autoencoder  # noqa: F401
 from ddpm_jax.evaluation import classifier, sample_quality
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.modes import require_images, say
 from ddpm_jax.train_state import TrainState, create_optimizer
 
-MODEL_NAME = "autoencoder_kl"
-INFO_FILE = "autoencoder.json"
 METRICS_FILE = "autoencoder_metrics.json"
 PICTURE_FILE = "reconstructions.png"
 LOSSES = ("l1", "l2")
@@ -198,22 +199,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return dict(info=info, metrics=result)
 
 
-def _check_meta(meta: dict, workdir: str) -> Callable[[dict | None], None]:
-    def check(stored: dict | None) -> None:
-        if stored is not None and stored != meta:
-            diff = [f"{k} {stored.get(k)!r} (this config: {meta[k]!r})" for k in meta if stored.get(k) != meta[k]]
-            raise ValueError(f"{workdir} holds the checkpoint of another autoencoder: {'; '.join(diff)}; use a "
-                             "new --workdir or the config it was trained with.")
-
-    return check
-
-
 def _train(config, workdir: str, model, tx, meta: dict, init, template, it, mesh) -> TrainState:
     """The loop: restore or init, steps with a progress bar, periodic and final checkpoints."""
     ae = config.autoencoder
     num_steps = int(ae.num_steps)
     with checkpointing.Checkpointer(workdir, keep=int(ae.keep_checkpoints), cleanup_tmp=True) as ckpt:
-        restored = ckpt.restore_newest_valid(template, check_meta=_check_meta(meta, workdir))
+        restored = ckpt.restore_newest_valid(template, check_meta=check_autoencoder_meta(meta, workdir))
         if restored is None:
             state = jax.jit(init, out_shardings=parallel.replicated(mesh))()
         else:
@@ -258,25 +249,6 @@ def _train(config, workdir: str, model, tx, meta: dict, init, template, it, mesh
             say(f"{watcher.reason}: checkpoint of step {step} written to {ckpt.directory}; rerun the same "
                 "command to resume.")
     return state
-
-
-def load_autoencoder(workdir: str) -> tuple[AutoencoderKL, Any, dict]:
-    """(model, params of the newest valid checkpoint, `autoencoder.json`) of a trained or converted
-    autoencoder workdir: everything a latent data source needs (as numpy params on the host)."""
-    path = os.path.join(str(workdir), INFO_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {INFO_FILE} in {workdir}; train the autoencoder there first "
-                                "(--mode=train_autoencoder) or convert one (python -m ddpm_jax.convert "
-                                "--autoencoder-kl DIR --out WORKDIR).")
-    info = files.read_json(path)
-    model = AutoencoderKL(**info["model_kwargs"])
-    shape = tuple(info["image_shape"])
-    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape), jnp.float32)))["params"]
-    expected = {k: info[k] for k in ("model", "model_kwargs", "image_shape", "latent_shape")}
-    with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
-        _, params = ckpt.restore_newest_valid_ema(template, check_meta=lambda m: _check_meta(expected, workdir)(
-            {k: m.get(k) for k in expected}))
-    return model, params, info
 
 
 # ---- after training ---------------------------------------------------------------------------

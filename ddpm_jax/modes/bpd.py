@@ -10,7 +10,9 @@
 * ``both``: the two, one after the other. They are different quantities (see
   ``ode_likelihood``'s docstring): neither bounds the other.
 
-Each prints one line.
+Each prints one line. A DDPM on an autoencoder's latents (``data.latents_from``) reports the
+bound of its latents: ``latent_*`` keys, ``space="latent"`` and "latent-space bits/dim" in the
+line (``bpd.label_latent``); the ODE likelihood is refused there (``checks.check_latent_mode``).
 """
 
 from __future__ import annotations

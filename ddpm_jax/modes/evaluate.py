@@ -77,7 +77,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _generate(config: ml_collections.ConfigDict, loaded: setup.LoadedRun, step_dir: str) -> tuple[str, dict]:
     """The resumable uint8 sample chunks of `eval.num_samples` images under `step_dir/samples`."""
-    ev, shape, seed = config.eval, loaded.shape, int(config.sampling.seed)
+    ev, shape, seed = config.eval, loaded.sample_shape, int(config.sampling.seed)  # decoded, on latents
     out_dir = os.path.join(step_dir, "samples")
     meta = dict(step=loaded.step, sampling_seed=seed, shape=list(shape), chunk_size=int(ev.chunk_size),
                 sampler=setup.sampler_options(config))

@@ -21,7 +21,8 @@ With `sampling.init_image` (partial denoising: the image noised to step k =
                                            images against the original (also printed)
   partial_<tag>_k<k>.gif                   the chain from x_k, when trajectory_every > 0; the
                                            chain from pure noise (above) is then written too
-The run ends by printing what it wrote, one file a line.
+The run ends by printing what it wrote, one file a line. A DDPM on an autoencoder's latents
+(`data.latents_from`) shows and saves decoded images everywhere (the sampler decodes).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
 
 def _from_noise(config, loaded: setup.LoadedRun, out_dir: str) -> dict[str, str]:
     """Samples from x_T ~ N(0, I) (Alg. 2 or DDIM): grid, arrays, trajectory GIF, toy2d chain + scores."""
-    s, shape, step = config.sampling, loaded.shape, loaded.step
+    s, shape, step = config.sampling, loaded.sample_shape, loaded.step  # decoded images of a latent run
     method, every, tag = str(s.method), int(s.trajectory_every), output_tag(config, loaded.step)
     sampler_fn = setup.make_sampler(loaded, config, trajectory_every=every)
     out = sampler.generate(sampler_fn, loaded.params, num_samples=int(s.num_samples),

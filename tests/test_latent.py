@@ -1,0 +1,172 @@
+"""Diffusion on an autoencoder's latents (`data.latents_from`): training with exact resume, sampling
+and eval decoded to images, bits/dim labelled latent, and the one-line refusals."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
+from configs import autoencoder_mnist, digits
+from ddpm_jax import checkpointing, checks, data, imaging, parallel, run_meta, setup, train
+from ddpm_jax.data import latents
+from ddpm_jax.evaluation import chunked_generation
+from ddpm_jax.modes import autoencoder as ae_mode
+from ddpm_jax.modes import bpd as bpd_mode
+from ddpm_jax.modes import evaluate, sample
+
+
+def _ae_config(seed=0):
+    """A tiny f=2 autoencoder on the 8x8 digits: 4x4x2 latents, 4 steps."""
+    config = autoencoder_mnist.get_config()
+    config.data.source, config.data.image_size, config.seed = "digits", 8, seed
+    ae = config.autoencoder
+    ae.block_out_channels, ae.layers_per_block, ae.latent_channels, ae.norm_num_groups = (16, 16), 1, 2, 8
+    ae.batch_size, ae.num_steps, ae.log_every, ae.checkpoint_every = 16, 4, 2, 4
+    ae.eval_batch_size, ae.warmup_steps, ae.eval_classifier = 500, 0, False
+    return config
+
+
+@pytest.fixture(scope="module")
+def ae_workdir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ae") / "ae")
+    ae_mode.run(_ae_config(), workdir)
+    return workdir
+
+
+def _config(ae_workdir, num_steps=4):
+    config = digits.get_config()
+    config.data.latents_from = ae_workdir
+    config.model.ch, config.model.ch_mult, config.model.num_res_blocks = 32, (1,), 1
+    config.model.attn_resolutions = ()
+    config.diffusion.num_timesteps = 10
+    config.training.update(batch_size=16, num_steps=num_steps, log_every=1, sample_every=4, checkpoint_every=2,
+                           num_grid_samples=8, steps_per_dispatch=1)
+    config.sampling.update(num_samples=8, batch_size=8, trajectory_every=5)
+    config.eval.update(bpd_num_examples=16, bpd_batch_size=16, num_samples=8, batch_size=8, chunk_size=8)
+    return config
+
+
+@pytest.fixture(scope="module")
+def latent_workdir(ae_workdir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ddpm") / "run")
+    train.train_and_evaluate(_config(ae_workdir), workdir)
+    return workdir
+
+
+def test_the_source_is_the_normalised_posterior_mode_and_flips_pick_mirrored_encodings(ae_workdir):
+    config = _config(ae_workdir)
+    assert data.example_shape(config.data) == (4, 4, 2) and data.image_shape(config.data) == (8, 8, 1)
+    model, params, info = latents.load_autoencoder(ae_workdir)
+    images = data.load_arrays(config.data, "train", limit=5)["x"]  # still the images
+    assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 1)
+    mode = model.apply({"params": params}, imaging.as_float(images), method="encode").mode()
+    expected = (np.asarray(mode) - info["latent_mean"]) * info["scale_factor"]
+    src = data.load_source(config.data, "train")
+    np.testing.assert_allclose(src.read(np.arange(5))["x"], expected, rtol=1e-5, atol=1e-5)
+    assert src.read([0])["y"] == data.load_arrays(config.data, "train", limit=1)["y"]
+
+    config.data.random_flip = True
+    flipping = data.load_source(config.data, "train")
+    batch = flipping.read(np.arange(5))
+    flipping.flip_rows(batch, np.arange(5), np.array([True, False, True, False, False]))
+    mirrored = latents.load_codec(ae_workdir).encode(images[:, :, ::-1])
+    np.testing.assert_allclose(batch["x"][0], mirrored[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batch["x"][1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+def test_latent_training_records_the_autoencoder_and_resumes_exactly(ae_workdir, latent_workdir, tmp_path):
+    meta = checkpointing.read_meta(latent_workdir)
+    info = json.load(open(os.path.join(ae_workdir, latents.INFO_FILE)))
+    assert meta["data_shape"] == [4, 4, 2] and meta["model"]["kwargs"]["out_ch"] == 2
+    assert meta["latents"] == dict(autoencoder=os.path.normpath(ae_workdir), latent_shape=[4, 4, 2],
+                                   scale_factor=info["scale_factor"], latent_mean=info["latent_mean"],
+                                   autoencoder_step=4)
+    assert os.path.getsize(os.path.join(latent_workdir, "samples", "step_4.png")) > 0  # a decoded grid
+
+    resumed_dir = str(tmp_path / "resumed")
+    assert int(train.train_and_evaluate(_config(ae_workdir, 2), resumed_dir).step) == 2
+    resumed = train.train_and_evaluate(_config(ae_workdir, 4), resumed_dir)
+    run = setup.create_run(_config(ae_workdir))
+    template = setup.abstract_train_state(_config(ae_workdir), run.model, run.shape, run.mesh)
+    with checkpointing.Checkpointer(latent_workdir) as ckpt:
+        straight, _ = ckpt.restore(template)
+    assert int(resumed.step) == int(straight.step) == 4
+    for a, b in zip(jax.tree.leaves(jax.device_get((straight.params, straight.ema_params))),
+                    jax.tree.leaves(jax.device_get((resumed.params, resumed.ema_params)))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sample_and_eval_see_decoded_images(ae_workdir, latent_workdir, tmp_path):
+    config = _config(ae_workdir)
+    paths = sample.run(config, latent_workdir)
+    with np.load(paths["npz"]) as f:
+        assert f["samples"].shape == (8, 8, 8, 1) and f["images"].dtype == np.uint8
+        assert f["samples"].min() >= -1 and f["samples"].max() <= 1
+    assert os.path.getsize(paths["gif"]) > 0  # trajectory frames decoded too (8x8 grids)
+    loaded = setup.load_run(config, latent_workdir)
+    out_dir, gen = evaluate._generate(config, loaded, str(tmp_path / "step"))
+    (_, images), = chunked_generation.read_chunks(out_dir, [0], num_samples=8, chunk_size=8)
+    assert gen["images_generated"] == 8 and images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
+
+
+def test_bpd_is_labelled_latent(ae_workdir, latent_workdir, capsys):
+    result = bpd_mode.run(_config(ae_workdir), latent_workdir)
+    assert result["space"] == "latent" and "total_bpd" not in result and result["latent_total_bpd"] > 0
+    assert "not comparable" in result["caveat"]
+    stored = json.load(open(result["paths"]["json"]))
+    assert stored["latent_total_bpd"] == result["latent_total_bpd"]
+    assert "step 4: latent-space bits/dim on test (16 examples)" in capsys.readouterr().out
+
+
+def test_a_missing_autoencoder_is_refused_in_one_line(ae_workdir, tmp_path):
+    config = _config(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"data.latents_from='.*nowhere' does not exist; train") as err:
+        data.example_shape(config.data)
+    assert "\n" not in str(err.value)
+    os.makedirs(tmp_path / "empty")
+    config.data.latents_from = str(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"has no autoencoder.json; train"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_an_autoencoder_of_other_images_is_refused(ae_workdir, tmp_path):
+    config = _config(ae_workdir)
+    config.data.image_size = 16
+    with pytest.raises(ValueError, match=r"autoencoder of \(8, 8, 1\) images, but data.image_size / num_channels "
+                                         r"give \(16, 16, 1\)") as err:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert "\n" not in str(err.value)
+
+
+def test_resuming_or_sampling_with_another_autoencoder_is_refused(ae_workdir, latent_workdir, tmp_path):
+    other = str(tmp_path / "other_ae")
+    shutil.copytree(ae_workdir, other)  # the same weights elsewhere: still another autoencoder's name
+    config = _config(other, num_steps=6)
+    with pytest.raises(run_meta.CheckpointMismatchError,
+                       match=r"trained on the latents of autoencoder '.*ae', but the config gives "
+                             r"data.latents_from='.*other_ae'") as err:
+        train.train_and_evaluate(config, latent_workdir)
+    assert "\n" not in str(err.value)
+    with pytest.raises(run_meta.CheckpointMismatchError, match="latents.autoencoder"):
+        sample.run(config, latent_workdir)
+    pixels = _config("")
+    with pytest.raises(run_meta.CheckpointMismatchError, match=r"data.latents_from=''"):
+        setup.load_run(pixels, latent_workdir)
+
+
+def test_what_latents_do_not_support_is_refused_before_work(ae_workdir):
+    config = _config(ae_workdir)
+    for mode, match in (("figures", "--mode=figures is not written"), ("fid_stats", "--mode=fid_stats")):
+        with pytest.raises(ValueError, match=match):
+            checks.check_config(config, mode)
+    config.eval.bpd_method = "ode"
+    with pytest.raises(ValueError, match="eval.bpd_method='ode' is not written"):
+        checks.check_config(config, "bpd")
+    config.model.ch_mult = (1, 2, 2, 2)
+    with pytest.raises(ValueError, match="the 4x4 latents of data.latents_from"):
+        checks.check_config(config, "train", parallel.make_mesh())
