@@ -18,6 +18,8 @@ from ddpm_jax.modes import autoencoder as ae_mode
 from ddpm_jax.modes import bpd as bpd_mode
 from ddpm_jax.modes import evaluate, sample
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _ae_config(seed=0):
     """A tiny f=2 autoencoder on the 8x8 digits: 4x4x2 latents, 4 steps."""
@@ -170,3 +172,16 @@ def test_what_latents_do_not_support_is_refused_before_work(ae_workdir):
     config.model.ch_mult = (1, 2, 2, 2)
     with pytest.raises(ValueError, match="the 4x4 latents of data.latents_from"):
         checks.check_config(config, "train", parallel.make_mesh())
+
+
+def test_the_encoding_bench_times_the_cache_and_the_on_the_fly_encoder(ae_workdir):
+    from bench import latent_encoding
+
+    (record,) = latent_encoding.main([
+        f"--config={os.path.join(REPO, 'configs', 'digits.py')}", "--steps=2", f"--config.data.latents_from={ae_workdir}",
+        "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()", "--config.model.num_res_blocks=1",
+        "--config.diffusion.num_timesteps=10", "--config.training.batch_size=16"])
+    assert record["bench"] == "latent_encoding" and not record["random_autoencoder"]
+    assert record["latent_shape"] == [4, 4, 2] and record["num_train"] == 1500
+    assert record["cache"]["encode_split_s"] > 0 and record["on_the_fly"]["encode_batch_s"] > 0
+    assert record["ddpm_step"]["step_s"] > 0 and len(record["host"]["loadavg"]) == 3
