@@ -6,11 +6,14 @@ Commands:
     for w in 0 0.5 1 2 4; do python -m ddpm_jax.main --config=configs/mnist_cond.py \
         --workdir=workdirs/mnist_cond --mode=eval --config.sampling.guidance_scale=$w; done
 
-Hardware and time: a 2-core CPU, as configs/mnist.py for training; each guided eval runs the
+Hardware and time: a 2-core CPU, as configs/mnist.py for training (measured: 4,698 s wall for
+the 3,200 steps at load 4-9, beside other jobs; about 44 min idle); each guided eval runs the
 network on twice the batch (two times the unguided eval's sampling time).
-Expected behaviour (NOT run here for lack of time; docs/conditional.md has the digits run):
-label_accuracy rising with w towards the classifier's accuracy on real test digits, recall
-falling at large w.
+Measured (docs/conditional.md; SDE-DPM-Solver++(2M) with 20 calls, --config.sampling.method=
+sde_dpmpp_2m --config.sampling.solver_steps=20, 500 samples per w, the MNIST classifier whose
+real test accuracy is 0.982): label accuracy 0.860 / 0.958 / 0.980 / 0.992 / 0.994 for
+w = 0 / 0.5 / 1 / 2 / 4; recall 0.89 -> 0.32 (floor 0.90); precision 0.53 -> 0.70 (floor 0.92);
+Fréchet distance 4.4x -> 21.5x its floor (14.3), best at w = 0.
 """
 
 from configs import mnist
