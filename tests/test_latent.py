@@ -12,8 +12,8 @@ import pytest
 import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
 from configs import autoencoder_mnist, digits
 from ddpm_jax import checkpointing, checks, data, imaging, parallel, run_meta, setup, train
-from ddpm_jax.data import latents
-from ddpm_jax.evaluation import chunked_generation
+from ddpm_jax.data import latents, sources
+from ddpm_jax.evaluation import chunked_generation, classifier
 from ddpm_jax.modes import autoencoder as ae_mode
 from ddpm_jax.modes import bpd as bpd_mode
 from ddpm_jax.modes import evaluate, sample
@@ -113,6 +113,15 @@ def test_sample_and_eval_see_decoded_images(ae_workdir, latent_workdir, tmp_path
     out_dir, gen = evaluate._generate(config, loaded, str(tmp_path / "step"))
     (_, images), = chunked_generation.read_chunks(out_dir, [0], num_samples=8, chunk_size=8)
     assert gen["images_generated"] == 8 and images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
+
+
+def test_the_feature_classifier_of_a_latent_run_is_the_pixel_one(ae_workdir):
+    """The classifier scores decoded images: a latent run must accept the one its pixel data trained."""
+    latent_cfg, pixel_cfg = _config(ae_workdir), digits.get_config()
+    assert classifier.expected_info(latent_cfg.data) == classifier.expected_info(pixel_cfg.data)
+    # while the pipeline's own fingerprint still tells latents from pixels (iterator states)
+    assert (sources.source_fingerprint(latent_cfg.data, "train", 10)
+            != sources.source_fingerprint(pixel_cfg.data, "train", 10))
 
 
 def test_bpd_is_labelled_latent(ae_workdir, latent_workdir, capsys):

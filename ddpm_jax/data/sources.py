@@ -264,8 +264,12 @@ def num_classes(cfg: Any) -> int:
     return int(load_source(cfg, cfg.train_split).num_classes)
 
 
-def source_fingerprint(cfg: Any, split: str, length: int) -> str:
-    """A short name of what a source reads, stored with iterator states to catch mismatches."""
+def source_fingerprint(cfg: Any, split: str, length: int, *, encoded: bool = True) -> str:
+    """A short name of what a source reads, stored with iterator states to catch mismatches.
+
+    ``encoded=False`` names the images themselves even on a latent run (``data.latents_from``):
+    for what consumes pixels, such as the feature classifier that scores decoded samples.
+    """
     if cfg.source == "toy2d":
         what = f"toy2d:{cfg.toy_name}"
     elif cfg.source == "tfds":
@@ -274,6 +278,6 @@ def source_fingerprint(cfg: Any, split: str, length: int) -> str:
         what = f"{cfg.source}:{cfg.path}"
     else:
         what = cfg.source
-    if latents.latents_from(cfg):  # pixel fingerprints stay as they were
+    if encoded and latents.latents_from(cfg):  # pixel fingerprints stay as they were
         what = f"latents:{os.path.normpath(latents.latents_from(cfg))}:{what}"
     return f"{what}:{split}:{length}"

@@ -222,7 +222,7 @@ def train(data_cfg: Any, *, steps: int | None = None, batch_size: int = DEFAULT_
                   batch_size=batch_size, lr=lr, max_shift=max_shift, log=log)
     info = {
         "format": FORMAT_VERSION,
-        "data": sources.source_fingerprint(data_cfg, data_cfg.train_split, n),
+        "data": sources.source_fingerprint(data_cfg, data_cfg.train_split, n, encoded=False),
         "source": str(data_cfg.source),
         "image_size": size,
         "num_channels": int(data_cfg.num_channels),
@@ -294,8 +294,8 @@ def load(path: str) -> Classifier:
 
 def expected_info(data_cfg: Any) -> dict[str, Any]:
     """The ``MATCH_KEYS`` values a classifier for ``data_cfg`` must have been trained with."""
-    return {"data": sources.source_fingerprint(data_cfg, data_cfg.train_split,
-                                               data.num_examples(data_cfg, data_cfg.train_split)),
+    return {"data": sources.source_fingerprint(data_cfg, data_cfg.train_split,  # it scores decoded images
+                                               data.num_examples(data_cfg, data_cfg.train_split), encoded=False),
             "image_size": int(data_cfg.image_size), "num_channels": int(data_cfg.num_channels),
             "num_classes": data.num_classes(data_cfg)}
 
