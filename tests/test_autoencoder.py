@@ -23,6 +23,7 @@ from ddpm_jax.convert.diffusers import ConversionError
 from ddpm_jax.evaluation import classifier
 from ddpm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from ddpm_jax.modes import autoencoder as ae_mode
+from tests.torch_weights import randomize_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(block_out_channels=(16, 16), layers_per_block=1, latent_channels=2, norm_num_groups=8)
@@ -121,17 +122,7 @@ def _diffusers_autoencoder(config: dict, seed: int = 0):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
     model = diffusers.AutoencoderKL(**config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            z = torch.randn_like(p)
-            z = torch.where(z == 0, torch.ones_like(z), z)
-            if p.ndim > 1:  # conv / linear: ~unit-variance outputs
-                p.copy_(z / float(np.sqrt(p[0].numel())))
-            elif name.endswith("weight"):  # GroupNorm scale
-                p.copy_(1.0 + 0.1 * z)
-            else:
-                p.copy_(0.1 * z)
-    assert all(bool((p != 0).all()) for p in model.parameters())
+    randomize_weights(model)
     return model
 
 

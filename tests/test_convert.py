@@ -19,6 +19,7 @@ from ddpm_jax.convert import convert_diffusers
 from ddpm_jax.convert.__main__ import main as cli_main
 from ddpm_jax.convert.diffusers import ConversionError, load_diffusers_unet
 from ddpm_jax.models.unet import UNet
+from tests.torch_weights import randomize_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,17 +51,7 @@ def _diffusers_unet(config: dict, seed: int = 0):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
     model = diffusers.UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            z = torch.randn_like(p)
-            z = torch.where(z == 0, torch.ones_like(z), z)  # randn yields an exact 0 now and then
-            if p.ndim > 1:  # conv / linear: ~unit-variance outputs
-                p.copy_(z / float(np.sqrt(p[0].numel())))
-            elif name.endswith("weight"):  # GroupNorm scale
-                p.copy_(1.0 + 0.1 * z)
-            else:
-                p.copy_(0.1 * z)
-    assert all(bool((p != 0).all()) for p in model.parameters())
+    randomize_weights(model)
     return model
 
 

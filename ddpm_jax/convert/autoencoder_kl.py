@@ -16,7 +16,6 @@ writes a params-only checkpoint and `autoencoder.json` (the hyper-parameters and
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -25,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import checkpointing, files
-from ddpm_jax.convert.diffusers import CONFIG_NAME, ConversionError, _to_flax, _torch_key, load_state_dict
+from ddpm_jax.convert.diffusers import (CONFIG_NAME, ConversionError, _to_flax, _torch_key, load_state_dict,
+                                       read_diffusers_config)
 from ddpm_jax.models.autoencoder import AutoencoderKL
 
 # AutoencoderKL.__init__ defaults (diffusers 0.42) for fields a config.json leaves out.
@@ -51,16 +51,8 @@ def find_model_dir(path: str) -> str:
 
 def read_config(model_dir: str) -> dict:
     """config.json with diffusers' defaults for absent fields; ConversionError for another class."""
-    with open(os.path.join(model_dir, CONFIG_NAME)) as f:
-        raw = json.load(f)
-    if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ConversionError(f"{model_dir}/{CONFIG_NAME} describes a {raw['_class_name']}; only "
-                              "AutoencoderKL can be imported.")
-    unknown = sorted(k for k in raw if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS)
-    if unknown:
-        raise ConversionError(f"{model_dir}/{CONFIG_NAME} has fields {unknown} this converter does not know; "
-                              "it cannot check that the autoencoder is the AutoencoderKL it can represent.")
-    return {**DIFFUSERS_DEFAULTS, **{k: v for k, v in raw.items() if not k.startswith("_")}}
+    return read_diffusers_config(model_dir, "AutoencoderKL", DIFFUSERS_DEFAULTS, "AutoencoderKL",
+                                 "the autoencoder is the AutoencoderKL it can represent")
 
 
 def autoencoder_kwargs_from_config(config: dict) -> dict:

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -82,20 +82,30 @@ def find_model_dir(path: str) -> str:
                             "UNet2DModel (config.json + diffusion_pytorch_model.safetensors).")
 
 
-def read_config(model_dir: str) -> dict:
-    """config.json with diffusers' defaults filled in for absent fields."""
+def read_diffusers_config(model_dir: str, class_name: str, defaults: Mapping[str, Any], what: str,
+                          unchecked: str) -> dict:
+    """`model_dir`'s config.json with `defaults` filled in for absent fields (`_`-fields dropped).
+
+    ConversionError, one line naming the problem, for a config of another `_class_name` than
+    `class_name` ("only {what} can be imported") or with a field `defaults` does not name
+    ("it cannot check that {unchecked}"). A config without `_class_name` is taken as `class_name`.
+    """
     with open(os.path.join(model_dir, CONFIG_NAME)) as f:
         raw = json.load(f)
-    if raw.get("_class_name", "UNet2DModel") != "UNet2DModel":
+    if raw.get("_class_name", class_name) != class_name:
         raise ConversionError(f"{model_dir}/{CONFIG_NAME} describes a {raw['_class_name']}; only "
-                              "UNet2DModel (the DDPM U-Net) can be imported.")
-    unknown = sorted(k for k in raw if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS)
+                              f"{what} can be imported.")
+    unknown = sorted(k for k in raw if not k.startswith("_") and k not in defaults)
     if unknown:
         raise ConversionError(f"{model_dir}/{CONFIG_NAME} has fields {unknown} this converter does not "
-                              "know; it cannot check that the U-Net is the DDPM one.")
-    config = dict(DIFFUSERS_DEFAULTS)
-    config.update({k: v for k, v in raw.items() if not k.startswith("_")})
-    return config
+                              f"know; it cannot check that {unchecked}.")
+    return {**defaults, **{k: v for k, v in raw.items() if not k.startswith("_")}}
+
+
+def read_config(model_dir: str) -> dict:
+    """The UNet2DModel's config.json with diffusers' defaults filled in for absent fields."""
+    return read_diffusers_config(model_dir, "UNet2DModel", DIFFUSERS_DEFAULTS, "UNet2DModel (the DDPM U-Net)",
+                                 "the U-Net is the DDPM one")
 
 
 def image_shape(config: dict) -> tuple[int, int, int]:
