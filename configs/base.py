@@ -36,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     # folder: an unreadable image stops the run when the data is loaded, naming the file;
     # True leaves such files out with a warning that counts them.
     data.skip_bad_images = False
+    # Text conditioning (docs/text_conditioning.md): each example carries its caption's tokens (mnist:
+    # captions made from the digit's label and pixels; folder: img.txt beside img.png), the U-Net gets a
+    # text encoder (its vocabulary: the training captions' words) and cross-attention (model.context_dim).
+    data.captions = False
 
     # ---- Model ------------------------------------------------------------------------------
     config.model = model = ml_collections.ConfigDict()
@@ -52,6 +56,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Class-conditional U-Net (0 = unconditional): a learned label embedding added to the timestep
     # embedding, plus a null class (index num_classes) for classifier-free guidance; docs/conditional.md.
     model.num_classes = 0
+    # Text-conditional U-Net (data.captions): cross-attention SpatialTransformers of this width at
+    # transformer_resolutions and in the middle block, fed by a jointly trained text encoder.
+    model.context_dim = 0  # Width of the text context (0 = no cross-attention).
+    model.transformer_resolutions = ()  # Spatial sizes that get a SpatialTransformer after each block.
+    model.transformer_heads = 4
+    model.transformer_depth = 1  # Transformer blocks per SpatialTransformer.
+    model.context_length = 16  # Most caption words (tokens) the text encoder takes.
+    model.text_layers = 2  # Text encoder: pre-LN transformer blocks ...
+    model.text_heads = 4  # ... of this many heads.
     model.mlp_hidden = 128  # mlp: width of the gated layers.
     model.mlp_gate_init = "ones"  # mlp: initial per-timestep gates: ones | uniform (the tutorial's U[0, 1)).
 
@@ -100,8 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
     training.dispatch_loop = "auto"
     training.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
     training.eval_bpd_after = False  # Report test bits/dim when training ends.
-    # Conditional models: probability of replacing a label by the null class (Ho & Salimans 2022:
-    # 0.1-0.2; 0 = purely conditional, no guidance possible). Never applied outside training.
+    # Conditional models: probability of replacing a label by the null class, or a caption by the null
+    # caption "" (Ho & Salimans 2022: 0.1-0.2; 0 = purely conditional, no guidance possible). Never
+    # applied outside training.
     training.label_dropout = 0.1
 
     # ---- Sampling (--mode=sample, sample grids) ---------------------------------------------
@@ -126,6 +140,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Classifier-free guidance w: (1 + w) eps(x, c) - w eps(x, null); 0 = the plain conditional model.
     # (diffusers' / GLIDE's scale s = 1 + w.)
     sampling.guidance_scale = 0.0
+    # Text-conditional models (data.captions): image i's caption. '' = the null caption (unconditional
+    # samples), 'a thin seven|a thick one' = these captions cycled over i, 'eval_split' = the captions of
+    # data.eval_split's examples in order (image i gets example i's caption; for scoring against real data).
+    sampling.captions = ""
 
     # ---- Evaluation (--mode=eval, --mode=fid_stats) -----------------------------------------
     config.eval = evaluation = ml_collections.ConfigDict()

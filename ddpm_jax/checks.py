@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ddpm_jax import data, diffusion, parallel, sampling, schedules, setup, solvers, timestep_sampler
+from ddpm_jax.data import captions
 from ddpm_jax.data.sources import SKIMAGE_PICTURES
 from ddpm_jax.evaluation import fid, inception
 
@@ -144,7 +145,11 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
 # ---- class conditioning -------------------------------------------------------------------------
 
 def check_labels(config: ml_collections.ConfigDict) -> None:
-    """model.num_classes >= 0 (a UNet only), and sampling.labels / guidance_scale that it can honour."""
+    """model.num_classes >= 0 (a UNet only), and sampling.labels / guidance_scale that it can honour
+    (a captioned run's sampling.captions: `check_captions`)."""
+    if setup.text_conditioned(config) or str(config.sampling.get("captions", "")).strip():
+        check_captions(config)
+        return
     n, s = setup.num_classes(config), config.sampling
     if n < 0:
         raise ValueError(f"model.num_classes={n} must be >= 0 (0 = unconditional).")
@@ -173,11 +178,40 @@ def check_labels(config: ml_collections.ConfigDict) -> None:
                          "(the null class); set --config.sampling.labels=all (or e.g. 3,5).")
 
 
+def check_captions(config: ml_collections.ConfigDict) -> None:
+    """A captioned run (data.captions, a U-Net without class labels) and sampling.captions / guidance it
+    can honour: each caption fits model.context_length (checked by encoding them)."""
+    s, w = config.sampling, float(config.sampling.get("guidance_scale", 0.0))
+    if not setup.text_conditioned(config):
+        raise ValueError(f"sampling.captions={s.captions!r} needs a text-conditional model, but "
+                         "data.captions=False; set --config.sampling.captions=''.")
+    if str(config.model.name) != "unet" or setup.num_classes(config):
+        raise ValueError("data.captions needs model.name='unet' without class labels (model.num_classes=0): "
+                         "a caption can name the class.")
+    if str(s.get("labels", "")).strip():
+        raise ValueError(f"sampling.labels={s.labels!r} is for class-conditional models; a captioned run takes "
+                         "--config.sampling.captions (e.g. 'a thick seven|a thin one').")
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"sampling.guidance_scale={w:g} must be a finite number >= 0 (0 = no guidance).")
+    if w and not str(s.get("captions", "")).strip():
+        raise ValueError(f"sampling.guidance_scale={w:g} guides towards a caption, but sampling.captions is '' "
+                         "(the null caption); give captions, e.g. --config.sampling.captions='a thick seven'.")
+    setup.sampler_conditions(config)  # a caption longer than model.context_length: one line naming it
+
+
 def check_conditional_training(config: ml_collections.ConfigDict) -> None:
     """training.label_dropout in [0, 1]; a conditional model needs the data's own class count."""
     n, p = setup.num_classes(config), float(config.training.get("label_dropout", 0.0))
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"training.label_dropout={p:g} must lie in [0, 1] (0.1 as Ho & Salimans 2022).")
+    if setup.text_conditioned(config):
+        length = int(config.model.context_length)
+        train = captions.split_captions(config.data, str(config.data.train_split))
+        too_long = [c for c in train if len(captions.tokenizer_for(config.data).ids(c)) > length]
+        if too_long:
+            raise ValueError(f"{len(too_long)} training caption(s) have more than model.context_length={length} words "
+                             f"(e.g. {too_long[0]!r}); raise --config.model.context_length.")
+        check_captions(config)
     if not n:
         return
     found = data.num_classes(config.data)

@@ -44,8 +44,14 @@ def combine(out_cond: jnp.ndarray, out_uncond: jnp.ndarray, guidance_scale) -> j
     return (1.0 + w) * out_cond - w * out_uncond
 
 
-def drop_labels(labels: jnp.ndarray, key: jax.Array, probability: float, null_label: int) -> jnp.ndarray:
-    """Training's label dropout: each label independently becomes `null_label` with `probability`.
+def null_rows(labels: jnp.ndarray, null_label) -> jnp.ndarray:
+    """`null_label` (a class index, or a caption's token row [L]) repeated for every row of `labels`."""
+    return jnp.broadcast_to(jnp.asarray(null_label, jnp.int32), jnp.shape(labels))
+
+
+def drop_labels(labels: jnp.ndarray, key: jax.Array, probability: float, null_label) -> jnp.ndarray:
+    """Training's label dropout: each label [B] (or caption's tokens, a row of [B, L]) independently
+    becomes `null_label` (the null class, or the null caption's row) with `probability`.
 
     This is what teaches one network ε_θ(x, ∅) beside ε_θ(x, c) (Ho & Salimans 2022, Alg. 1,
     p_uncond). Call it in the train step only: sampling and evaluation use the labels as given.
@@ -56,8 +62,8 @@ def drop_labels(labels: jnp.ndarray, key: jax.Array, probability: float, null_la
     labels = jnp.asarray(labels, jnp.int32)
     if p == 0.0:
         return labels
-    drop = jax.random.uniform(key, labels.shape) < p
-    return jnp.where(drop, jnp.int32(null_label), labels)
+    drop = jax.random.uniform(key, labels.shape[:1]) < p
+    return jnp.where(drop.reshape(drop.shape + (1,) * (labels.ndim - 1)), null_rows(labels, null_label), labels)
 
 
 def check_guidance(*, labels, guidance_scale, null_label) -> None:
@@ -74,15 +80,16 @@ def check_guidance(*, labels, guidance_scale, null_label) -> None:
                          "model (model.num_classes > 0); set guidance_scale=0 for an unconditional model.")
     if w and null_label is None:
         raise ValueError(f"guidance_scale={w:g} needs null_label, the model's null class "
-                         "(model.num_classes for the UNet).")
+                         "(model.num_classes for the UNet) or the null caption's tokens.")
 
 
 def model_fn(apply_fn: Callable, params, *, labels=None, guidance_scale=0.0,
-             null_label: int | None = None, var_type: str = "fixedlarge") -> Callable:
+             null_label=None, var_type: str = "fixedlarge") -> Callable:
     """The network as `fn(x_t, t) -> output`, conditioned on `labels` and guided with w = guidance_scale.
 
     apply_fn(params, x, t) (labels None: the unconditional network, called as before) or
-    apply_fn(params, x, t, y) with y int32 [B]. With w = 0 (a Python number) one plain
+    apply_fn(params, x, t, y) with y int32 [B] (classes) or [B, L] (caption tokens; `null_label`
+    is then the null caption's row [L]). With w = 0 (a Python number) one plain
     conditional call is made. With w ≠ 0 (or a traced w) the batch is doubled: labels
     [labels; null_label] in one call, then `combine`. The output stays in the network's own
     parameterisation (eps | x0 | v), see the module docstring; a learned variance's channels
@@ -94,7 +101,7 @@ def model_fn(apply_fn: Callable, params, *, labels=None, guidance_scale=0.0,
     labels = jnp.asarray(labels, jnp.int32)
     if isinstance(guidance_scale, (int, float)) and guidance_scale == 0:
         return lambda x, t: apply_fn(params, x, t, labels)
-    null = jnp.full_like(labels, int(null_label))
+    null = null_rows(labels, null_label)
 
     def guided(x, t):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))

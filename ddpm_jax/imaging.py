@@ -109,6 +109,26 @@ def class_grid(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return upscale(grid, max(1, 512 // max(grid.shape[:2])))
 
 
+def caption_grid(images: np.ndarray, captions: Sequence[str]) -> np.ndarray:
+    """`class_grid` with one row per distinct caption (in order of first use), the caption written
+    to the left of its row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    order = list(dict.fromkeys(captions))
+    grid = class_grid(images, np.asarray([order.index(c) for c in captions]))
+    row = grid.shape[0] / len(order)
+    font = ImageFont.load_default()
+    width = 8 + max(int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(c or "(null caption)", font=font))
+                    for c in order)
+    strip = Image.new("RGB", (width, grid.shape[0]), "white")
+    draw = ImageDraw.Draw(strip)
+    for k, caption in enumerate(order):
+        draw.text((4, int((k + 0.5) * row) - 5), caption or "(null caption)", fill="black", font=font)
+    picture = _to_pil_array(grid)
+    picture = np.repeat(picture[..., None], 3, -1) if picture.ndim == 2 else picture[..., :3]
+    return np.concatenate([np.asarray(strip), picture], axis=1)
+
+
 def grid_image(samples: np.ndarray, reference: np.ndarray | None = None, title: str = "") -> np.ndarray:
     """A uint8 picture of samples: an image grid (small images enlarged) or a 2-D scatter plot."""
     if not is_image_shape(samples.shape[1:]):

@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from ddpm_jax import data, diffusion
+from ddpm_jax.data import captions
 from ddpm_jax.data import latents as latent_data
 
 # Model hyper-parameters that do not change the params' shapes: a checkpoint may be
@@ -51,12 +52,26 @@ def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
         # Only a conditional model names it: unconditional checkpoints keep their stored meta.
         if int(m.get("num_classes", 0)):
             kwargs["num_classes"] = int(m.num_classes)
+        if config.data.get("captions", False):  # text-conditional: the vocabulary is the training captions'
+            kwargs.update(text_model_kwargs(config))
         return "unet", kwargs
     if m.name == "mlp":
         return "mlp", dict(num_timesteps=int(config.diffusion.num_timesteps), hidden=int(m.mlp_hidden),
                            out_dim=out_channels(2, config), dtype=str(m.dtype),
                            gate_init=str(m.get("mlp_gate_init", "ones")))
     raise ValueError(f"unknown model.name={m.name!r}; use unet or mlp (--config.model.name=unet).")
+
+
+def text_model_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """The U-Net's cross-attention and text-encoder hyper-parameters of a captioned run (`data.captions`)."""
+    m = config.model
+    if int(m.get("context_dim", 0)) <= 0:
+        raise ValueError("data.captions needs cross-attention: set --config.model.context_dim (e.g. 64) and "
+                         "--config.model.transformer_resolutions (e.g. '(7,)'), or data.captions=False.")
+    return dict(transformer_resolutions=[int(r) for r in m.transformer_resolutions], context_dim=int(m.context_dim),
+                transformer_heads=int(m.transformer_heads), transformer_depth=int(m.transformer_depth),
+                vocab_size=captions.tokenizer_for(config.data).vocab_size, context_length=int(m.context_length),
+                text_layers=int(m.text_layers), text_heads=int(m.text_heads))
 
 
 def schedule_spec(config: ml_collections.ConfigDict) -> dict:

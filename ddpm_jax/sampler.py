@@ -9,9 +9,9 @@ generation (`evaluation/chunked_generation.py`). The math of each step is `sampl
 
 A latent run's sampler decodes at its output (`decode`): the one place where latents become images.
 
-Class labels (a class-conditional model) are a function of the image index too:
-`labels[i % len(labels)]` (`labels_for`), computed on the host and sharded like the
-indices, so image i depends only on (seed, i, its label) whatever the batch.
+Class labels (a class-conditional model), or caption tokens (a text-conditional one), are a
+function of the image index too: `labels[i % len(labels)]` (`labels_for`), computed on the host
+and sharded like the indices, so image i depends only on (seed, i, its label) whatever the batch.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class Sampler:
 
     `apply_fn(params, x_t, t[, y])` is the network (eval mode). Every option of
     `sampling.sample` except the arrays is fixed here (static under jit). `labels` (a
-    conditional model): the classes cycled over the image indices, see `labels_for`.
+    conditional model): the classes [K], or the caption tokens [K, L] of a text-conditional
+    one, cycled over the image indices, see `labels_for`.
     `decode` = (decode_fn, decode_params) (a latent run): `decode_fn(decode_params, z)` maps
     the chain's outputs (samples, trajectories; any leading axes) to images inside the compiled
     call, so every caller (grids, --mode=sample, eval's chunks) sees decoded images;
@@ -55,13 +56,13 @@ class Sampler:
         seed: int,
         trajectory_every: int = 0,
         start_step: int | None = None,
-        labels: Sequence[int] | None = None,
+        labels: Sequence[int] | np.ndarray | None = None,
         decode: tuple[Callable, Any] | None = None,
         **options: Any,
     ):
         self.mesh, self.sched, self.shape = mesh, sched, tuple(int(s) for s in shape)
-        self.labels = None if labels is None else tuple(int(c) for c in labels)
-        if self.labels is not None and not self.labels:
+        self.labels = None if labels is None else np.asarray(labels, np.int32)
+        if self.labels is not None and not len(self.labels):
             raise ValueError("labels=() gives no class to cycle; pass None (unconditional) or classes.")
         self._replicated = parallel.replicated(mesh)
         self._sharded = parallel.data_sharded(mesh)
@@ -100,12 +101,13 @@ class Sampler:
                          self._decode_params)
 
     def labels_for(self, indices: np.ndarray) -> np.ndarray | None:
-        """Image i's class, `labels[i % len(labels)]` (int32, host), or None (unconditional)."""
+        """Image i's class (or caption tokens), `labels[i % len(labels)]` (int32, host), or None."""
         return cycle_labels(self.labels, indices)
 
 
-def cycle_labels(labels: Sequence[int] | None, indices: np.ndarray) -> np.ndarray | None:
-    """`labels[i % len(labels)]` for each image index i (int32), or None when labels is None."""
+def cycle_labels(labels: Sequence[int] | np.ndarray | None, indices: np.ndarray) -> np.ndarray | None:
+    """`labels[i % len(labels)]` (a row of [K, L] tokens, or a class) for each image index i (int32),
+    or None when labels is None."""
     if labels is None:
         return None
     return np.asarray(labels, np.int32)[np.asarray(indices, np.int64) % len(labels)]

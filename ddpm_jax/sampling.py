@@ -163,7 +163,7 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
            spacing: str | None = None, var_type: str = "fixedlarge", clip_denoised: bool = True,
            pred: str = "eps", x_start=None, start_step: int | None = None,
            trajectory_every: int = 0, labels: jnp.ndarray | None = None, guidance_scale: float = 0.0,
-           null_label: int | None = None) -> SampleOutput:
+           null_label: int | tuple[int, ...] | None = None) -> SampleOutput:
     """Draws len(indices) samples with one `lax.scan` over the reverse steps.
 
     apply_fn(params, x_t, t) → model output, t an int32 [B]. `shape` is ONE example's shape,
@@ -183,8 +183,9 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
     trajectory_every=n > 0 keeps x and x̂_0 after every n-th step (an outer scan over chunks of
     n steps, so only those frames are stored).
     labels int [B] (aligned with indices) conditions a class-conditional network, called as
-    apply_fn(params, x_t, t, labels); guidance_scale w > 0 is classifier-free guidance
-    (1 + w) ε(x, c) − w ε(x, ∅) with ∅ = null_label, both in one batched call (`guidance.py`).
+    apply_fn(params, x_t, t, labels), or int [B, L] a text-conditional one (caption tokens);
+    guidance_scale w > 0 is classifier-free guidance (1 + w) ε(x, c) − w ε(x, ∅) with ∅ =
+    null_label (the null class, or the null caption's row [L]), both in one batched call (`guidance.py`).
     Every argument but params, sched, indices, x_start, labels (and seed) must be static under jit.
     """
     T = sched.num_timesteps
@@ -216,8 +217,9 @@ def sample(apply_fn: Callable, params, sched: Schedule, *, shape: tuple, indices
     else:
         ts, t_prevs = _plan(method, T, int(k), num_steps, spacing or "leading")
 
-    if labels is not None and tuple(jnp.shape(labels)) != (B,):
-        raise ValueError(f"labels must be an int array [len(indices)] = [{B}], got shape {jnp.shape(labels)}.")
+    if labels is not None and (jnp.ndim(labels) not in (1, 2) or jnp.shape(labels)[0] != B):
+        raise ValueError(f"labels must be an int array [len(indices)] = [{B}] (or caption tokens [{B}, L]), "
+                         f"got shape {jnp.shape(labels)}.")
     # The network as model_fn(x_t, t), labels and guidance applied: every method's steps call this.
     model_fn = guidance.model_fn(apply_fn, params, labels=labels, guidance_scale=guidance_scale,
                                  null_label=null_label, var_type=var_type)

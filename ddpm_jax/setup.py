@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zlib
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from ddpm_jax import checkpointing, data, parallel, sampler, schedules, solvers, timestep_sampler
-from ddpm_jax.data import latents
-from ddpm_jax.models import build_model
+from ddpm_jax.data import captions, latents
+from ddpm_jax.models import build_model, text
 from ddpm_jax.run_meta import RunMeta, model_spec, schedule_spec
 from ddpm_jax.train_state import TrainState, create_optimizer
 
@@ -63,11 +65,15 @@ def create_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
 
 
 def model_apply_fn(model: nn.Module) -> Callable:
-    """(params, x_t, t, y=None) -> model output, in eval mode (no dropout); y: class labels [B]."""
+    """(params, x_t, t, y=None) -> model output, in eval mode (no dropout); y: the conditioning rows,
+    class labels [B] or, for a U-Net with a text encoder, caption tokens [B, L]."""
+    text = bool(getattr(model, "vocab_size", 0))
 
     def apply_fn(params, x, t, y=None):
         if y is None:  # unconditional networks (and the MLP) take no labels
             return model.apply({"params": params}, x, t, train=False)
+        if text:
+            return model.apply({"params": params}, x, t, tokens=y, train=False)
         return model.apply({"params": params}, x, t, y=y, train=False)
 
     return apply_fn
@@ -183,6 +189,8 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None 
         raise FileNotFoundError(
             f"no checkpoint in {workdir}; train first (--mode=train) or convert a released "
             "checkpoint (python -m ddpm_jax.convert) into this workdir.")
+    if text_conditioned(config):  # the captions must be encoded with the vocabulary it was trained on
+        captions.check_saved_tokenizer(str(workdir), captions.tokenizer_for(config.data))
     template = abstract_params(run.model, run.shape, run.mesh)
     check = lambda stored: run.meta.check_matches(RunMeta.from_dict(stored), str(workdir))  # noqa: E731
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
@@ -217,13 +225,52 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
     return int(config.model.get("num_classes", 0))
 
 
+def text_conditioned(config: ml_collections.ConfigDict) -> bool:
+    """A captioned run (`data.captions`): the U-Net reads caption tokens through its text encoder."""
+    return bool(config.data.get("captions", False))
+
+
+def null_condition(config: ml_collections.ConfigDict) -> int | tuple[int, ...] | None:
+    """The conditioning of the unconditional branch (guidance, label dropout): the null class, or the
+    null caption's tokens [context_length]; None for an unconditional model."""
+    if text_conditioned(config):
+        return tuple(int(i) for i in text.null_tokens(1, int(config.model.context_length))[0])
+    return num_classes(config) or None
+
+
 def guidance_options(config: ml_collections.ConfigDict) -> dict:
     """`sampling.sample`'s guidance_scale and null_label for a conditional model; {} otherwise
     (so an unconditional run's options, and the eval meta that stores them, stay as before)."""
-    if not num_classes(config):
+    if null_condition(config) is None:
         return {}
-    return dict(guidance_scale=float(config.sampling.get("guidance_scale", 0.0)),
-                null_label=num_classes(config))
+    return dict(guidance_scale=float(config.sampling.get("guidance_scale", 0.0)), null_label=null_condition(config))
+
+
+def sampler_conditions(config: ml_collections.ConfigDict) -> np.ndarray | tuple[int, ...] | None:
+    """What the sampler cycles over image indices: the classes of `sampling.labels`, or a captioned
+    run's `sampling.captions` as tokens int32 [K, context_length] (a caption longer than the
+    context is a one-line error); None: an unconditional model."""
+    if not text_conditioned(config):
+        return sampler_labels(config)
+    spec = captions.sampling_captions(config.sampling.get("captions", ""), config.data)
+    return captions.tokenizer_for(config.data).encode(spec, int(config.model.context_length))[0]
+
+
+def sampled_captions(config: ml_collections.ConfigDict, indices: np.ndarray) -> list[str] | None:
+    """The caption of each image `indices` of a captioned run (`sampling.captions` cycled); None otherwise."""
+    if not text_conditioned(config):
+        return None
+    spec = captions.sampling_captions(config.sampling.get("captions", ""), config.data)
+    return [spec[int(i) % len(spec)] for i in indices]
+
+
+def asked_classes(config: ml_collections.ConfigDict, indices: np.ndarray) -> np.ndarray | None:
+    """The class each image `indices` was asked for: its label, or the digit its caption names
+    (MNIST captions); None when unconditional or when a caption names no single digit."""
+    if not text_conditioned(config):
+        return sampler.cycle_labels(sampler_labels(config), indices)
+    named = [captions.named_class(c) for c in sampled_captions(config, indices)]
+    return None if None in named else np.asarray(named, np.int32)
 
 
 def sampler_labels(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
@@ -245,7 +292,8 @@ def sampler_labels(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
 def sampler_tag(config: ml_collections.ConfigDict) -> str:
     """A file-name part naming the sampler of `config.sampling`: ``ddpm``, ``ddim50``, ``ddim50eta0.5``,
     the few-step solvers by method, steps N and spacing: ``dpmpp_2m20-logsnr``, ``heun18-karras`` (NFE 35);
-    a conditional model's labels and guidance follow: ``ddpm_yall_w2``, ``ddim50_y3-5``, ``ddpm_null``."""
+    a conditional model's labels and guidance follow: ``ddpm_yall_w2``, ``ddim50_y3-5``, ``ddpm_null``; a
+    captioned run's captions: ``ddpm_cnull``, ``ddpm_cevalsplit_w3``, ``ddpm_c1a2b3c4d`` (crc32 of the list)."""
     s, method = config.sampling, str(config.sampling.method)
     tag = f"{method}{int(s.ddim_steps)}" if method == "ddim" else method
     if method in solvers.METHODS:
@@ -258,8 +306,16 @@ def sampler_tag(config: ml_collections.ConfigDict) -> str:
     if num_classes(config):
         labels = str(s.get("labels", "")).strip()
         tag += "_null" if not labels else "_y" + labels.replace(",", "-").replace(" ", "")
-        if float(s.get("guidance_scale", 0.0)):
-            tag += f"_w{float(s.guidance_scale):g}"
+    if text_conditioned(config):  # literal captions by a checksum: a tag stays a short file name
+        spec = str(s.get("captions", "")).strip()
+        if not spec:
+            tag += "_cnull"
+        elif spec == captions.EVAL_SPLIT_CAPTIONS:
+            tag += "_cevalsplit"
+        else:
+            tag += f"_c{zlib.crc32(spec.encode()):08x}"
+    if null_condition(config) is not None and float(s.get("guidance_scale", 0.0)):
+        tag += f"_w{float(s.guidance_scale):g}"
     return tag
 
 
@@ -271,7 +327,7 @@ def make_sampler(run: Run, config: ml_collections.ConfigDict, *, mesh: Mesh | No
 
     `overrides` replace the config's options (e.g. `trajectory_every=10`, `start_step=k`).
     """
-    options = dict(seed=int(config.sampling.seed), labels=sampler_labels(config), **sampler_options(config))
+    options = dict(seed=int(config.sampling.seed), labels=sampler_conditions(config), **sampler_options(config))
     options.update(overrides)
     decode = None if run.codec is None else (run.codec.decode_fn, run.codec.params)
     return sampler.Sampler(run.apply_fn, run.sched, run.mesh if mesh is None else mesh, shape=run.shape,

@@ -35,7 +35,9 @@ from absl import logging
 
 from ddpm_jax import (checkpointing, checks, data, diffusion, files, guidance, imaging, metrics, parallel,
                       preemption, sampler, schedules, setup, timestep_sampler, workdir_lock)
+from ddpm_jax.data import captions
 from ddpm_jax.evaluation import bpd
+from ddpm_jax.models import text
 from ddpm_jax.run_meta import RunMeta
 from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
 
@@ -66,16 +68,19 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         raise ValueError(f"training.dispatch_loop={loop!r} is unknown; use one of {DISPATCH_LOOPS}.")
     # XLA:CPU runs convolution gradients inside a while loop (scan) ~25x slower than outside it.
     use_scan = loop == "scan" or (loop == "auto" and jax.default_backend() != "cpu")
-    num_classes = setup.num_classes(config)
+    # The conditioning (class labels "y" or caption tokens), some replaced by the null one in training.
+    cond_key = "tokens" if setup.text_conditioned(config) else "y"
+    null = setup.null_condition(config)
     label_dropout = float(config.training.get("label_dropout", 0.0))
 
     def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step_key = jax.random.fold_in(base_key, state.step)
         dropout_key, loss_key = jax.random.split(step_key)
         cond = {}
-        if num_classes:  # class-conditional: the batch's labels, some replaced by the null class
-            cond["y"] = guidance.drop_labels(batch["y"], jax.random.fold_in(step_key, _LABEL_STREAM),
-                                             label_dropout, null_label=num_classes)
+        if null is not None:  # conditional: the batch's labels / captions, some replaced by the null one
+            batch_null = null if cond_key == "y" else text.null_tokens(1, batch["tokens"].shape[1])[0]
+            cond[cond_key] = guidance.drop_labels(batch[cond_key], jax.random.fold_in(step_key, _LABEL_STREAM),
+                                                  label_dropout, null_label=batch_null)
         # t (uniform, or importance-sampled with weights) and ε: loss_simple's draws from loss_key.
         t_key, noise_key = jax.random.split(loss_key)
         x0 = batch["x"]
@@ -147,6 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     parallel.initialize(config.get("distributed"))
     mesh = parallel.make_mesh()
     checks.validate_config(config, mesh)
+    if setup.text_conditioned(config):  # a workdir of another caption vocabulary: refused before any write
+        captions.check_saved_tokenizer(workdir, captions.tokenizer_for(config.data))
     run = setup.create_run(config, mesh)  # warns if abar_T > 1e-2
     template = setup.abstract_train_state(config, run.model, run.shape, mesh)
     # An unprepared dataset stops here, before the workdir is touched or anything compiles.
@@ -177,6 +184,9 @@ class _TrainingLoop:
         try:
             self.state, self.tx, self.buffer = self._restore_or_init(template)
             metrics.write_config(config, workdir)  # only now: a refused run leaves the old config.json
+            if setup.text_conditioned(config):  # sampling encodes captions with this vocabulary
+                captions.check_saved_tokenizer(workdir, captions.tokenizer_for(config.data),
+                                               save=jax.process_index() == 0)
         except BaseException:
             self.ckpt.close()
             raise
@@ -308,6 +318,7 @@ class _SampleGrids:
     """The periodic EMA sample grid: `workdir/samples/step_<k>.png` and TensorBoard."""
 
     def __init__(self, config, run: setup.Run, writer: metrics.MetricWriter, workdir: str):
+        self.config = config
         self.sampler = setup.make_sampler(run, config)
         self.num, self.batch = int(config.training.num_grid_samples), int(config.sampling.batch_size)
         self.writer, self.workdir = writer, workdir
@@ -320,7 +331,7 @@ class _SampleGrids:
 
     def write(self, ema_params, step: int) -> None:
         out = sampler.generate(self.sampler, ema_params, num_samples=self.num, batch_size=self.batch)
-        labels = self.sampler.labels_for(np.arange(self.num))  # conditional: one row per class
+        labels = setup.asked_classes(self.config, np.arange(self.num))  # conditional: one row per class
         picture = (imaging.grid_image(out.samples, self.reference, title=f"EMA samples, step {step}")
                    if labels is None else imaging.class_grid(out.samples, labels))
         if jax.process_index() == 0:

@@ -41,14 +41,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Sequence
+from types import SimpleNamespace
+from typing import Any, Sequence
 
 import numpy as np
 
 from ddpm_jax import files
-from ddpm_jax.data import mnist
+from ddpm_jax.data import folder, mnist
 from ddpm_jax.data.base import Source
 from ddpm_jax.models.text import Tokenizer
+from ddpm_jax.models.text import words as text_words
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 INK_LEVEL = 0.5  # A pixel is ink at half intensity or more.
@@ -162,6 +164,50 @@ def mnist_captions(split: str) -> list[str]:
     return list(_mnist_captions(split))
 
 
+CAPTIONED_SOURCES = ("mnist", "folder")
+EVAL_SPLIT_CAPTIONS = "eval_split"  # sampling.captions: the eval split's captions, example i for image i
+
+
+def split_captions(cfg: Any, split: str, pixels: Source | None = None) -> list[str]:
+    """The captions of ``config.data``'s ``split``, aligned with its examples (``pixels``: a folder's
+    source, which read them beside its images)."""
+    if cfg.source == "mnist":
+        return mnist_captions(split)
+    if cfg.source == "folder":
+        if pixels is None:
+            return folder.read_captions(folder.list_images(cfg.path))
+        return list(pixels.captions)
+    raise ValueError(f"data.captions needs captioned data (data.source one of {CAPTIONED_SOURCES}), but "
+                     f"data.source={cfg.source!r}; set --config.data.captions=False.")
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(source: str, path: str, train_split: str) -> Tokenizer:
+    cfg = SimpleNamespace(source=source, path=path)
+    return Tokenizer.build(split_captions(cfg, train_split))
+
+
+def tokenizer_for(cfg: Any) -> Tokenizer:
+    """The vocabulary of a text-conditioned run: the words of ``config.data``'s training captions
+    (deterministic, so training and sampling build the same one; training also saves it)."""
+    return _tokenizer(str(cfg.source), str(cfg.path), str(cfg.train_split))
+
+
+def named_class(caption: str) -> int | None:
+    """The digit an MNIST caption names (its one digit word), or None (no digit word, or several)."""
+    found = [DIGIT_WORDS.index(w) for w in text_words(caption) if w in DIGIT_WORDS]
+    return found[0] if len(found) == 1 else None
+
+
+def sampling_captions(spec: str, cfg: Any) -> list[str]:
+    """``sampling.captions`` as a list: '' -> [""] (the null caption), 'a|b' -> ["a", "b"],
+    'eval_split' -> the captions of ``data.eval_split`` in order."""
+    spec = str(spec).strip()
+    if spec == EVAL_SPLIT_CAPTIONS:
+        return split_captions(cfg, str(cfg.eval_split))
+    return [" ".join(c.split()) for c in spec.split("|")] if spec else [""]
+
+
 class CaptionedSource(Source):
     """``source`` with each example's caption as token ids: ``example(i)["tokens"]`` int32 [L].
 
@@ -170,12 +216,15 @@ class CaptionedSource(Source):
     through shuffling, host sharding, padding (all ``<pad>``: the fully masked context) and resume.
     """
 
-    def __init__(self, source: Source, captions: Sequence[str], tokenizer: Tokenizer, context_length: int):
+    def __init__(self, source: Source, captions: Sequence[str], tokenizer: Tokenizer,
+                 context_length: int | None = None):
         if len(captions) != len(source):
             raise ValueError(f"{len(captions)} captions for {len(source)} examples; give one caption per example.")
         self.source = source
         self.captions = list(captions)
-        self.tokens, _ = tokenizer.encode(self.captions, context_length)
+        # Padded to the split's longest caption: the encoder masks padding, so the length is free.
+        longest = max((len(tokenizer.ids(c)) for c in self.captions), default=1)
+        self.tokens, _ = tokenizer.encode(self.captions, longest if context_length is None else context_length)
         self.num_classes = source.num_classes
         self.labels = source.labels
 
@@ -192,10 +241,30 @@ class CaptionedSource(Source):
         indices = np.asarray(indices, dtype=np.int64)
         return {**self.source.read(indices), "tokens": self.tokens[indices]}
 
+    def flip_rows(self, batch: dict[str, np.ndarray], indices: np.ndarray, flips: np.ndarray) -> None:
+        # The caption is not mirrored: keep data.random_flip off where captions say left or right (MNIST's).
+        self.source.flip_rows(batch, indices, flips)
+
 
 def save_tokenizer(workdir: str, tokenizer: Tokenizer) -> str:
     """Writes ``workdir/tokenizer.json`` atomically (the vocabulary sampling must reuse)."""
     return files.write_text(os.path.join(workdir, TOKENIZER_FILE), tokenizer.to_json() + "\n")
+
+
+def check_saved_tokenizer(workdir: str, tokenizer: Tokenizer, *, save: bool = False) -> None:
+    """Refuses (one line) a workdir whose saved vocabulary is not ``tokenizer``; with ``save``, writes
+    it where there is none yet (a training run's first start)."""
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        if save:
+            save_tokenizer(workdir, tokenizer)
+        return
+    saved = load_tokenizer(workdir)
+    if saved != tokenizer:
+        extra = sorted(set(tokenizer.vocab) ^ set(saved.vocab))[:3]
+        raise ValueError(f"{workdir} was trained on captions with another vocabulary ({saved.vocab_size} ids in "
+                         f"{path}, {tokenizer.vocab_size} from data's captions; e.g. {extra}); use the data it was "
+                         "trained on or a fresh --workdir.")
 
 
 def load_tokenizer(workdir: str) -> Tokenizer:

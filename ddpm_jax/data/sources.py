@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from ddpm_jax.data import folder as folder_lib
-from ddpm_jax.data import latents, mnist, tfds_source
+from ddpm_jax.data import captions, latents, mnist, tfds_source
 # Names defined in base / folder / imagefit, importable from here as before they moved.
 from ddpm_jax.data.base import ArraySource, RepeatedSource, Source
 from ddpm_jax.data.folder import IMAGE_EXTENSIONS, FolderSource, list_images  # noqa: F401
@@ -75,6 +75,9 @@ def validate_config(cfg: Any) -> None:
         raise ValueError(
             f"Unknown data.source {source!r}: use one of {', '.join(SOURCE_NAMES)}."
         )
+    if cfg.get("captions", False) and source not in captions.CAPTIONED_SOURCES:
+        raise ValueError(f"data.captions needs captioned data (data.source one of {', '.join(captions.CAPTIONED_SOURCES)}), "
+                         f"but data.source={source!r}; set --config.data.captions=False.")
     if source == "toy2d":
         if latents.latents_from(cfg):
             raise ValueError(f"data.latents_from={latents.latents_from(cfg)!r} needs an image source, not "
@@ -219,12 +222,15 @@ def load_picture(path: str, size: int, channels: int) -> np.ndarray:
 
 def load_source(cfg: Any, split: str) -> Source:
     """The random-access source of ``split`` for ``config.data`` (see the module docstring)."""
-    src = load_pixel_source(cfg, split)
-    if not latents.latents_from(cfg):
-        return src
-    latents.checked_info(cfg)
-    key = source_fingerprint(cfg, split, len(src))
-    return latents.LatentSource(src, latents.latents_from(cfg), key, flip=bool(cfg.random_flip))
+    pixels = load_pixel_source(cfg, split)
+    src = pixels
+    if latents.latents_from(cfg):
+        latents.checked_info(cfg)
+        key = source_fingerprint(cfg, split, len(pixels))
+        src = latents.LatentSource(pixels, latents.latents_from(cfg), key, flip=bool(cfg.random_flip))
+    if cfg.get("captions", False):  # every example carries its caption's tokens as "tokens"
+        src = captions.CaptionedSource(src, captions.split_captions(cfg, split, pixels), captions.tokenizer_for(cfg))
+    return src
 
 
 def load_pixel_source(cfg: Any, split: str) -> Source:
@@ -252,8 +258,8 @@ def load_pixel_source(cfg: Any, split: str) -> Source:
         count = int(cfg.repeat_single_image) if split == cfg.train_split else 1
         return RepeatedSource(load_picture(cfg.path, size, channels), count)
     if source == "folder":
-        return folder_lib.load_folder(cfg.path, size, channels,
-                                      skip_bad=bool(cfg.get("skip_bad_images", False)))
+        return folder_lib.load_folder(cfg.path, size, channels, skip_bad=bool(cfg.get("skip_bad_images", False)),
+                                      captions=bool(cfg.get("captions", False)))
     return tfds_source.TfdsSource(
         cfg.tfds_name, split, data_dir=cfg.tfds_data_dir or None, size=size, channels=channels
     )

@@ -141,9 +141,9 @@ class BpdAccumulator:
 
 def bpd_over_batches(bpd_fn: Callable, params: Any, batches: Iterable[dict], mesh, *,
                      num_timesteps: int, global_batch: int, limit: int, process_index: int = 0,
-                     process_count: int = 1, progress: bool = False, conditional: bool = False) -> dict:
-    """Averages ``bpd_fn`` over an eval iterator's host batches (dicts ``x``, ``mask``; ``y``
-    the true labels, given to ``bpd_fn`` when ``conditional``).
+                     process_count: int = 1, progress: bool = False, cond_key: str | None = None) -> dict:
+    """Averages ``bpd_fn`` over an eval iterator's host batches (dicts ``x``, ``mask``; the true
+    conditioning, ``batch[cond_key]``: labels ``y`` or caption ``tokens``, given to ``bpd_fn``).
 
     Global batch k holds examples [k·global_batch, (k+1)·global_batch), host p its p-th
     block (``data.create_eval_iterator``'s layout); examples with index ≥ ``limit`` and
@@ -165,7 +165,7 @@ def bpd_over_batches(bpd_fn: Callable, params: Any, batches: Iterable[dict], mes
             idx_global = parallel.host_to_global(host_idx.astype(np.int32), mesh)
             x_global = parallel.host_to_global(x, mesh)
             mask_global = parallel.to_host(parallel.host_to_global(host_mask & (host_idx < limit), mesh))
-            labels = parallel.host_to_global(np.asarray(batch["y"], np.int32), mesh) if conditional else None
+            labels = parallel.host_to_global(np.asarray(batch[cond_key], np.int32), mesh) if cond_key else None
             out = parallel.to_host(bpd_fn(params, x_global, idx_global, labels))
             acc.update(out, mask_global)
             bar.update(int(min(lo + global_batch, limit) - lo))
@@ -202,13 +202,14 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, model, sched: S
                          clip_denoised=clip)
     it = data.create_eval_iterator(config.data, split, batch_size=global_batch,
                                    process_index=jax.process_index(), process_count=jax.process_count())
+    cond_key = "tokens" if setup.text_conditioned(config) else "y" if setup.num_classes(config) else None
     start = time.time()
     result = bpd_over_batches(bpd_fn, params, it, mesh, num_timesteps=sched.num_timesteps,
                               global_batch=global_batch, limit=limit,
                               process_index=jax.process_index(), process_count=jax.process_count(),
-                              progress=progress, conditional=bool(setup.num_classes(config)))
-    if setup.num_classes(config):  # the bound of -log p(x | y), each image given its true class
-        result["given"] = "true labels"
+                              progress=progress, cond_key=cond_key)
+    if cond_key:  # the bound of -log p(x | c), each image given its true class or caption
+        result["given"] = "true labels" if cond_key == "y" else "true captions"
     result.update(split=split, seconds=time.time() - start, num_timesteps=sched.num_timesteps,
                   var_type=str(config.diffusion.var_type), clip_denoised=clip, seed=int(config.seed))
     return label_latent(result, data.latents_from(config.data))

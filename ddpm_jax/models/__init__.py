@@ -26,10 +26,9 @@ def build_model(name: str, **kwargs) -> nn.Module:
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(f"unknown {name} arguments {unknown}; accepted: {list(allowed)}.")
-    if "ch_mult" in kwargs:
-        kwargs["ch_mult"] = tuple(kwargs["ch_mult"])
-    if "attn_resolutions" in kwargs:
-        kwargs["attn_resolutions"] = tuple(kwargs["attn_resolutions"])
+    for key in ("ch_mult", "attn_resolutions", "transformer_resolutions"):  # hashable: a module field
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
     return MODELS[name](**kwargs)
 
 

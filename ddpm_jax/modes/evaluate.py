@@ -40,7 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import checks, data, files, metrics, parallel, sampler, setup
+from ddpm_jax import checks, data, files, metrics, parallel, setup
 from ddpm_jax.evaluation import chunked_generation, classifier, fid, sample_quality
 from ddpm_jax.evaluation import inception_metrics as im
 from ddpm_jax.modes import require_images, say
@@ -67,8 +67,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
             out_dir, range(gen["num_chunks"]), num_samples=int(config.eval.num_samples),
             chunk_size=int(config.eval.chunk_size)))
         images = np.concatenate([im for _, im in chunks])
-        # A conditional model's samples are scored against the class each was asked for.
-        asked = sampler.cycle_labels(setup.sampler_labels(config), np.concatenate([i for i, _ in chunks]))
+        # A conditional model's samples are scored against the class each was asked for (its caption's digit).
+        asked = setup.asked_classes(config, np.concatenate([i for i, _ in chunks]))
         results["classifier"] = dict(path=classifier.resolve_path(config), **clf.info)
         results.update(sample_quality.evaluate_samples(clf, config.data, images, labels=asked))
     _write_results(step_dir, loaded.step, results)
@@ -83,6 +83,8 @@ def _generate(config: ml_collections.ConfigDict, loaded: setup.LoadedRun, step_d
                 sampler=setup.sampler_options(config))
     if setup.num_classes(config):  # which class each image was asked for
         meta["labels"] = setup.sampler_labels(config)
+    if setup.text_conditioned(config):  # which captions (the spec names them, with the data)
+        meta["captions"] = str(config.sampling.get("captions", "")).strip()
     chunked_generation.check_samples_meta(out_dir, meta)
     local_mesh = parallel.make_mesh(jax.local_devices())  # each process samples its own chunks
     gen = chunked_generation.generate_samples(

@@ -132,13 +132,21 @@ def _from_noise(config, loaded: setup.LoadedRun, out_dir: str) -> dict[str, str]
         scores = toy2d.evaluate(out.samples, config.data)
         reference = toy2d.fresh_points(config.data, str(config.data.eval_split), out.samples.shape[0])
     stem = os.path.join(out_dir, f"sample_{tag}")
-    labels = sampler_fn.labels_for(np.arange(out.samples.shape[0]))  # a conditional model's classes
-    picture = (imaging.grid_image(out.samples, reference, f"{method} samples, step {step}") if labels is None
-               else imaging.class_grid(out.samples, labels))  # one row per class
+    index = np.arange(out.samples.shape[0])
+    labels = setup.asked_classes(config, index)  # a conditional model's classes (or captions' digits)
+    captions = setup.sampled_captions(config, index)
+    if captions is not None:  # one row per caption, written beside it
+        picture = imaging.caption_grid(out.samples, captions)
+    elif labels is not None:  # one row per class
+        picture = imaging.class_grid(out.samples, labels)
+    else:
+        picture = imaging.grid_image(out.samples, reference, f"{method} samples, step {step}")
     paths = {"grid": _write_png(stem + ".png", picture)}
     arrays = {"samples": out.samples.astype(np.float32)}
     if labels is not None:
         arrays["labels"] = labels
+    if captions is not None:
+        arrays["captions"] = np.asarray(captions)
     if not toy:
         arrays["images"] = imaging.to_uint8(out.samples)
     paths["npz"] = _write_npz(stem + ".npz", **arrays)
