@@ -12,9 +12,11 @@ Commands:
     python -m ddpm_jax.main --config=configs/mnist_text.py --workdir=workdirs/mnist_text --mode=sample \
         --config.sampling.guidance_scale=3
 
-Hardware and time: a 2-core CPU; the transformers and the text encoder add to configs/mnist.py's
-step time. Expected result: not measured yet (the full run and the guidance sweep are the part of
-issue 17 still open); the wiring is tested on a tiny model by tests/test_text_conditioning.py.
+Hardware and time: a 2-core CPU. Measured (docs/text_conditioning.md) at 1,600 steps only
+(--config.training.num_steps=1600: 2,004 s at load 4-5, beside other jobs), 500 samples per w with
+SDE-DPM-Solver++(2M) 20 steps and eval_split captions: the digit the caption names is drawn
+0.488 / 0.684 / 0.824 of the time for w = 0 / 1 / 3 (real test digits: 0.982), recall 0.88 -> 0.65,
+Fréchet distance 18-21x its floor; the full 3,200 steps were not run.
 """
 
 from configs import mnist
