@@ -100,6 +100,10 @@ def test_bad_image_size_is_one_line():
     config.autoencoder.loss = "l3"
     with pytest.raises(ValueError, match="autoencoder.loss='l3'"):
         ae_mode.check_config(config)
+    config = _tiny_config()
+    config.data.latents_from = "workdirs/some_autoencoder"  # need not exist: refused before it is read
+    with pytest.raises(ValueError, match=r"trains on the images, but data.latents_from='workdirs/some_autoencoder'"):
+        ae_mode.check_config(config)
 
 
 def test_main_refuses_a_bad_image_size_in_one_line(tmp_path):

@@ -72,6 +72,9 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """One-line ValueError naming the field, before anything is written or compiled."""
+    if data.latents_from(config.data):  # an autoencoder is trained on images, never on latents
+        raise ValueError(f"--mode=train_autoencoder trains on the images, but data.latents_from="
+                         f"{data.latents_from(config.data)!r} gives latents; set --config.data.latents_from=''.")
     shape = tuple(data.example_shape(config.data))
     require_images(shape, config.data.source, "train_autoencoder")
     ae = config.autoencoder
