@@ -24,39 +24,27 @@ parameters (counted with jax.eval_shape on 32x32x4; LDM's Table 14 lists 274M fo
 NOT run here (the development machine is a 2-core CPU): no time or result is claimed.
 """
 
-from configs import base
+from configs import celebahq256
 
 
 def get_config():
-    config = base.get_config()
-    config.data.source = "tfds"
-    config.data.tfds_name = "celeb_a_hq/256"
-    config.data.train_split = "train"
-    config.data.eval_split = "train"
-    config.data.image_size = 256
-    config.data.num_channels = 3
-    config.data.random_flip = True
+    config = celebahq256.get_config()  # the data (tfds celeb_a_hq/256, flips) and the paper's EMA
     config.data.latents_from = "runs/sd_vae"  # python -m ddpm_jax.convert --autoencoder-kl ... --out runs/sd_vae
 
     config.model.ch = 224
     config.model.ch_mult = (1, 2, 3, 4)  # 32, 16, 8, 4
-    config.model.num_res_blocks = 2
     config.model.attn_resolutions = (16, 8, 4)
-    config.model.dropout = 0.0
     config.model.dtype = "bfloat16"
 
     config.diffusion.schedule = "quadratic"
     config.diffusion.beta_start = 0.0015
     config.diffusion.beta_end = 0.0195
-    config.diffusion.var_type = "fixedsmall"
 
     config.optim.lr = 9.6e-5
     config.optim.warmup_steps = 1000
-    config.optim.ema_decay = 0.9999
 
     config.training.batch_size = 48
     config.training.num_steps = 410_000
-    config.training.num_grid_samples = 16
     config.sampling.batch_size = 48
     config.eval.batch_size = 48
     return config
