@@ -206,8 +206,8 @@ def check_conditional_training(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"training.label_dropout={p:g} must lie in [0, 1] (0.1 as Ho & Salimans 2022).")
     if setup.text_conditioned(config):
         length = int(config.model.context_length)
-        train = captions.split_captions(config.data, str(config.data.train_split))
-        too_long = [c for c in train if len(captions.tokenizer_for(config.data).ids(c)) > length]
+        train, tokenizer = captions.split_captions(config.data, str(config.data.train_split)), captions.tokenizer_for(config.data)
+        too_long = [c for c in train if len(tokenizer.ids(c)) > length]
         if too_long:
             raise ValueError(f"{len(too_long)} training caption(s) have more than model.context_length={length} words "
                              f"(e.g. {too_long[0]!r}); raise --config.model.context_length.")

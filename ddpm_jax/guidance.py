@@ -45,8 +45,14 @@ def combine(out_cond: jnp.ndarray, out_uncond: jnp.ndarray, guidance_scale) -> j
 
 
 def null_rows(labels: jnp.ndarray, null_label) -> jnp.ndarray:
-    """`null_label` (a class index, or a caption's token row [L]) repeated for every row of `labels`."""
-    return jnp.broadcast_to(jnp.asarray(null_label, jnp.int32), jnp.shape(labels))
+    """`null_label` (a class index, or the null caption's token row) repeated for every row of `labels`.
+
+    A token row is cut to the labels' length: past the `<null>` token it is padding, which the
+    text encoder masks, so a batch padded to its longest caption gets the same null caption."""
+    null = jnp.asarray(null_label, jnp.int32)
+    if null.ndim:
+        null = null[:jnp.shape(labels)[-1]]
+    return jnp.broadcast_to(null, jnp.shape(labels))
 
 
 def drop_labels(labels: jnp.ndarray, key: jax.Array, probability: float, null_label) -> jnp.ndarray:

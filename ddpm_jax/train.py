@@ -37,7 +37,6 @@ from ddpm_jax import (checkpointing, checks, data, diffusion, files, guidance, i
                       preemption, sampler, schedules, setup, timestep_sampler, workdir_lock)
 from ddpm_jax.data import captions
 from ddpm_jax.evaluation import bpd
-from ddpm_jax.models import text
 from ddpm_jax.run_meta import RunMeta
 from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
 
@@ -78,9 +77,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         dropout_key, loss_key = jax.random.split(step_key)
         cond = {}
         if null is not None:  # conditional: the batch's labels / captions, some replaced by the null one
-            batch_null = null if cond_key == "y" else text.null_tokens(1, batch["tokens"].shape[1])[0]
             cond[cond_key] = guidance.drop_labels(batch[cond_key], jax.random.fold_in(step_key, _LABEL_STREAM),
-                                                  label_dropout, null_label=batch_null)
+                                                  label_dropout, null_label=null)
         # t (uniform, or importance-sampled with weights) and ε: loss_simple's draws from loss_key.
         t_key, noise_key = jax.random.split(loss_key)
         x0 = batch["x"]
