@@ -11,9 +11,13 @@ import time
 import pytest
 
 LAUNCH = pathlib.Path(__file__).resolve().parent.parent / "launch"
-# A stand-in interpreter: appends its arguments (one per line, then a blank line) to $ARGV_LOG.
+# A stand-in interpreter: records its arguments (one per line) in a file of its own under the
+# folder $ARGV_LOG, named by the time of the call, so that processes started together cannot
+# interleave their records.
 FAKE_PYTHON = """#!/usr/bin/env bash
-printf '%s\\n' "$@" "" >> "$ARGV_LOG"
+mkdir -p "$ARGV_LOG"
+printf '%s\\n' "$@" > "$ARGV_LOG/.$$"
+mv "$ARGV_LOG/.$$" "$ARGV_LOG/$(date +%s%N).$$"
 echo "fake python ran"
 """
 
@@ -40,7 +44,8 @@ def _calls(log: pathlib.Path) -> list[list[str]]:
     """The argument lists the fake interpreter was called with, in order."""
     if not log.exists():
         return []
-    return [block.split("\n") for block in log.read_text().split("\n\n") if block.strip()]
+    records = sorted(log.glob("[0-9]*"), key=lambda path: int(path.name.split(".")[0]))
+    return [path.read_text().splitlines() for path in records]
 
 
 def test_gpu_workstation_dry_run_runs_main_with_all_flags():
@@ -110,7 +115,7 @@ def test_bad_options_fail_with_one_line(script, args, message):
 # ---- the interpreter ----------------------------------------------------------------------------
 
 def test_every_script_runs_the_python_given_in_PYTHON(tmp_path):
-    log = tmp_path / "argv.log"
+    log = tmp_path / "argv"
     fake = _fake_python(tmp_path / "bin" / "python")
     env = _env(PYTHON=str(fake), ARGV_LOG=str(log))
     out = _run("gpu_workstation.sh", "--config=configs/cifar10.py", f"--workdir={tmp_path / 'w'}",
@@ -125,7 +130,7 @@ def test_every_script_runs_the_python_given_in_PYTHON(tmp_path):
 
 
 def test_local_multiprocess_runs_PYTHON_and_prints_log_paths_that_exist(tmp_path):
-    log = tmp_path / "argv.log"
+    log = tmp_path / "argv"
     fake = _fake_python(tmp_path / "bin" / "python")
     workdir = tmp_path / "run"
     out = _run("local_multiprocess.sh", "--processes=2", "--devices=3", "--port=23456",
@@ -167,7 +172,7 @@ def repo_copy(tmp_path):
 
 
 def test_without_PYTHON_the_repository_venv_is_preferred(repo_copy, tmp_path):
-    log = tmp_path / "argv.log"
+    log = tmp_path / "argv"
     venv_python = _fake_python(repo_copy / ".venv" / "bin" / "python")
     env = _env(ARGV_LOG=str(log))
     out = _run("gpu_workstation.sh", "--config=configs/digits.py", "--workdir=w", launch=repo_copy / "launch",
