@@ -129,7 +129,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Few-step solvers (method dpmpp_2m | dpmpp_3m | sde_dpmpp_2m | heun; docs/samplers.md):
     sampling.solver_steps = 20  # Timesteps N the solver evaluates: N network calls (Heun: 2N - 1).
     sampling.solver_spacing = ""  # time_uniform | logsnr | karras ("" = logsnr; heun: karras)
-    sampling.clip_denoised = True  # Clip the predicted x0 to [-1, 1].
+    sampling.clip_denoised = True  # Clip the predicted x0 to [-1, 1] (pixels only: latents are never clipped).
     sampling.seed = 0  # Image i depends only on (seed, i).
     sampling.trajectory_every = 0  # Keep x_t and predicted x0 every n steps, write a GIF (0 = off).
     sampling.init_image = ""  # Partial denoising: the image to noise and denoise ...
@@ -158,7 +158,7 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.fid_stats = ""  # Reference statistics (.npz with mu, sigma), local path.
     evaluation.bpd_num_examples = 0  # Test examples for bits/dim (0 = the whole split).
     evaluation.bpd_batch_size = 256
-    evaluation.bpd_clip_denoised = True  # Clip predicted x0 in the bound (official calc_bpd_loop).
+    evaluation.bpd_clip_denoised = True  # Clip predicted x0 in the bound (official calc_bpd_loop; pixels only).
     # --mode=bpd computes: vlb (the bound, eq. (5)) | ode (exact likelihood of the probability-flow ODE,
     # Song et al. 2021b: evaluation/ode_likelihood.py) | both. Different quantities: docs/samplers.md.
     evaluation.bpd_method = "vlb"

@@ -209,10 +209,19 @@ def sampler_options(config: ml_collections.ConfigDict) -> dict:
         eta=float(s.ddim_eta),
         spacing=solver_spacing(config) if solver else str(s.ddim_spacing),
         var_type=str(config.diffusion.var_type),
-        clip_denoised=bool(s.clip_denoised),
+        clip_denoised=clips_x0(config, bool(s.clip_denoised)),
         pred=str(config.diffusion.pred),
         **guidance_options(config),
     )
+
+
+def clips_x0(config: ml_collections.ConfigDict, requested: bool) -> bool:
+    """Whether x̂_0 is clipped to [−1, 1]: as `requested` on pixels, never on latents.
+
+    Pixels live in [−1, 1]; the normalised latents of `data.latents_from` have unit variance and
+    no bound (LDM samples them unclipped), so clipping them would cut off the data itself.
+    """
+    return requested and not data.latents_from(config.data)
 
 
 def solver_spacing(config: ml_collections.ConfigDict) -> str:
@@ -302,7 +311,7 @@ def sampler_tag(config: ml_collections.ConfigDict) -> str:
         tag += f"eta{float(s.ddim_eta):g}"
     if method == "ddim" and str(s.ddim_spacing) != "leading":
         tag += f"-{s.ddim_spacing}"
-    tag = tag if bool(s.clip_denoised) else tag + "_noclip"
+    tag = tag if clips_x0(config, bool(s.clip_denoised)) else tag + "_noclip"
     if num_classes(config):
         labels = str(s.get("labels", "")).strip()
         tag += "_null" if not labels else "_y" + labels.replace(",", "-").replace(" ", "")

@@ -115,6 +115,14 @@ def test_sample_and_eval_see_decoded_images(ae_workdir, latent_workdir, tmp_path
     assert gen["images_generated"] == 8 and images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
 
 
+def test_latents_are_never_clipped_to_the_pixel_range(ae_workdir):
+    pixels, on_latents = digits.get_config(), _config(ae_workdir)
+    assert setup.sampler_options(pixels)["clip_denoised"] is True
+    assert setup.sampler_options(on_latents)["clip_denoised"] is False  # though sampling.clip_denoised=True
+    assert setup.sampler_tag(on_latents).endswith("_noclip") and "noclip" not in setup.sampler_tag(pixels)
+    assert setup.clips_x0(pixels, False) is False
+
+
 def test_the_feature_classifier_of_a_latent_run_is_the_pixel_one(ae_workdir):
     """The classifier scores decoded images: a latent run must accept the one its pixel data trained."""
     latent_cfg, pixel_cfg = _config(ae_workdir), digits.get_config()

@@ -10,7 +10,7 @@ with, in the code's 0-based timesteps (``t`` indexes the schedule tables),
   (both ``diffusion.vlb_terms_bpd``; its fixedlarge variance uses β̃_1 at t = 0, as released).
 
 This is the official ``calc_bpd_loop`` (``diffusion_utils_2.py``): one fresh x_t per
-timestep, the predicted x_0 clipped to [−1, 1] by default (``eval.bpd_clip_denoised``),
+timestep, the predicted x_0 clipped to [−1, 1] by default (``eval.bpd_clip_denoised``; pixels only),
 and the per-timestep MSE of the predicted x_0. Here the T timesteps are one
 ``lax.scan`` inside one jit-compiled program per batch, the batch is sharded over the
 ``('data',)`` mesh, and example i's noise at timestep t comes from its own key
@@ -196,7 +196,7 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, model, sched: S
     if int(ev.bpd_batch_size) < 1:
         raise ValueError(f"eval.bpd_batch_size={ev.bpd_batch_size} must be >= 1")
     global_batch = padded_batch_size(min(int(ev.bpd_batch_size), limit), mesh)
-    clip = bool(ev.get("bpd_clip_denoised", True))
+    clip = setup.clips_x0(config, bool(ev.get("bpd_clip_denoised", True)))
     bpd_fn = make_bpd_fn(apply_fn or setup.model_apply_fn(model), sched, mesh, seed=int(config.seed),
                          pred=str(config.diffusion.pred), var_type=str(config.diffusion.var_type),
                          clip_denoised=clip)
