@@ -18,10 +18,12 @@ of a second level cannot be undone by the x2 upsampling; checks.py refuses (1, 2
 ch 64, two res blocks, self-attention at 7x7 and in the middle block. Everything else
 (schedule, optimiser, batch, steps, eval) is configs/mnist.py's, so the pixel and the latent
 DDPM can be compared at matched settings (issue 17, part 4).
-Measured (docs/latent.md; 2-core CPU, load 3-4 with the test suite beside it): 3,200 steps in 650 s
-wall (5.5-5.8 steps/s); 500 decoded DDPM samples in 149.5 s; classifier fd 566 = 39.6x its floor
-(14.3), precision 0.55, recall 0.16: far behind the pixel model at the same steps (5.75x); the
-matched-time run (about 22,000 steps) is not measured yet.
+Measured (docs/latent.md, "Pixel vs latent DDPM"; the idle 2-core CPU): 8.3 steps/s (configs/mnist.py:
+2.1). Given the pixel model's 1,510 s of training (its 3,200 steps), this model ran 12,486 steps
+(--config.training.num_steps=1000000 and a SIGTERM at the budget); 500 decoded samples, DDPM (200 steps):
+classifier fd 55.8 = 3.91x its floor (14.3; the pixel model 5.56x), precision 0.72, recall 0.90, 187 s per
+1,000 samples (pixel 1,039 s); SDE-DPM-Solver++(2M) 20 calls: 3.05x, 24 s per 1,000. The autoencoder's
+168 s come on top, once. Latents are sampled without clipping x0 (setup.clips_x0).
 """
 
 import ml_collections

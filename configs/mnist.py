@@ -7,7 +7,9 @@ Command:
 
 Hardware and time: a 2-core CPU. Measured (docs/experiments.md §3): 1.22 steps/s at batch 32
 with the CPU to itself (the first minute of the run), so 3,200 steps take about 44 min plus
-compilation and grids: more than the ~30 min aimed for. The run here took 69 min for steps
+compilation and grids: more than the ~30 min aimed for. Re-measured on 2026-12-02 with the CPU
+to itself (load 1.5-2, training grids off): 3,200 steps in 1,506 s (2.1 steps/s); DDPM fd 79.5 = 5.56x
+the floor 14.3, precision 0.54, recall 0.91, 1,039 s per 1,000 samples (docs/latent.md). The run here took 69 min for steps
 0-1,600 and 37 min for 1,600-3,200 (resumed), with other jobs loading the cores (load 3-14).
 Expected result (measured; 500 samples against the 4,000 training digits, the floor the
 1,000 real test digits in two blocks of 500 against the same), at step 3,200: DDPM (200
