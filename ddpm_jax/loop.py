@@ -88,8 +88,8 @@ class Trainer:
     template: Any  # the state's shapes, dtypes and shardings: the restore target
     init: Callable[[], Any]  # the step-0 state
     meta: dict  # what each checkpoint records about the run
+    mesh: Any  # the ('data',) mesh the batches are sharded over
     check_meta: Callable[[dict | None], None] | None = None  # refuses a checkpoint of another run
-    mesh: Any = None
     started: Callable[[], None] | None = None  # once the workdir's checkpoint is accepted (config.json)
     hooks: tuple[Periodic, ...] = ()
     report: Callable[[Any, int, dict, float], None] | None = None  # (state, step, last log values, seconds)
