@@ -61,7 +61,7 @@ def train_run(config, steps: int, host_state) -> dict:
     import jax
     import numpy as np
 
-    from ddpm_jax import data, parallel, setup, train, train_state
+    from ddpm_jax import data, loop, parallel, setup, train, train_state
 
     mesh = parallel.make_mesh()
     model, sched = setup.create_model(config), setup.create_schedule(config)
@@ -75,7 +75,7 @@ def train_run(config, steps: int, host_state) -> dict:
     start = time.perf_counter()
     while done < steps:
         n = min(spd, steps - done)
-        batches, _ = train.next_dispatch(it, n, mesh)
+        batches, _ = loop.next_dispatch(it, n, mesh)
         state, metrics = step_fn(state, batches)
         losses.append(metrics["loss"])
         done += n

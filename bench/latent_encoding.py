@@ -71,7 +71,7 @@ def measure(args) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from ddpm_jax import data, imaging, parallel, setup, train
+    from ddpm_jax import data, imaging, loop, parallel, setup, train
     from ddpm_jax.data import latents
 
     config = common.load_config(args.config, args.overrides)
@@ -98,7 +98,7 @@ def measure(args) -> list[dict]:
     run = setup.create_run(config, mesh)
     state, tx = setup.create_train_state(config, run.model, run.shape, mesh)
     step_fn = train.make_train_step(config, run.model, run.sched, tx, mesh)
-    batches, _ = train.next_dispatch(it, 1, mesh)
+    batches, _ = loop.next_dispatch(it, 1, mesh)
     holder = {"state": state}
 
     def one_step():

@@ -6,7 +6,7 @@
 
 The step is the trainer's own (EMA, gradient clipping, donated state, `lax.scan` over
 `steps_per_dispatch` steps), built with `setup.create_train_state` / `make_train_step`,
-and fed exactly as `train.train_and_evaluate` feeds it: `data.create_train_iterator`
+and fed exactly as the training loop (`loop.train`) feeds it: `data.create_train_iterator`
 (grain), `steps_per_dispatch` host batches stacked and made global by
 `parallel.host_to_global`, `data.prefetch` dispatches queued ahead of the step.
 
@@ -102,7 +102,7 @@ def measure(args) -> list[dict]:
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     if args.prng_impl:
         jax.config.update("jax_default_prng_impl", args.prng_impl)
-    from ddpm_jax import checks, data, parallel, run_meta, setup, train
+    from ddpm_jax import checks, data, loop, parallel, run_meta, setup, train
 
     config, data_label = configure(args)
     devices = jax.devices()[: args.num_devices] if args.num_devices else jax.devices()
@@ -118,8 +118,8 @@ def measure(args) -> list[dict]:
     step_fn = train.make_train_step(config, model, sched, tx, mesh)
     it = data.create_train_iterator(config.data, global_batch_size=batch, seed=int(config.seed))
 
-    def next_dispatch():  # the trainer's own stacking + host_to_global
-        return train.next_dispatch(it, spd, mesh)[0]
+    def next_dispatch():  # the loop's own stacking + host_to_global
+        return loop.next_dispatch(it, spd, mesh)[0]
 
     first = next_dispatch()
     start = time.perf_counter()
@@ -157,7 +157,7 @@ def measure(args) -> list[dict]:
         if mode == "step":  # a few device-resident dispatches, rotated: no input pipeline at all
             fixed = [first] + [next_dispatch() for _ in range(3)]
             feed = lambda i: fixed[i % len(fixed)]  # noqa: E731
-        else:  # as train.train_and_evaluate: `prefetch` dispatches queued ahead of the step
+        else:  # as loop.train: `prefetch` dispatches queued ahead of the step
             queue = collections.deque()
 
             def feed(i):

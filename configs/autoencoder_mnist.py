@@ -32,25 +32,15 @@ from configs import mnist
 
 def get_config() -> ml_collections.ConfigDict:
     config = mnist.get_config()  # MNIST's data settings (28x28x1, no flip); the DDPM fields are unused here
-    config.autoencoder = ae = ml_collections.ConfigDict()
-    ae.block_out_channels = (16, 32, 32)  # One width per level; f = 2**(levels - 1) = 4.
-    ae.layers_per_block = 1  # ResNet blocks per encoder level (the decoder has one more).
-    ae.latent_channels = 4  # c: latents are [H/f, W/f, c].
-    ae.norm_num_groups = 16  # GroupNorm groups (every width must be a multiple; SD: 32).
-    ae.mid_block_add_attention = True  # Self-attention in the encoder's and decoder's middle block.
-    ae.loss = "l1"  # Reconstruction loss summed per image: l1 (LDM) | l2.
-    ae.kl_weight = 1e-6  # Weight of KL(q(z|x) || N(0, I)) (LDM's KL-f4/f8: 1e-6).
-    ae.lr = 2e-3  # Adam learning rate after warmup.
+    ae = config.autoencoder
+    ae.block_out_channels = (16, 32, 32)  # f = 4: 7x7 latents
+    ae.layers_per_block = 1
+    ae.latent_channels = 4
+    ae.norm_num_groups = 16
+    ae.lr = 2e-3
     ae.warmup_steps = 100
-    ae.beta1 = 0.9
-    ae.beta2 = 0.999
-    ae.grad_clip = 0.0  # Global-norm clipping (0 = off, as LDM; the loss is a per-image sum).
-    ae.ema_decay = 0.0  # EMA of the params (0 = none, as LDM's first stage); the EMA is what is used.
-    ae.batch_size = 16  # Global batch.
+    ae.batch_size = 16
     ae.num_steps = 2100
-    ae.log_every = 100  # Steps between metrics.jsonl lines.
-    ae.checkpoint_every = 500  # Steps between checkpoints (resume: rerun the same command).
+    ae.checkpoint_every = 500
     ae.keep_checkpoints = 2
-    ae.eval_batch_size = 250  # Batch of the scale-factor pass (training split) and the test evaluation.
-    ae.eval_classifier = True  # Classifier fd of the reconstructions beside its floor (labelled data).
     return config

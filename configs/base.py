@@ -179,6 +179,34 @@ def get_config() -> ml_collections.ConfigDict:
     figures.num_columns = 10  # Fig. 6: x0-hat at this many points of the chain.
     figures.num_examples = 0  # Fig. 5: test images in the bits/dim loop (0 = eval.bpd_num_examples).
 
+    # ---- Autoencoder (--mode=train_autoencoder): latent diffusion's first stage -------------
+    # The KL autoencoder that data.latents_from reads (ddpm_jax/modes/autoencoder.py; Rombach et al.
+    # 2022, Sec. 3.1): its own training loop settings, data from config.data.
+    config.autoencoder = autoencoder = ml_collections.ConfigDict()
+    autoencoder.block_out_channels = (128, 256, 512)  # One width per level; f = 2**(levels - 1) (LDM's KL-f4).
+    autoencoder.layers_per_block = 2  # ResNet blocks per encoder level (the decoder has one more).
+    autoencoder.latent_channels = 3  # c: latents are [H/f, W/f, c].
+    autoencoder.norm_num_groups = 32  # GroupNorm groups (every width must be a multiple of it).
+    autoencoder.mid_block_add_attention = True  # Self-attention in the encoder's and decoder's middle block.
+    autoencoder.loss = "l1"  # Reconstruction loss summed per image: l1 (LDM) | l2.
+    autoencoder.kl_weight = 1e-6  # Weight of KL(q(z|x) || N(0, I)) (LDM's KL-f4/f8: 1e-6).
+    autoencoder.lr = 1e-4  # Adam learning rate after warmup.
+    autoencoder.warmup_steps = 0  # Linear warmup from 0.
+    autoencoder.beta1 = 0.9  # Adam's beta1 ...
+    autoencoder.beta2 = 0.999  # ... and beta2.
+    autoencoder.grad_clip = 0.0  # Global-norm clipping (0 = off, as LDM; the loss is a per-image sum).
+    autoencoder.ema_decay = 0.0  # EMA of the params (0 = none, as LDM's first stage); the EMA is what is used.
+    autoencoder.batch_size = 64  # Global batch over all devices and hosts.
+    autoencoder.num_steps = 50_000  # Adam updates.
+    autoencoder.log_every = 100  # Steps between metrics.jsonl / TensorBoard / progress-bar updates.
+    autoencoder.checkpoint_every = 5000  # Steps between checkpoints (resume: rerun the same command).
+    autoencoder.keep_checkpoints = 3  # Most recent checkpoints kept.
+    autoencoder.keep_every = 0  # Also keep every K-th step permanently (0 = none).
+    autoencoder.steps_per_dispatch = 1  # Train steps fused into one compiled call.
+    autoencoder.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
+    autoencoder.eval_batch_size = 250  # Batch of the scale-factor pass (training split) and the test evaluation.
+    autoencoder.eval_classifier = True  # Classifier fd of the reconstructions beside its floor (labelled data).
+
     # ---- Multi-host ---------------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()
     # "" = one process; "auto" = jax.distributed.initialize() detects the cluster (TPU pod,

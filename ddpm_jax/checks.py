@@ -74,13 +74,18 @@ def check_config(config: ml_collections.ConfigDict, mode: str, mesh=None) -> Non
         _positive(config.figures, "figures", ("num_images", "num_columns"))
 
 
+def check_loop(section: ml_collections.ConfigDict, name: str) -> None:
+    """The training loop's fields of a trainer's section (`training`, `autoencoder`; `loop.Settings`)."""
+    if str(section.nonfinite) not in NONFINITE_POLICIES:
+        raise ValueError(f"{name}.nonfinite={section.nonfinite!r} is unknown; use one of {NONFINITE_POLICIES}.")
+    _positive(section, name, ("batch_size", "num_steps", "log_every", "checkpoint_every", "steps_per_dispatch",
+                              "keep_checkpoints"))
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     """The checks of the training mode: loop settings, model vs data, schedule, grid sampler."""
     t = config.training
-    if str(t.nonfinite) not in NONFINITE_POLICIES:
-        raise ValueError(f"training.nonfinite={t.nonfinite!r} is unknown; use one of {NONFINITE_POLICIES}.")
-    _positive(t, "training", ("batch_size", "num_steps", "log_every", "checkpoint_every",
-                              "steps_per_dispatch", "keep_checkpoints"))
+    check_loop(t, "training")
     parallel.check_batch_size(int(t.batch_size), mesh)
     _check_model(config)
     check_schedule(config.diffusion)

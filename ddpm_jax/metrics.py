@@ -120,21 +120,24 @@ class MetricWriter:
 
 
 class NonFiniteError(FloatingPointError):
-    """The loss or the gradient norm became NaN/Inf (training.nonfinite='error')."""
+    """The loss or the gradient norm became NaN/Inf (nonfinite='error')."""
 
 
 class MetricBuffer:
     """The per-step metrics of the dispatches since the last log line.
 
     Each dispatch adds (first step, {name: [n] array}) without waiting for the device;
-    `summary` fetches them, checks finiteness and averages them into one log line. The
-    part not yet logged when a checkpoint is written travels with it (`to_json` /
+    `summary` fetches them, checks finiteness (the "finite" metric) and makes one log line:
+    the mean of the `averaged` metrics over the finite steps, the last value of the others.
+    The part not yet logged when a checkpoint is written travels with it (`to_json` /
     `from_json`), so a resumed run's metrics.jsonl reads as one uninterrupted run.
     Step k is the k-th update (1-based), as "step" in metrics.jsonl.
     """
 
-    def __init__(self, batch_size: int, nonfinite: str = "error", skipped: int = 0):
+    def __init__(self, batch_size: int, nonfinite: str, skipped: int = 0, *, averaged: tuple[str, ...] = ("loss",),
+                 fix: str):
         self.batch_size, self.nonfinite = int(batch_size), str(nonfinite)
+        self.averaged, self.fix = tuple(averaged), fix  # fix: the way out named by NonFiniteError
         self.skipped = int(skipped)  # updates skipped as non-finite and logged, over the whole run
         self._pending: list[tuple[int, dict]] = []
 
@@ -153,24 +156,24 @@ class MetricBuffer:
         self.fetch()
         bad = [s0 + i + 1 for s0, m in self._pending for i, ok in enumerate(m["finite"]) if not ok]
         if bad and self.nonfinite == "error":
-            raise NonFiniteError(
-                f"non-finite loss or gradient at step {bad[0]}; lower optim.lr, check the data, or "
-                "set --config.training.nonfinite=skip to skip such updates.")
+            raise NonFiniteError(f"non-finite loss or gradient at step {bad[0]}; {self.fix}.")
         return bad
 
     def summary(self, seconds: float) -> dict | None:
-        """The mean loss, last grad norm and lr, and throughput over `seconds`; empties the buffer."""
+        """The averaged metrics, the others' last values and throughput over `seconds`; empties the buffer."""
         if not self._pending:
             return None
         self.skipped += len(self.check_finite())
         host, self._pending = self._pending, []
-        loss = np.concatenate([m["loss"] for _, m in host])
-        ok = np.isfinite(loss)
-        seconds = max(seconds, 1e-9)
-        values = dict(loss=float(np.mean(loss[ok])) if ok.any() else float("nan"),
-                      grad_norm=float(host[-1][1]["grad_norm"][-1]), lr=float(host[-1][1]["lr"][-1]),
-                      images_per_sec=len(loss) * self.batch_size / seconds,
-                      steps_per_sec=len(loss) / seconds)
+        values = {}
+        for name in self.averaged:
+            v = np.concatenate([m[name] for _, m in host])
+            ok = np.isfinite(v)
+            values[name] = float(np.mean(v[ok])) if ok.any() else float("nan")
+        last = host[-1][1]
+        values.update({k: float(last[k][-1]) for k in sorted(last) if k != "finite" and k not in self.averaged})
+        steps, seconds = sum(len(m["finite"]) for _, m in host), max(seconds, 1e-9)
+        values.update(images_per_sec=steps * self.batch_size / seconds, steps_per_sec=steps / seconds)
         if self.nonfinite == "skip":
             values["skipped_steps"] = self.skipped
         return values
@@ -183,8 +186,9 @@ class MetricBuffer:
                                      for s0, m in self._pending]}
 
     @classmethod
-    def from_json(cls, saved: dict, batch_size: int, nonfinite: str) -> "MetricBuffer":
-        buffer = cls(batch_size, nonfinite, skipped=int(saved.get("skipped_steps", 0)))
+    def from_json(cls, saved: dict, batch_size: int, nonfinite: str, **options: Any) -> "MetricBuffer":
+        """The buffer a checkpoint's loop counters describe (`{}`: a fresh one); options as `__init__`'s."""
+        buffer = cls(batch_size, nonfinite, skipped=int(saved.get("skipped_steps", 0)), **options)
         for m in saved.get("unlogged_metrics", []):
             buffer.add(int(m["first_step"]), {k: np.asarray(v, bool if k == "finite" else np.float32)
                                               for k, v in m["metrics"].items()})

@@ -230,12 +230,12 @@ def test_trained_autoencoder_beats_untrained_and_identity_plus_noise():
     untrained = _mse(model, state.params, test)
     rng = np.random.default_rng(0)
     for _ in range(300):
-        state, values = step(state, jnp.asarray(train[rng.integers(0, len(train), 16)]))
+        state, values = step(state, {"x": jnp.asarray(train[rng.integers(0, len(train), 16)])[None]})
     trained = _mse(model, state.params, test)
     # Identity plus Gaussian noise of std 0.25 (on the [-1, 1] scale), measured on the same uint8 scale.
     noisy = imaging.to_uint8(test + rng.normal(0, 0.25, test.shape))
     baseline = float(np.mean((noisy.astype(np.float64) - imaging.to_uint8(test)) ** 2))
-    assert np.isfinite(float(values["loss"]))
+    assert np.isfinite(float(values["loss"][-1]))
     assert trained < untrained / 4 and trained < baseline, (trained, untrained, baseline)
 
 

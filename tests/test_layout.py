@@ -15,7 +15,7 @@ LAYERS = (
     ("infrastructure", ("files", "parallel", "imaging", "data", "train_state", "checkpointing", "run_meta",
                         "metrics", "sampler", "preemption", "workdir_lock", "config_loading")),
     ("setup", ("setup",)),
-    ("library", ("checks", "evaluation")),
+    ("library", ("checks", "evaluation", "loop")),
     ("modes", ("train", "modes", "convert")),
     ("entry point", ("main",)),
 )

@@ -24,7 +24,7 @@ import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `c
 import ddpm_jax.workdir_lock
 from bench import kill_resume as kr
 from configs import toy2d
-from ddpm_jax import checkpointing, data, files, metrics, parallel, setup, train
+from ddpm_jax import checkpointing, data, files, loop, metrics, parallel, setup, train
 
 STEPS, EVERY = 12, 4
 VALUES = kr.overrides(STEPS, EVERY)  # log every 2 steps, keep 2 checkpoints
@@ -89,7 +89,7 @@ def test_preemption_checkpoints_the_step_reached_and_resumes_bitwise(tmp_path, m
     "stop" after step 6, the loop checkpoints step 6 and returns; the same run again ends as if alone."""
     straight, w = str(tmp_path / "straight"), str(tmp_path / "run")
     train.train_and_evaluate(kr.config_of(VALUES), straight)
-    monkeypatch.setattr(train.preemption.PreemptionWatcher, "reached", lambda self, prev, step: step >= 6)
+    monkeypatch.setattr(loop.preemption.PreemptionWatcher, "reached", lambda self, prev, step: step >= 6)
     state = train.train_and_evaluate(kr.config_of(VALUES), w)
     assert int(state.step) == 6 and kr.finished_checkpoints(w)[-1] == 6
     monkeypatch.undo()

@@ -1,6 +1,6 @@
 """What `--mode=` runs: each mode is one module on top of `setup`, and none imports another.
 
-    train      ddpm_jax.train.train_and_evaluate       (the training loop; resumes by itself)
+    train      ddpm_jax.train.train_and_evaluate       (the DDPM on loop.py; resumes by itself)
     sample     ddpm_jax.modes.sample.run               grids, arrays, GIFs, partial denoising
     eval       ddpm_jax.modes.evaluate.run_eval         samples -> FID / IS
     fid_stats  ddpm_jax.modes.evaluate.run_fid_stats    reference statistics of a split

@@ -1,10 +1,9 @@
 """``--mode=train_autoencoder``: the first stage of latent diffusion (Rombach et al. 2022, Sec. 3.1).
 
 Trains ``models.autoencoder.AutoencoderKL`` on any image source of the data pipeline
-(``config.data``), with its own checkpoints in ``--workdir`` (the same Orbax layout as the
-DDPM's, through ``checkpointing``; the data-iterator state is saved too, so an interrupted run
-resumes exactly where it stopped: rerun the same command). The loss is LDM's without the
-perceptual and adversarial terms:
+(``config.data``) in the DDPM's training loop (``loop.py``, with ``config.autoencoder``'s cadence):
+the same checkpoints, metrics.jsonl, exact resume (rerun the same command), preemption and
+non-finite policy. The loss is LDM's without the perceptual and adversarial terms:
 
     L = sum_pixels |x - D(z)|  (or squared: autoencoder.loss = l1 | l2)  +  kl_weight * KL(q(z|x) || N(0, I)),
     z ~ q(z|x) = E(x) (reparameterised), both terms summed per image and averaged over the batch,
@@ -44,13 +43,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax import checkpointing, checks, data, files, imaging, metrics, parallel, preemption, workdir_lock
+from ddpm_jax import checks, data, files, imaging, loop, metrics, parallel
 # load_autoencoder lives below the modes (data/latents.py); named here too for callers of part 1.
 from ddpm_jax.data.latents import INFO_FILE, MODEL_NAME, check_autoencoder_meta, load_autoencoder  # noqa: F401
 from ddpm_jax.evaluation import classifier, sample_quality
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.modes import require_images, say
-from ddpm_jax.train_state import TrainState, create_optimizer
+from ddpm_jax.train_state import TrainState, create_optimizer, ema_update
 
 METRICS_FILE = "autoencoder_metrics.json"
 PICTURE_FILE = "reconstructions.png"
@@ -85,8 +84,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"autoencoder.{name}={ae[name]} must be >= 0.")
     if float(ae.ema_decay) >= 1:
         raise ValueError(f"autoencoder.ema_decay={ae.ema_decay} must be < 1 (0 = no EMA, as LDM).")
-    for name in ("num_steps", "batch_size", "eval_batch_size", "checkpoint_every", "log_every",
-                 "layers_per_block", "latent_channels", "norm_num_groups"):
+    checks.check_loop(ae, "autoencoder")
+    for name in ("eval_batch_size", "layers_per_block", "latent_channels", "norm_num_groups"):
         if int(ae[name]) < 1:
             raise ValueError(f"autoencoder.{name}={ae[name]} must be >= 1.")
     widths = [int(c) for c in ae.block_out_channels]
@@ -140,12 +139,17 @@ def reconstruction_loss(x: jnp.ndarray, x_rec: jnp.ndarray, kind: str) -> jnp.nd
 
 
 def make_train_step(model: AutoencoderKL, tx: optax.GradientTransformation, *, loss: str, kl_weight: float,
-                    ema_decay: float, seed: int, mesh) -> Callable:
-    """`step(state, x) -> (state, metrics)`: one Adam step on the batch's L (module docstring)."""
+                    ema_decay: float, seed: int, mesh, nonfinite: str = "error") -> Callable:
+    """`step(state, batches) -> (state, metrics)`: an Adam step on L (module docstring) per batch.
+
+    batches: {"x": [n, B, H, W, C], ...}, n steps in one call (`loop.compile_step`); metrics are [n]
+    arrays. nonfinite="skip": a step whose loss or gradient is not finite leaves the state as it was.
+    """
     base_key = jax.random.key(seed)
 
-    def step(state: TrainState, x: jnp.ndarray):
+    def one_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(base_key, state.step)  # a resumed run draws the same z
+        x = batch["x"]
 
         def loss_fn(params):
             x_rec, posterior = model.apply({"params": params}, x, key)
@@ -153,16 +157,18 @@ def make_train_step(model: AutoencoderKL, tx: optax.GradientTransformation, *, l
             return jnp.mean(rec) + kl_weight * jnp.mean(kl), (jnp.mean(rec), jnp.mean(kl))
 
         (total, (rec, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = params if ema_decay == 0 else jax.tree.map(
-            lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
+        # ema_decay 0 (LDM's first stage): the EMA is the params themselves, bit for bit.
+        ema = params if ema_decay == 0 else ema_update(state.ema_params, params, ema_decay)
         new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-        return new, dict(loss=total, rec_loss=rec, kl=kl, grad_norm=optax.tree.norm(grads))
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        if nonfinite == "skip":
+            new = loop.keep_if_finite(finite, new, state.replace(step=state.step + 1))
+        return new, dict(loss=total, rec_loss=rec, kl=kl, grad_norm=grad_norm, finite=finite)
 
-    rep = parallel.replicated(mesh)
-    return jax.jit(step, in_shardings=(rep, parallel.data_sharded(mesh)), out_shardings=(rep, rep),
-                   donate_argnums=(0,))
+    return loop.compile_step(one_step, mesh)
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -177,17 +183,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     meta = _meta(config, model, shape)
     init = _init_state(model, shape, int(config.seed), tx)
     rep = parallel.replicated(mesh)
-    template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), jax.eval_shape(init))
+    trainer = loop.Trainer(
+        name="train_autoencoder", settings=loop.Settings.from_config(config, "autoencoder"),
+        step=make_train_step(model, tx, loss=str(ae.loss), kl_weight=float(ae.kl_weight),
+                             ema_decay=float(ae.ema_decay), seed=int(config.seed), mesh=mesh,
+                             nonfinite=str(ae.nonfinite)),
+        template=jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), jax.eval_shape(init)),
+        init=jax.jit(init, out_shardings=rep), meta=meta, check_meta=check_autoencoder_meta(meta, workdir),
+        mesh=mesh, started=lambda: metrics.write_config(config, workdir, "config_train_autoencoder.json"),
+        averaged=("loss", "rec_loss", "kl"), lr_field="autoencoder.lr")
     it = data.create_train_iterator(config.data, global_batch_size=int(ae.batch_size), seed=int(config.seed),
                                     process_index=jax.process_index(), process_count=jax.process_count())
-    checks.prepare_workdir(workdir)
-    lock = workdir_lock.WorkdirLock(workdir, "train_autoencoder", is_primary=jax.process_index() == 0,
-                                    agree=parallel.primary_decides)
-    try:
-        with lock:
-            state = _train(config, workdir, model, tx, meta, init, template, it, mesh)
-    finally:
-        it.close()
+    state = loop.train(trainer, workdir, it)
     if int(state.step) < int(ae.num_steps):  # preempted (SIGTERM): checkpointed; rerun to go on
         return dict(step=int(state.step), preempted=True)
     params = parallel.to_host(state.ema_params)
@@ -200,58 +207,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         imaging.save_png(os.path.join(workdir, PICTURE_FILE), pairs)
         print(summary_line(result, info), flush=True)
     return dict(info=info, metrics=result)
-
-
-def _train(config, workdir: str, model, tx, meta: dict, init, template, it, mesh) -> TrainState:
-    """The loop: restore or init, steps with a progress bar, periodic and final checkpoints."""
-    ae = config.autoencoder
-    num_steps = int(ae.num_steps)
-    with checkpointing.Checkpointer(workdir, keep=int(ae.keep_checkpoints), cleanup_tmp=True) as ckpt:
-        restored = ckpt.restore_newest_valid(template, check_meta=check_autoencoder_meta(meta, workdir))
-        if restored is None:
-            state = jax.jit(init, out_shardings=parallel.replicated(mesh))()
-        else:
-            state = restored.state
-            if restored.data_state is not None:
-                it.set_state(restored.data_state)
-            say(f"resumed {workdir} at step {restored.step}")
-        metrics.write_config(config, workdir, "config_train_autoencoder.json")
-        step = int(state.step)
-        if step >= num_steps:
-            return state
-        train_step = make_train_step(model, tx, loss=str(ae.loss), kl_weight=float(ae.kl_weight),
-                                     ema_decay=float(ae.ema_decay), seed=int(config.seed), mesh=mesh)
-        writer, watcher = metrics.MetricWriter(workdir, resume_step=step), preemption.PreemptionWatcher()
-        try:
-            with files.progress_bar(num_steps, "autoencoder", unit="step", initial=step) as bar:
-                while step < num_steps:
-                    x = parallel.host_to_global(next(it)["x"], mesh)
-                    state, values = train_step(state, x)
-                    step += 1
-                    bar.update(1)
-                    if step % int(ae.log_every) == 0 or step == num_steps:
-                        values = {k: float(v) for k, v in values.items()}
-                        if not np.isfinite(values["loss"]):
-                            raise FloatingPointError(f"autoencoder loss is {values['loss']} at step {step}; lower "
-                                                     "autoencoder.lr and rerun in a new --workdir.")
-                        writer.scalars(step, values)
-                        bar.set_postfix(rec=f"{values['rec_loss']:.2f}", kl=f"{values['kl']:.0f}")
-                    stop = watcher.reached(step - 1, step)
-                    if step % int(ae.checkpoint_every) == 0 or step == num_steps or stop:
-                        ckpt.save(step, state, it.get_state(), meta, force=True)
-                    if stop:
-                        break
-            ckpt.wait()
-        finally:
-            watcher.close()
-            writer.close()
-        if step < num_steps and watcher.interrupted:  # Ctrl-C: main exits 130
-            raise preemption.Interrupted(f"{watcher.reason}: checkpoint of step {step} written to "
-                                         f"{ckpt.directory}; rerun the same command to resume.")
-        if step < num_steps:
-            say(f"{watcher.reason}: checkpoint of step {step} written to {ckpt.directory}; rerun the same "
-                "command to resume.")
-    return state
 
 
 # ---- after training ---------------------------------------------------------------------------

@@ -1,0 +1,292 @@
+"""The one training loop: restore or initialise, dispatch steps, log, checkpoint, stop cleanly.
+
+A trainer (the DDPM's `train.py`, the autoencoder's `modes/autoencoder.py`) hands `train` a
+`Trainer`: its compiled step `(state, batches) -> (state, metrics)`, its state's template and
+init, the meta its checkpoints carry and optional hooks. The loop owns the rest, the same for
+every trainer:
+
+* Restore or init: the newest checkpoint that reads back intact and whose meta the trainer
+  accepts (`checkpointing.restore_newest_valid`; damaged ones are quarantined), with its
+  data-iterator state and unlogged metrics; else the trainer's init.
+* Exact resume: a run killed at any moment and restarted with the same command ends with
+  bitwise the same state as an uninterrupted one. The step's keys are the trainer's
+  (`fold_in(base_key, step)`), the data state travels with each checkpoint, and dispatches of
+  `steps_per_dispatch` steps start at multiples of it whatever step the run resumed from, so
+  a resumed run compiles the same programs.
+* Cadence: metrics every `log_every` steps (metrics.jsonl, TensorBoard, the progress bar),
+  checkpoints every `checkpoint_every` steps and at the end (the newest `keep_checkpoints`
+  kept, every `keep_every`-th permanently), hooks every `Periodic.every` steps and at the end.
+* Preemption (`preemption.py`): a SIGTERM checkpoints at the next dispatch boundary and
+  returns; a Ctrl-C does the same and raises `preemption.Interrupted`; after any other error
+  the pending saves finish and the error propagates. One run at a time per workdir
+  (`workdir_lock.py`).
+* Non-finite losses (`<section>.nonfinite`): "error" stops at the next log line or checkpoint,
+  naming the first bad step; "skip" counts the updates the step left out (`keep_if_finite`).
+
+The state is any `flax.struct` dataclass with `step` and `ema_params` fields: checkpointing
+saves each field, so more state (post-hoc EMA profiles) is more fields, and a distillation
+student passes its frozen teacher's params to its compiled step (`step = lambda s, b:
+compiled(s, b, teacher)`) outside the state. The step metrics are [n] arrays with at least
+"loss" and "finite".
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from ddpm_jax import checkpointing, checks, data, files, metrics, parallel, preemption, workdir_lock
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The loop's cadence, read from a trainer's config section (`training`, `autoencoder`)."""
+
+    section: str  # the config section's name, for messages
+    num_steps: int
+    batch_size: int  # global batch (for images/s)
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    keep_every: int
+    steps_per_dispatch: int
+    nonfinite: str
+    prefetch: int  # dispatches queued ahead of the step (data.prefetch)
+
+    @classmethod
+    def from_config(cls, config: Any, section: str) -> "Settings":
+        s = config[section]
+        return cls(section=section, num_steps=int(s.num_steps), batch_size=int(s.batch_size),
+                   log_every=int(s.log_every), checkpoint_every=int(s.checkpoint_every),
+                   keep_checkpoints=int(s.keep_checkpoints), keep_every=int(s.keep_every),
+                   steps_per_dispatch=int(s.steps_per_dispatch), nonfinite=str(s.nonfinite),
+                   prefetch=max(int(config.data.prefetch), 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+    """A hook run every `every` steps during training and once after the last step (not after a stop)."""
+
+    every: int
+    fn: Callable[[Any, int, metrics.MetricWriter], None]  # (state, step, writer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """What a trainer supplies to the loop."""
+
+    name: str  # the mode: the workdir lock's owner and the progress bar's label
+    settings: Settings
+    step: Callable[[Any, Any], tuple[Any, dict]]  # compiled (state, batches [n, B, ...]) -> (state, [n] metrics)
+    template: Any  # the state's shapes, dtypes and shardings: the restore target
+    init: Callable[[], Any]  # the step-0 state
+    meta: dict  # what each checkpoint records about the run
+    mesh: Any  # the ('data',) mesh the batches are sharded over
+    check_meta: Callable[[dict | None], None] | None = None  # refuses a checkpoint of another run
+    started: Callable[[], None] | None = None  # once the workdir's checkpoint is accepted (config.json)
+    hooks: tuple[Periodic, ...] = ()
+    report: Callable[[Any, int, dict, float], None] | None = None  # (state, step, last log values, seconds)
+    averaged: tuple[str, ...] = ("loss",)  # metrics averaged over a log interval (the others: last value)
+    lr_field: str = "optim.lr"  # named when a loss turns non-finite
+
+
+# ---- helpers of the trainers' steps ---------------------------------------------------------------
+
+
+def keep_if_finite(finite: jnp.ndarray, new: Any, old: Any) -> Any:
+    """`new` where the step was finite, else `old` (nonfinite=skip: the update is left out)."""
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+
+def compile_step(one_step: Callable[[Any, Any], tuple[Any, dict]], mesh, use_scan: bool | None = None) -> Callable:
+    """`step(state, batches) -> (state, metrics)` of `one_step(state, batch)`, compiled for the loop.
+
+    The n = batches' leading size steps run in one call, a `lax.scan` (default on accelerators)
+    or unrolled (default on the CPU, where XLA runs convolution gradients inside a while loop
+    ~25x slower); metrics come back as [n] arrays. Params replicated, batches sharded on
+    their batch axis, the state donated.
+    """
+    scan = jax.default_backend() != "cpu" if use_scan is None else use_scan
+
+    def multi_step(state, batches):
+        n = jax.tree.leaves(batches)[0].shape[0]
+        if n > 1 and scan:
+            return jax.lax.scan(one_step, state, batches)
+        step_metrics = []
+        for i in range(n):
+            state, m = one_step(state, jax.tree.map(lambda b: b[i], batches))
+            step_metrics.append(m)
+        return state, jax.tree.map(lambda *ms: jnp.stack(ms), *step_metrics)
+
+    rep = parallel.replicated(mesh)
+    return jax.jit(multi_step, in_shardings=(rep, parallel.data_sharded(mesh, batch_axis=1)),
+                   out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def next_dispatch(it: data.TrainIterator, n: int, mesh) -> tuple[Any, dict]:
+    """n host batches stacked to global [n, B, ...] arrays, and the iterator state after them."""
+    host = [next(it) for _ in range(n)]
+    stacked = jax.tree.map(lambda *bs: np.stack(bs), *host)
+    return parallel.host_to_global(stacked, mesh, batch_axis=1), it.get_state()
+
+
+def _crossed(prev: int, step: int, every: int) -> bool:
+    """True if a multiple of `every` lies in (prev, step]: a periodic action is due."""
+    return every > 0 and step // every > prev // every
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+def train(trainer: Trainer, workdir: str, it: data.TrainIterator) -> Any:
+    """Trains in `workdir` (resuming from its newest valid checkpoint); returns the final state.
+
+    Takes the workdir's lock and closes `it`. Returns early (after a checkpoint) when
+    preempted, with `state.step < settings.num_steps`.
+    """
+    try:
+        checks.prepare_workdir(workdir)
+        lock = workdir_lock.WorkdirLock(workdir, trainer.name, is_primary=jax.process_index() == 0,
+                                        agree=parallel.primary_decides)
+        with lock:  # a second training run into this workdir stops here, naming this one
+            return _Loop(trainer, workdir, it).run()
+    finally:
+        it.close()
+
+
+class _Loop:
+    """One training run: restore or initialise, then dispatch steps and do the periodic actions."""
+
+    def __init__(self, trainer: Trainer, workdir: str, it: data.TrainIterator):
+        self.trainer, self.s, self.workdir, self.it = trainer, trainer.settings, workdir, it
+        self.started = time.time()
+        self.closing = False  # set once the final checkpoint is being waited for
+        self.ckpt = checkpointing.Checkpointer(workdir, keep=self.s.keep_checkpoints, keep_every=self.s.keep_every,
+                                               cleanup_tmp=True)
+        try:
+            self.state, self.buffer = self._restore_or_init()
+            if trainer.started is not None:  # only now: a refused run leaves the workdir's records as they were
+                trainer.started()
+        except BaseException:
+            self.ckpt.close()
+            raise
+
+    def _restore_or_init(self) -> tuple[Any, metrics.MetricBuffer]:
+        restored = self.ckpt.restore_newest_valid(self.trainer.template, check_meta=self.trainer.check_meta)
+        s = self.s
+        fix = (f"lower {self.trainer.lr_field}, check the data, or set --config.{s.section}.nonfinite=skip "
+               "to skip such updates")
+        saved = {} if restored is None else restored.extra
+        buffer = metrics.MetricBuffer.from_json(saved, s.batch_size, s.nonfinite, averaged=self.trainer.averaged,
+                                                fix=fix)
+        if restored is None:
+            return self.trainer.init(), buffer
+        if restored.data_state is not None:
+            self.it.set_state(restored.data_state)  # refuses another batch size / data / seed
+        logging.info("resumed from %s at step %d", self.ckpt.directory, restored.step)
+        return restored.state, buffer
+
+    def _dispatches(self, step: int) -> Iterator[tuple[int, Any, dict]]:
+        """(n, global batches [n, B, ...], data state after them), `prefetch` dispatches ahead."""
+        spd, num_steps = self.s.steps_per_dispatch, self.s.num_steps
+        queue: collections.deque = collections.deque()
+        queued = step
+        while queue or queued < num_steps:
+            while len(queue) < self.s.prefetch and queued < num_steps:
+                # Dispatches start at multiples of spd: a resumed run compiles the same programs.
+                n = min(spd - queued % spd, num_steps - queued)
+                queue.append((n, *next_dispatch(self.it, n, self.trainer.mesh)))
+                queued += n
+            yield queue.popleft()
+
+    def run(self) -> Any:
+        step, num_steps = int(self.state.step), self.s.num_steps
+        if step >= num_steps:
+            logging.info("%s is at step %d >= %s.num_steps=%d: nothing to train (raise --config.%s.num_steps "
+                         "to go on).", self.workdir, step, self.s.section, num_steps, self.s.section)
+            self.ckpt.close()
+            return self.state
+        self.writer = metrics.MetricWriter(self.workdir, resume_step=step)
+        self.data_state, self.last_log, self.last_values = self.it.get_state(), (step, time.time()), {}
+        watcher = preemption.PreemptionWatcher()
+        try:
+            step, preempted = self._steps(step, watcher)
+            if not preempted:
+                self._save(step, force=True)
+                for hook in self.trainer.hooks:
+                    hook.fn(self.state, step, self.writer)
+            self._close(step, preempted, watcher.reason)
+            if watcher.interrupted:
+                raise preemption.Interrupted(
+                    f"{watcher.reason}: checkpoint of step {step} written to {self.ckpt.directory}; "
+                    "rerun the same command to resume.")
+        except preemption.Interrupted:
+            raise
+        except BaseException:
+            self._close_after_error()
+            raise
+        finally:
+            watcher.close()
+            self.writer.close()
+        if not preempted and self.trainer.report is not None:
+            self.trainer.report(self.state, step, self.last_values, time.time() - self.started)
+        return self.state
+
+    def _steps(self, step: int, watcher: preemption.PreemptionWatcher) -> tuple[int, bool]:
+        """Dispatches until the last step or a stop request; returns (step reached, stopped early)."""
+        s, num_steps = self.s, self.s.num_steps
+        with files.progress_bar(num_steps, self.trainer.name, unit="step", initial=step) as bar:
+            for n, batches, data_state in self._dispatches(step):
+                self.state, step_metrics = self.trainer.step(self.state, batches)
+                self.buffer.add(step, step_metrics)
+                prev, step, self.data_state = step, step + n, data_state
+                bar.update(n)
+                preempted = watcher.reached(prev, step)
+                if _crossed(prev, step, s.log_every) or step == num_steps:
+                    self._log(step, bar)
+                if (_crossed(prev, step, s.checkpoint_every) and step < num_steps) or preempted:
+                    self._save(step, force=preempted)
+                if preempted:
+                    return step, True
+                due = [h for h in self.trainer.hooks if _crossed(prev, step, h.every) and step < num_steps]
+                for hook in due:
+                    hook.fn(self.state, step, self.writer)
+                if due and not len(self.buffer):  # keep the hooks' time out of the next images/s
+                    self.last_log = (step, time.time())
+        return step, False
+
+    def _log(self, step: int, bar) -> None:
+        values = self.buffer.summary(time.time() - self.last_log[1])
+        self.last_log = (step, time.time())
+        if values:
+            self.writer.scalars(step, values)
+            self.last_values.update(values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+
+    def _save(self, step: int, force: bool = False) -> None:
+        self.buffer.check_finite()  # never checkpoint past a non-finite step unnoticed (policy "error")
+        if step not in self.ckpt.all_steps():  # unlogged steps go along: the log reads as one run
+            self.ckpt.save(step, self.state, self.data_state, self.trainer.meta, force=force,
+                           extra=self.buffer.to_json())
+
+    def _close(self, step: int, preempted: bool, reason: str) -> None:
+        self.closing = True
+        self.ckpt.close()  # waits for the last save (DiskFullError if it did not fit)
+        if preempted:
+            logging.warning("%s: checkpoint of step %d written to %s; rerun the same command to resume.",
+                            reason, step, self.ckpt.directory)
+
+    def _close_after_error(self) -> None:
+        if self.closing:
+            return
+        try:  # let pending saves finish; the error in flight is the one to report
+            self.ckpt.close()
+        except Exception as close_err:  # noqa: BLE001
+            logging.warning("while stopping: %s", close_err)
