@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             info = convert_autoencoder_kl(args.autoencoder_kl, args.out)
             print(f"wrote {args.out}: AutoencoderKL({', '.join(f'{k}={v}' for k, v in info['model_kwargs'].items())}), "
                   f"images {info['image_shape']} -> latents {info['latent_shape']}, scale factor "
-                  f"{info['scale_factor']:g}.")
+                  f"{info['scale_factor']:g}, latent mean {info['latent_mean']:g}.")
             return 0
         meta = convert_diffusers(args.diffusers, args.out)
     except (OSError, ValueError, ImportError) as err:
