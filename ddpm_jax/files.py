@@ -2,7 +2,9 @@
 
 A file is written to a temporary name in its own folder and renamed over the target
 (`os.replace` is atomic on POSIX), so a run killed at any moment leaves either the old
-file or the new one, never half of one. Every module that writes JSON, NumPy archives,
+file or the new one, never half of one. The file gets the mode `open` would give it (0666 less
+the umask): `mkstemp` makes its temporary file 0600, which the rename would keep, so colleagues
+on a shared machine could read the checkpoints but not the samples or results. Every module that writes JSON, NumPy archives,
 text or pictures goes through here; so does every progress bar (shown by process 0 only,
 so a multi-host run prints one).
 """
@@ -19,6 +21,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (no window for other threads)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes(path: str, write: Callable[[Any], None], *, binary: bool = True) -> str:
     """Atomically writes `path` with `write(file_object)`; creates the folder; returns the path."""
     path = os.fspath(path)
@@ -26,6 +38,7 @@ def write_bytes(path: str, write: Callable[[Any], None], *, binary: bool = True)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()

@@ -106,3 +106,20 @@ def test_inexpressible_model_refused(tmp_path):
         ex.export_params({}, meta, str(tmp_path / "o"))
     with pytest.raises(ValueError, match="only UNet2DModel"):
         ex.export_params({}, RunMeta("mlp", {}, (2,), SCHEDULE, "eps"), str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_exported_files_are_readable_per_the_umask(tmp_path, capsys, umask, mode):
+    kwargs = dict(ch=32, out_ch=1, ch_mult=[1], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    model = UNet(**{**kwargs, "ch_mult": (1,), "attn_resolutions": ()})
+    schedule = dict(name="linear", num_timesteps=10, beta_start=1e-4, beta_end=0.02)
+    workdir, out = str(tmp_path / "wd"), str(tmp_path / "out")
+    checkpointing.save_pretrained(workdir, _random_params(model, (8, 8, 1)),
+                                  RunMeta("unet", kwargs, (8, 8, 1), schedule, "eps").to_dict())
+    old = os.umask(umask)
+    try:
+        assert cli.main(["--to-diffusers", workdir, "--out", out]) == 0
+    finally:
+        os.umask(old)
+    written = {name: os.stat(os.path.join(out, name)).st_mode & 0o777 for name in os.listdir(out)}
+    assert written == {name: mode for name in (ex.WEIGHTS_NAME, "config.json", "scheduler_config.json")}

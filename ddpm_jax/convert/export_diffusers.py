@@ -18,14 +18,13 @@ Importing the export gives back the same params, and exporting an import the sam
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from ddpm_jax import checkpointing, parallel, schedules, setup
+from ddpm_jax import checkpointing, files, parallel, schedules, setup
 from ddpm_jax.convert.diffusers import CONFIG_NAME, REQUIRED, SCHEDULER_NAME, ConversionError, _torch_key
 from ddpm_jax.models.layers import NORM_EPS
 from ddpm_jax.run_meta import RunMeta
@@ -102,19 +101,17 @@ def export_params(params: Any, meta: RunMeta, out: str, *, var_type: str | None 
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise FileExistsError(f"--out {out} exists and is not empty; pass a new or empty directory.")
     try:
-        from safetensors.numpy import save_file  # noqa: PLC0415
+        from safetensors.numpy import save  # noqa: PLC0415
     except ImportError as err:
         raise ImportError("writing diffusion_pytorch_model.safetensors needs the safetensors package; "
                           "`pip install -r requirements.txt` installs it.") from err
     config = diffusers_config(meta.model_kwargs, meta.data_shape)
     var_type = var_type or str(meta.source.get("var_type", "")) or (
         "learned_range" if config["out_channels"] == 2 * config["in_channels"] else "fixedlarge")
-    os.makedirs(out, exist_ok=True)
-    save_file(export_state_dict(params), os.path.join(out, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(out, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=1)
-    with open(os.path.join(out, SCHEDULER_NAME), "w") as f:
-        json.dump(scheduler_config(meta, var_type), f, indent=1)
+    blob = save(export_state_dict(params), metadata={"format": "pt"})
+    files.write_bytes(os.path.join(out, WEIGHTS_NAME), lambda f: f.write(blob))
+    files.write_json(os.path.join(out, CONFIG_NAME), config)
+    files.write_json(os.path.join(out, SCHEDULER_NAME), scheduler_config(meta, var_type))
     return config
 
 
