@@ -192,7 +192,7 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None 
     if text_conditioned(config):  # the captions must be encoded with the vocabulary it was trained on
         captions.check_saved_tokenizer(str(workdir), captions.tokenizer_for(config.data))
     template = abstract_params(run.model, run.shape, run.mesh)
-    check = lambda stored: run.meta.check_matches(RunMeta.from_dict(stored), str(workdir))  # noqa: E731
+    check = lambda stored: run.meta.check_matches(RunMeta.from_dict(stored, str(workdir)), str(workdir))  # noqa: E731
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
         step, params = ckpt.restore_newest_valid_ema(template, check_meta=check)
     return LoadedRun(**{f.name: getattr(run, f.name) for f in dataclasses.fields(Run)},

@@ -191,7 +191,7 @@ class _TrainingLoop:
 
     def _restore_or_init(self, template: TrainState):
         meta = self.run_.meta
-        check = lambda stored: meta.check_matches(RunMeta.from_dict(stored), self.workdir) \
+        check = lambda stored: meta.check_matches(RunMeta.from_dict(stored, self.workdir), self.workdir) \
             if stored is not None else None  # noqa: E731
         restored = self.ckpt.restore_newest_valid(template, check_meta=check)
         batch, policy = int(self.t.batch_size), str(self.t.nonfinite)
@@ -252,7 +252,7 @@ class _TrainingLoop:
                 self._save(step, force=True)
                 if self.grids:
                     self.grids.write(self.state.ema_params, step)
-            self._close(step, preempted, watcher.reason)
+            self._close(step, preempted and not watcher.interrupted, watcher.reason)  # Ctrl-C: main says it
             if watcher.interrupted:
                 raise preemption.Interrupted(
                     f"{watcher.reason}: checkpoint of step {step} written to {self.ckpt.directory}; "

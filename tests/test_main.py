@@ -86,3 +86,61 @@ def test_print_config_lists_every_field_with_its_comment(tmp_path):
                for ln in lines), lines
     assert any(ln.startswith("training.dispatch_loop = 'auto'") and "lax.scan" in ln for ln in lines)
     assert len(lines) >= 80 and not os.path.exists(tmp_path / "config.json")  # every field, one a line
+
+
+# ---- a workdir of the other kind ----------------------------------------------------------------
+
+DDPM_TINY = ["--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1", "--config.model.attn_resolutions=()",
+             "--config.diffusion.num_timesteps=10", "--config.training.num_steps=2",
+             "--config.training.sample_every=0", "--config.training.eval_bpd_after=False"]
+AE_TINY = ["--config.data.source=digits", "--config.data.image_size=8",
+           "--config.autoencoder.block_out_channels=(16,16)", "--config.autoencoder.layers_per_block=1",
+           "--config.autoencoder.latent_channels=2", "--config.autoencoder.norm_num_groups=8",
+           "--config.autoencoder.batch_size=16", "--config.autoencoder.num_steps=2",
+           "--config.autoencoder.checkpoint_every=2", "--config.autoencoder.eval_batch_size=100",
+           "--config.autoencoder.warmup_steps=0", "--config.autoencoder.eval_classifier=False"]
+
+
+def _tree(root) -> dict:
+    """{relative path: (mode, bytes)} of every file under `root`: what a refused command must not change."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = (os.stat(path).st_mode, f.read())
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_workdirs(tmp_path_factory):
+    """A tiny DDPM workdir and a tiny autoencoder workdir, trained through the command line."""
+    root = tmp_path_factory.mktemp("kinds")
+    ddpm = _run(root / "ddpm", *DDPM_TINY)
+    ae = _run(root / "ae", "--mode=train_autoencoder", *AE_TINY, config="configs/autoencoder_mnist.py")
+    assert ddpm.returncode == 0 and ae.returncode == 0, (ddpm.stderr[-2000:], ae.stderr[-2000:])
+    return root / "ddpm", root / "ae"
+
+
+@pytest.mark.parametrize("mode", ["sample", "train"])
+def test_a_ddpm_command_on_an_autoencoder_workdir_says_what_it_holds(two_workdirs, mode):
+    _, ae = two_workdirs
+    before = _tree(ae)
+    proc = _run(ae, f"--mode={mode}", *DDPM_TINY)
+    assert proc.returncode == 1
+    assert _error_line(proc) == (
+        f"error: {ae} holds an autoencoder (--mode=train_autoencoder or convert --autoencoder-kl), not a DDPM; "
+        f"continue it with --mode=train_autoencoder, or train a DDPM on its latents with "
+        f"--config.data.latents_from={ae} and a new --workdir.")
+    assert _tree(ae) == before
+
+
+def test_the_autoencoder_mode_on_a_ddpm_workdir_says_what_it_holds(two_workdirs):
+    ddpm, _ = two_workdirs
+    before = _tree(ddpm)
+    proc = _run(ddpm, "--mode=train_autoencoder", *AE_TINY, config="configs/autoencoder_mnist.py")
+    assert proc.returncode == 1
+    assert _error_line(proc) == (
+        f"error: {ddpm} holds a DDPM (unet network), not an autoencoder; sample or evaluate it with --mode=sample "
+        "/ eval / bpd and its config, or give --mode=train_autoencoder a new --workdir.")
+    assert _tree(ddpm) == before

@@ -120,7 +120,7 @@ def export_workdir(workdir: str, out: str, *, var_type: str | None = None) -> tu
     stored = checkpointing.read_meta(workdir)
     if stored is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}; train first (--mode=train).")
-    meta = RunMeta.from_dict(stored)
+    meta = RunMeta.from_dict(stored, workdir)
     model = setup.build_from_spec(meta.model_name, meta.model_kwargs)
     template = setup.abstract_params(model, meta.data_shape, parallel.make_mesh(jax.local_devices()[:1]))
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
