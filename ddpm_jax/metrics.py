@@ -76,6 +76,17 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def tensorboard_hint(logdir: str) -> str:
+    """How to view the events in `logdir`: tensorboardX writes them; the viewer (the tensorboard
+    package) is not a requirement of a run, so the hint installs it where it is missing."""
+    import importlib.util
+
+    view = f"tensorboard --logdir {logdir}"
+    if importlib.util.find_spec("tensorboard") is None:
+        return f"TensorBoard events (tensorboardX); view: pip install tensorboard && {view}"
+    return f"TensorBoard: {view}"
+
+
 def write_scalars(workdir: str, step: int, scalars: dict) -> None:
     """Evaluation scalars {tag: value} into the workdir's TensorBoard events (process 0)."""
     if jax.process_index() != 0 or not scalars:

@@ -194,7 +194,8 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None 
     template = abstract_params(run.model, run.shape, run.mesh)
     check = lambda stored: run.meta.check_matches(RunMeta.from_dict(stored, str(workdir)), str(workdir))  # noqa: E731
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
-        step, params = ckpt.restore_newest_valid_ema(template, check_meta=check)
+        step, params = ckpt.restore_newest_valid_ema(
+            template, check_meta=check, step=int(config.get("checkpoint_step", checkpointing.NEWEST)))
     return LoadedRun(**{f.name: getattr(run, f.name) for f in dataclasses.fields(Run)},
                      params=params, step=int(step))
 

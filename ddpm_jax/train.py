@@ -344,7 +344,7 @@ def print_outputs(workdir: str, step: int, loss: float | None, seconds: float, s
     if sampled:
         lines.append(f"  samples:     {os.path.join(workdir, 'samples', f'step_{step}.png')}")
     lines += [f"  metrics:     {os.path.join(workdir, 'metrics.jsonl')} "
-              f"(TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tb')})",
+              f"({metrics.tensorboard_hint(os.path.join(workdir, 'tb'))})",
               f"  checkpoints: {os.path.join(workdir, 'checkpoints')} (rerun the command to resume; "
               "--mode=sample to sample)"]
     print("\n".join(lines), flush=True)

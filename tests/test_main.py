@@ -116,15 +116,15 @@ def _tree(root) -> dict:
 def two_workdirs(tmp_path_factory):
     """A tiny DDPM workdir and a tiny autoencoder workdir, trained through the command line."""
     root = tmp_path_factory.mktemp("kinds")
-    ddpm = _run(root / "ddpm", *DDPM_TINY)
+    ddpm = _run(root / "ddpm", *DDPM_TINY, "--config.training.checkpoint_every=1")  # steps 1 and 2
     ae = _run(root / "ae", "--mode=train_autoencoder", *AE_TINY, config="configs/autoencoder_mnist.py")
     assert ddpm.returncode == 0 and ae.returncode == 0, (ddpm.stderr[-2000:], ae.stderr[-2000:])
-    return root / "ddpm", root / "ae"
+    return root / "ddpm", root / "ae", ddpm.stdout
 
 
 @pytest.mark.parametrize("mode", ["sample", "train"])
 def test_a_ddpm_command_on_an_autoencoder_workdir_says_what_it_holds(two_workdirs, mode):
-    _, ae = two_workdirs
+    _, ae, _ = two_workdirs
     before = _tree(ae)
     proc = _run(ae, f"--mode={mode}", *DDPM_TINY)
     assert proc.returncode == 1
@@ -136,7 +136,7 @@ def test_a_ddpm_command_on_an_autoencoder_workdir_says_what_it_holds(two_workdir
 
 
 def test_the_autoencoder_mode_on_a_ddpm_workdir_says_what_it_holds(two_workdirs):
-    ddpm, _ = two_workdirs
+    ddpm, _, _ = two_workdirs
     before = _tree(ddpm)
     proc = _run(ddpm, "--mode=train_autoencoder", *AE_TINY, config="configs/autoencoder_mnist.py")
     assert proc.returncode == 1
@@ -144,3 +144,33 @@ def test_the_autoencoder_mode_on_a_ddpm_workdir_says_what_it_holds(two_workdirs)
         f"error: {ddpm} holds a DDPM (unet network), not an autoencoder; sample or evaluate it with --mode=sample "
         "/ eval / bpd and its config, or give --mode=train_autoencoder a new --workdir.")
     assert _tree(ddpm) == before
+
+
+def test_a_checkpoint_step_is_chosen_by_one_field_and_a_missing_one_named(two_workdirs, tmp_path):
+    ddpm, _, _ = two_workdirs
+    tiny_sample = ["--mode=sample", *DDPM_TINY, "--config.sampling.num_samples=4", "--config.sampling.batch_size=4"]
+    proc = _run(ddpm, *tiny_sample, "--config.checkpoint_step=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"sampled step 1 of {ddpm}" in proc.stdout
+    assert os.path.isfile(os.path.join(ddpm, "samples", "sample_ddpm_step1_seed0_n4.npz"))
+    before = _tree(ddpm)
+    proc = _run(ddpm, *tiny_sample, "--config.checkpoint_step=5")
+    assert proc.returncode == 1 and _error_line(proc) == (
+        f"error: checkpoint_step=5: {os.path.join(ddpm, 'checkpoints')} holds steps 1, 2; choose one of them "
+        "(-1: the newest).")
+    assert _tree(ddpm) == before
+    export = subprocess.run([sys.executable, "-m", "ddpm_jax.convert", "--to-diffusers", str(ddpm),
+                             "--out", str(tmp_path / "out"), "--checkpoint-step", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert export.returncode == 0 and "of step 1 " in export.stdout, export.stderr[-2000:]
+
+
+def test_the_closing_lines_say_how_to_view_the_tensorboard_events(two_workdirs):
+    import importlib.util
+
+    ddpm, _, stdout = two_workdirs
+    view = f"tensorboard --logdir {os.path.join(ddpm, 'tb')}"
+    if importlib.util.find_spec("tensorboard") is None:  # the requirements install only the writer
+        assert f"(TensorBoard events (tensorboardX); view: pip install tensorboard && {view})" in stdout
+    else:
+        assert f"(TensorBoard: {view})" in stdout

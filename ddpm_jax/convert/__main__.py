@@ -29,10 +29,13 @@ def main(argv: list[str] | None = None) -> int:
                         choices=("fixedlarge", "fixedsmall", "learned", "learned_range"),
                         help="--to-diffusers: the run's diffusion.var_type for scheduler_config.json "
                              "(default: learned_range for a 2C-channel output, else fixedlarge)")
+    parser.add_argument("--checkpoint-step", dest="checkpoint_step", type=int, default=-1, metavar="N",
+                        help="--to-diffusers: the checkpoint to export (default -1: the newest valid one)")
     args = parser.parse_args(argv)
     try:
         if args.to_diffusers:
-            step, meta = export_workdir(args.to_diffusers, args.out, var_type=args.var_type)
+            step, meta = export_workdir(args.to_diffusers, args.out, var_type=args.var_type,
+                                        step=args.checkpoint_step)
             print(f"wrote {args.out}: config.json, diffusion_pytorch_model.safetensors and scheduler_config.json "
                   f"of step {step} (UNet {meta.model_kwargs.get('ch')} channels, images {meta.data_shape}).")
             print(f"load with: diffusers.UNet2DModel.from_pretrained({args.out!r})")

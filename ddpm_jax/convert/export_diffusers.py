@@ -115,8 +115,9 @@ def export_params(params: Any, meta: RunMeta, out: str, *, var_type: str | None 
     return config
 
 
-def export_workdir(workdir: str, out: str, *, var_type: str | None = None) -> tuple[int, RunMeta]:
-    """Exports the EMA params of the workdir's newest valid checkpoint; returns (step, meta)."""
+def export_workdir(workdir: str, out: str, *, var_type: str | None = None,
+                   step: int = checkpointing.NEWEST) -> tuple[int, RunMeta]:
+    """Exports the EMA params of the workdir's newest valid checkpoint (or of `step`); returns (step, meta)."""
     stored = checkpointing.read_meta(workdir)
     if stored is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}; train first (--mode=train).")
@@ -124,6 +125,6 @@ def export_workdir(workdir: str, out: str, *, var_type: str | None = None) -> tu
     model = setup.build_from_spec(meta.model_name, meta.model_kwargs)
     template = setup.abstract_params(model, meta.data_shape, parallel.make_mesh(jax.local_devices()[:1]))
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
-        step, params = ckpt.restore_newest_valid_ema(template)
+        step, params = ckpt.restore_newest_valid_ema(template, step=step)
     export_params(parallel.to_host(params), meta, out, var_type=var_type)
     return int(step), meta
