@@ -4,9 +4,10 @@ A file is written to a temporary name in its own folder and renamed over the tar
 (`os.replace` is atomic on POSIX), so a run killed at any moment leaves either the old
 file or the new one, never half of one. The file gets the mode `open` would give it (0666 less
 the umask): `mkstemp` makes its temporary file 0600, which the rename would keep, so colleagues
-on a shared machine could read the checkpoints but not the samples or results. Every module that writes JSON, NumPy archives,
-text or pictures goes through here; so does every progress bar (shown by process 0 only,
-so a multi-host run prints one).
+on a shared machine could read the checkpoints but not the samples or results. Every module
+that writes JSON, NumPy archives, text or pictures goes through here; so does every progress
+bar (shown by process 0 only, so a multi-host run prints one). A result written again is kept
+under another name first (`keep_previous`), never silently replaced.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -49,6 +51,23 @@ def write_bytes(path: str, write: Callable[[Any], None], *, binary: bool = True)
             os.remove(tmp)
         raise
     return path
+
+
+def keep_previous(path: str) -> str | None:
+    """Before a result is written again: moves an existing `path` aside to `<name>.<its UTC time>.<ext>`
+    and says so in one line, so that a rerun with other settings never silently replaces a result
+    (e.g. bits/dim on 32 test images over the full split's). Returns where it went (None if new)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return None
+    stem, ext = os.path.splitext(path)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(os.stat(path).st_mtime))
+    kept, n = f"{stem}.{stamp}{ext}", 1
+    while os.path.exists(kept):
+        kept, n = f"{stem}.{stamp}-{n}{ext}", n + 1
+    os.replace(path, kept)
+    print(f"{path} existed; kept it as {kept}", flush=True)
+    return kept
 
 
 def write_text(path: str, text: str) -> str:

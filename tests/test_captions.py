@@ -162,4 +162,5 @@ def test_sampling_captions_are_what_the_model_reads_and_a_loss_is_warned_once(ca
     assert out == [f"warning: caption 'a purple sevn 7' is read as 'a <unk> <unk>' (the vocabulary is the training "
                    f"captions' {tokenizer.vocab_size} words; letters only); the grid is labelled with it."]
     # the tokens are the same either way: what is shown is what is encoded
-    np.testing.assert_array_equal(tokenizer.encode(["a purple sevn 7"], 8)[0], tokenizer.encode(["a <unk> <unk>"], 8)[0])
+    np.testing.assert_array_equal(tokenizer.encode(["a purple sevn 7"], 8)[0],
+                                  tokenizer.encode(["a <unk> <unk>"], 8)[0])

@@ -174,3 +174,32 @@ def test_the_closing_lines_say_how_to_view_the_tensorboard_events(two_workdirs):
         assert f"(TensorBoard events (tensorboardX); view: pip install tensorboard && {view})" in stdout
     else:
         assert f"(TensorBoard: {view})" in stdout
+
+
+def test_a_rerun_keeps_the_previous_result_and_a_resume_records_changed_config(two_workdirs, tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    ddpm = tmp_path / "run"
+    shutil.copytree(two_workdirs[0], ddpm)
+    bpd = ["--mode=bpd", *DDPM_TINY, "--config.eval.bpd_batch_size=8"]
+    assert _run(ddpm, *bpd, "--config.eval.bpd_num_examples=16").returncode == 0
+    result = ddpm / "eval" / "bpd_2.json"
+    first = hashlib.sha256(result.read_bytes()).hexdigest()
+    proc = _run(ddpm, *bpd, "--config.eval.bpd_num_examples=8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kept = sorted(p for p in (ddpm / "eval").glob("bpd_2.*.json"))
+    assert len(kept) == 1 and hashlib.sha256(kept[0].read_bytes()).hexdigest() == first
+    assert f"{result} existed; kept it as {kept[0]}" in proc.stdout
+    assert json.loads(result.read_text())["num_examples"] == 8 and oct(kept[0].stat().st_mode & 0o777) == "0o644"
+
+    proc = _run(ddpm, *DDPM_TINY, "--config.training.checkpoint_every=1", "--config.training.num_steps=3",
+                "--config.optim.lr=0.001")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    old = json.loads((two_workdirs[0] / "config.json").read_text())
+    line = (f"config changed since this workdir's last run: optim.lr {json.dumps(old['optim']['lr'])} -> 0.001, "
+            f"training.num_steps 2 -> 3; recorded in {ddpm / 'config_history.jsonl'}")
+    assert line in proc.stdout.splitlines()
+    (record,) = [json.loads(x) for x in (ddpm / "config_history.jsonl").read_text().splitlines()]
+    assert record["changed"] == {"optim.lr": [old["optim"]["lr"], 0.001], "training.num_steps": [2, 3]}
