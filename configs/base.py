@@ -13,6 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the default configuration (the paper's CIFAR-10 values where they apply)."""
     config = ml_collections.ConfigDict()
     config.seed = 0  # Base PRNG seed: per step fold_in(seed, step); per image fold_in(seed, index).
+    # The checkpoint sample / eval / bpd / figures read: -1 the newest valid one, else that step.
+    config.checkpoint_step = -1
 
     # ---- Data -------------------------------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()

@@ -45,6 +45,7 @@ from ddpm_jax import parallel
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
+NEWEST = -1  # `checkpoint_step` meaning the newest checkpoint that reads back intact
 TRAIN, EMA, DATA, META, INFO = "train", "ema_params", "data", "meta", "info"
 _ARRAY_ITEMS = (TRAIN, EMA)
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -428,20 +429,28 @@ class Checkpointer:
         return str(target)
 
     def restore_newest_valid_ema(self, params_template: Any,
-                                 check_meta: Callable[[dict | None], None] | None = None) -> tuple[int, Any]:
-        """(step, EMA params) of the newest checkpoint whose params read back intact.
+                                 check_meta: Callable[[dict | None], None] | None = None,
+                                 step: int = NEWEST) -> tuple[int, Any]:
+        """(step, EMA params) of the newest checkpoint whose params read back intact, or of `step`.
 
         The rule of the read-only modes (sample, eval, bpd): a damaged checkpoint is skipped
         with a warning naming it and the step used instead, and left where it is (a training
         run may be writing this workdir; only training quarantines). `check_meta(meta)` may
         refuse a checkpoint of another model (its error propagates). FileNotFoundError if the
-        workdir has no checkpoint; CorruptCheckpointError if none reads back.
+        workdir has no checkpoint; CorruptCheckpointError if none reads back. A chosen `step`
+        (`checkpoint_step`, for comparing two points of one run) is the only one tried:
+        ValueError naming the steps there are if the workdir does not hold it.
         """
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(
                 f"no checkpoint in {self.directory}; train first (--mode=train) or convert a "
                 "released checkpoint (python -m ddpm_jax.convert) into this workdir.")
+        if int(step) != NEWEST:
+            if int(step) not in steps:
+                raise ValueError(f"checkpoint_step={step}: {self.directory} holds steps "
+                                 f"{', '.join(map(str, steps))}; choose one of them ({NEWEST}: the newest).")
+            steps = [int(step)]
         problems: list[tuple[int, str]] = []
         for step in reversed(steps):
             try:

@@ -222,7 +222,7 @@ class _Loop:
                 self._save(step, force=True)
                 for hook in self.trainer.hooks:
                     hook.fn(self.state, step, self.writer)
-            self._close(step, preempted, watcher.reason)
+            self._close(step, preempted and not watcher.interrupted, watcher.reason)  # Ctrl-C: main says it
             if watcher.interrupted:
                 raise preemption.Interrupted(
                     f"{watcher.reason}: checkpoint of step {step} written to {self.ckpt.directory}; "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -24,11 +25,41 @@ from absl import logging
 from ddpm_jax import files
 
 
+CONFIG_HISTORY = "config_history.jsonl"
+
+
 def write_config(config: Any, workdir: str, name: str = "config.json") -> None:
-    """The resolved config as JSON in the workdir (process 0; atomic)."""
-    if jax.process_index() == 0:
-        text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
-        files.write_text(os.path.join(workdir, name), text)
+    """The resolved config as JSON in the workdir (process 0; atomic).
+
+    The training config (`config.json`) keeps its history: a resume with changed fields (another
+    learning rate, batch size, ...) appends them, old and new, to `config_history.jsonl` and says
+    so in one line, so the steps trained before the change stay told apart.
+    """
+    if jax.process_index() != 0:
+        return
+    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    path = os.path.join(workdir, name)
+    if name == "config.json" and os.path.isfile(path):
+        changed = _changed_fields(files.read_json(path), json.loads(text))
+        if changed:
+            record = dict(time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), changed=changed)
+            with open(os.path.join(workdir, CONFIG_HISTORY), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            listed = ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in list(changed.items())[:4])
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            print(f"config changed since this workdir's last run: {listed}{more}; recorded in "
+                  f"{os.path.join(workdir, CONFIG_HISTORY)}", flush=True)
+    files.write_text(path, text)
+
+
+def _changed_fields(old: Any, new: Any, prefix: str = "") -> dict[str, list]:
+    """{dotted key: [old, new]} of every leaf that differs between two JSON configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: dict[str, list] = {}
+        for key in sorted(set(old) | set(new)):
+            out.update(_changed_fields(old.get(key), new.get(key), f"{prefix}{key}."))
+        return out
+    return {} if old == new else {prefix.rstrip("."): [old, new]}
 
 
 def _json_number(v: Any) -> Any:
@@ -74,6 +105,17 @@ def _summary_writer_class():
         if block:
             del sys.modules["torch"]
     return SummaryWriter
+
+
+def tensorboard_hint(logdir: str) -> str:
+    """How to view the events in `logdir`: tensorboardX writes them; the viewer (the tensorboard
+    package) is not a requirement of a run, so the hint installs it where it is missing."""
+    import importlib.util
+
+    view = f"tensorboard --logdir {logdir}"
+    if importlib.util.find_spec("tensorboard") is None:
+        return f"TensorBoard events (tensorboardX); view: pip install tensorboard && {view}"
+    return f"TensorBoard: {view}"
 
 
 def write_scalars(workdir: str, step: int, scalars: dict) -> None:

@@ -105,8 +105,13 @@ class RunMeta:
                    str(config.diffusion.pred), latents=latent_data.latent_meta(config.data))
 
     @classmethod
-    def from_dict(cls, meta: dict) -> "RunMeta":
-        """The meta as a checkpoint stores it (`to_dict`)."""
+    def from_dict(cls, meta: dict, where: str = "the workdir") -> "RunMeta":
+        """The meta as a checkpoint stores it (`to_dict`); `where` names the workdir in errors."""
+        if latent_data.is_autoencoder_meta(meta):
+            raise CheckpointMismatchError(
+                f"{where} holds an autoencoder (--mode=train_autoencoder or convert --autoencoder-kl), not a DDPM; "
+                f"continue it with --mode=train_autoencoder, or train a DDPM on its latents with "
+                f"--config.data.latents_from={where} and a new --workdir.")
         try:
             return cls(str(meta["model"]["name"]), dict(meta["model"]["kwargs"]),
                        tuple(int(s) for s in meta["data_shape"]), dict(meta["schedule"]),

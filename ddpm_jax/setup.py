@@ -15,6 +15,7 @@ warning that names the step used instead).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import zlib
 from typing import Any, Callable
@@ -178,6 +179,20 @@ def create_run(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> R
                codec=latents.load_codec(workdir) if workdir else None)
 
 
+def warn_untrained_null(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """One line when guidance (sampling.guidance_scale > 0) mixes in the null condition of a model whose
+    `config.json` says it never saw it (training.label_dropout = 0): its ε(x, ∅) is untrained."""
+    w, path = float(config.sampling.get("guidance_scale", 0.0)), os.path.join(str(workdir), "config.json")
+    if not w or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        trained = json.load(f).get("training", {}).get("label_dropout")
+    if trained == 0:
+        print(f"warning: sampling.guidance_scale={w:g} mixes in the unconditional prediction, but {workdir} was "
+              "trained with training.label_dropout=0 (never unconditioned): its null condition is untrained; "
+              "sample with guidance_scale=0 or train with label_dropout > 0.", flush=True)
+
+
 def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> LoadedRun:
     """`create_run(config)` with the EMA params of the workdir's newest valid checkpoint.
 
@@ -185,6 +200,7 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None 
     target (`RunMeta.check_matches`); nothing is written to the workdir.
     """
     run = create_run(config, mesh)
+    warn_untrained_null(config, workdir)
     if not os.path.isdir(os.path.join(str(workdir), checkpointing.CHECKPOINT_DIR)):
         raise FileNotFoundError(
             f"no checkpoint in {workdir}; train first (--mode=train) or convert a released "
@@ -192,9 +208,10 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None 
     if text_conditioned(config):  # the captions must be encoded with the vocabulary it was trained on
         captions.check_saved_tokenizer(str(workdir), captions.tokenizer_for(config.data))
     template = abstract_params(run.model, run.shape, run.mesh)
-    check = lambda stored: run.meta.check_matches(RunMeta.from_dict(stored), str(workdir))  # noqa: E731
+    check = lambda stored: run.meta.check_matches(RunMeta.from_dict(stored, str(workdir)), str(workdir))  # noqa: E731
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
-        step, params = ckpt.restore_newest_valid_ema(template, check_meta=check)
+        step, params = ckpt.restore_newest_valid_ema(
+            template, check_meta=check, step=int(config.get("checkpoint_step", checkpointing.NEWEST)))
     return LoadedRun(**{f.name: getattr(run, f.name) for f in dataclasses.fields(Run)},
                      params=params, step=int(step))
 

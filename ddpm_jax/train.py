@@ -149,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         step=make_train_step(config, run.model, run.sched, tx, mesh), template=template,
         init=lambda: setup.create_train_state(config, run.model, run.shape, mesh)[0],
         meta=run.meta.to_dict(),
-        check_meta=lambda stored: None if stored is None else run.meta.check_matches(RunMeta.from_dict(stored),
+        check_meta=lambda stored: None if stored is None else run.meta.check_matches(RunMeta.from_dict(stored, workdir),
                                                                                      workdir),
         mesh=mesh, started=started,
         hooks=() if grids is None else (loop.Periodic(int(config.training.sample_every), grids.write),),
@@ -205,7 +205,7 @@ def print_outputs(workdir: str, step: int, loss: float | None, seconds: float, s
     if sampled:
         lines.append(f"  samples:     {os.path.join(workdir, 'samples', f'step_{step}.png')}")
     lines += [f"  metrics:     {os.path.join(workdir, 'metrics.jsonl')} "
-              f"(TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tb')})",
+              f"({metrics.tensorboard_hint(os.path.join(workdir, 'tb'))})",
               f"  checkpoints: {os.path.join(workdir, 'checkpoints')} (rerun the command to resume; "
               "--mode=sample to sample)"]
     print("\n".join(lines), flush=True)

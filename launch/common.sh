@@ -1,6 +1,9 @@
-# Shared by the launch scripts: option parsing, --dry-run, and the interpreter.
+# Shared by the launch scripts: option parsing, --dry-run, the interpreter, and the checks.
 # Every script takes `--dry-run` (print the commands, run nothing) and passes
-# any other `--flag=value` through to `python -m ddpm_jax.main`.
+# ddpm_jax.main's own flags (--config, --config.FIELD=VALUE, --workdir, --mode, --debug)
+# through to `python -m ddpm_jax.main`; any other flag is refused. Before anything is
+# written, started or submitted (a dry run included), check_run refuses a missing or
+# unwritable --workdir and a config that does not load with its overrides.
 #
 # The interpreter is the project's own, chosen here once for every script (after
 # parse_args, in $PY): --python=PATH if the script takes it, else $PYTHON, else the
@@ -13,6 +16,7 @@ MAIN_ARGS=()
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
+MAIN_FLAGS="config workdir mode debug"
 die() { echo "error: $*" >&2; exit 2; }
 
 # resolve_python: sets PY (see the top of this file).
@@ -38,8 +42,11 @@ parse_args() {
         local name="${arg%%=*}"; name="${name#--}"
         if [[ " ${KNOWN_OPTS:-} " == *" $name "* ]]; then
           printf -v "OPT_${name//-/_}" '%s' "${arg#*=}"
-        else
+        elif [[ " $MAIN_FLAGS " == *" $name "* || "$name" == config.* ]]; then
           MAIN_ARGS+=("$arg")
+        else
+          die "unknown option $arg: this script takes --${KNOWN_OPTS// /, --}, ddpm_jax.main takes" \
+              "--${MAIN_FLAGS// /, --} and --config.FIELD=VALUE (see --help)"
         fi ;;
       *) die "unexpected argument '$arg' (options look like --name=value; see --help)" ;;
     esac
@@ -49,6 +56,38 @@ parse_args() {
     local has_config=0
     for a in "${MAIN_ARGS[@]}"; do [[ "$a" == --config=* ]] && has_config=1; done
     [[ $has_config == 1 ]] || die "missing --config=configs/<experiment>.py"
+  fi
+}
+
+# main_arg NAME: the value of ddpm_jax.main's --NAME=VALUE ("" if absent).
+main_arg() {
+  local a value=""
+  for a in "${MAIN_ARGS[@]}"; do [[ "$a" == "--$1="* ]] && value="${a#--$1=}"; done
+  echo "$value"
+}
+
+# require_workdir HINT: sets WORKDIR, refusing its absence (HINT says where it must be).
+require_workdir() {
+  WORKDIR="$(main_arg workdir)"
+  [[ -n "$WORKDIR" ]] || die "missing --workdir=DIR${1:+ ($1)}"
+}
+
+# check_run HINT: the checks every local launch makes before writing or starting anything:
+# --workdir given, a directory (or creatable: its nearest existing parent is a writable
+# directory), and the config loadable with its overrides (ddpm_jax.main --print_config,
+# whose one-line error is shown as is).
+check_run() {
+  require_workdir "${1:-}"
+  local probe="$WORKDIR"
+  [[ ! -e "$probe" || -d "$probe" ]] || die "--workdir=$WORKDIR exists and is not a directory; pass a directory"
+  while [[ ! -e "$probe" ]]; do probe="$(dirname "$probe")"; done
+  [[ -d "$probe" && -w "$probe" ]] || die "--workdir=$WORKDIR cannot be written: $probe is not a writable" \
+    "directory; pass a workdir you can write"
+  local err
+  if ! err=$("$PY" -m ddpm_jax.main "${MAIN_ARGS[@]}" --print_config 2>&1 >/dev/null); then
+    err="$(printf '%s\n' "$err" | grep -v '^[[:space:]]*$' | tail -n 1)"
+    echo "${err:-error: $PY -m ddpm_jax.main --print_config failed}" >&2
+    exit 2
   fi
 }
 

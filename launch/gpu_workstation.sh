@@ -11,6 +11,7 @@ source "$(dirname "$0")/common.sh"
 usage() { sed -n '2,8p' "$0"; }
 KNOWN_OPTS="gpus python"
 parse_args "$@"
+check_run
 
 env_vars=(XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)
 # Let XLA overlap collectives with compute and use cuDNN's fused attention where the config asks.

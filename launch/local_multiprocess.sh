@@ -20,11 +20,10 @@ nproc_=${OPT_processes:-2}
 ndev=${OPT_devices:-4}
 [[ "$nproc_" =~ ^[1-9][0-9]*$ ]] || die "--processes must be a positive integer, got '$nproc_'"
 [[ "$ndev" =~ ^[1-9][0-9]*$ ]] || die "--devices must be a positive integer, got '$ndev'"
+check_run
 port=${OPT_port:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
-workdir=""
-for a in "${MAIN_ARGS[@]}"; do [[ "$a" == --workdir=* ]] && workdir="${a#--workdir=}"; done
-[[ -n "$workdir" ]] || die "missing --workdir=DIR"
+workdir="$WORKDIR"
 logdir="$workdir/logs"
 if [[ $DRY_RUN == 0 ]]; then
   mkdir -p "$logdir"

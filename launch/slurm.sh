@@ -5,21 +5,25 @@
 #   launch/slurm.sh --nodes=4 --gpus-per-node=8 --partition=gpu --time=72:00:00 \
 #       --config=configs/cifar10.py --workdir=/shared/runs/cifar10 [--requeue] [--dry-run]
 #
-# Writes <workdir>/slurm_job.sh and submits it with sbatch (--dry-run prints it
-# instead). The workdir must be on a filesystem every node sees. With
+# Checks the flags, the workdir and the config first, then writes <workdir>/slurm_job.sh
+# and submits it with sbatch (--dry-run prints it instead; without sbatch on PATH
+# nothing is written). The workdir must be on a filesystem every node sees. With
 # --requeue, a preempted job restarts and resumes from its latest checkpoint.
 # srun runs the project's interpreter (--python=PATH, else $PYTHON, else the
 # repository's .venv/bin/python, else python3), which every node must see too.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-usage() { sed -n '2,12p' "$0"; }
+usage() { sed -n '2,13p' "$0"; }
 KNOWN_OPTS="nodes gpus-per-node partition time account python"
 parse_args "$@"
 nodes=${OPT_nodes:-1}
 gpus=${OPT_gpus_per_node:-8}
-workdir=""
-for a in "${MAIN_ARGS[@]}"; do [[ "$a" == --workdir=* ]] && workdir="${a#--workdir=}"; done
-[[ -n "$workdir" ]] || die "missing --workdir=DIR (on a filesystem shared by all nodes)"
+[[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$nodes'"
+[[ "$gpus" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive integer, got '$gpus'"
+check_run "on a filesystem shared by all nodes"
+workdir="$WORKDIR"
+[[ $DRY_RUN == 1 ]] || command -v sbatch >/dev/null || die "sbatch not found on PATH: submit from a SLURM" \
+  "login node, or pass --dry-run to see the job script"
 
 printf -v main_cmd ' %q' "${MAIN_ARGS[@]}"
 directives=(--job-name=ddpm_jax --nodes="$nodes" --ntasks-per-node=1 --gpus-per-node="$gpus"

@@ -17,6 +17,7 @@ KNOWN_OPTS="name zone bucket"
 parse_args "$@"
 [[ -n "${OPT_name:-}" ]] || die "missing --name=TPU_NAME"
 [[ -n "${OPT_zone:-}" ]] || die "missing --zone=ZONE"
+require_workdir "shared by all workers, e.g. /mnt/BUCKET/run"
 
 printf -v main_cmd ' %q' "${MAIN_ARGS[@]}"
 mount=""

@@ -147,3 +147,20 @@ def test_tokenizer_file_round_trip(tmp_path):
     assert captions.load_tokenizer(str(tmp_path)) == tok
     with pytest.raises(ValueError, match="no tokenizer file"):
         captions.load_tokenizer(str(tmp_path / "other"))
+
+
+def test_sampling_captions_are_what_the_model_reads_and_a_loss_is_warned_once(capsys):
+    import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
+    from configs import mnist_text
+
+    cfg = mnist_text.get_config().data
+    given = "a thick seven|a purple sevn 7"
+    assert captions.sampling_captions(given, cfg) == ["a thick seven", "a <unk> <unk>"]
+    assert captions.sampling_captions(given, cfg) == ["a thick seven", "a <unk> <unk>"]
+    tokenizer = captions.tokenizer_for(cfg)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"warning: caption 'a purple sevn 7' is read as 'a <unk> <unk>' (the vocabulary is the training "
+                   f"captions' {tokenizer.vocab_size} words; letters only); the grid is labelled with it."]
+    # the tokens are the same either way: what is shown is what is encoded
+    np.testing.assert_array_equal(tokenizer.encode(["a purple sevn 7"], 8)[0],
+                                  tokenizer.encode(["a <unk> <unk>"], 8)[0])

@@ -106,3 +106,91 @@ def test_inexpressible_model_refused(tmp_path):
         ex.export_params({}, meta, str(tmp_path / "o"))
     with pytest.raises(ValueError, match="only UNet2DModel"):
         ex.export_params({}, RunMeta("mlp", {}, (2,), SCHEDULE, "eps"), str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_exported_files_are_readable_per_the_umask(tmp_path, capsys, umask, mode):
+    kwargs = dict(ch=32, out_ch=1, ch_mult=[1], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    model = UNet(**{**kwargs, "ch_mult": (1,), "attn_resolutions": ()})
+    schedule = dict(name="linear", num_timesteps=10, beta_start=1e-4, beta_end=0.02)
+    workdir, out = str(tmp_path / "wd"), str(tmp_path / "out")
+    checkpointing.save_pretrained(workdir, _random_params(model, (8, 8, 1)),
+                                  RunMeta("unet", kwargs, (8, 8, 1), schedule, "eps").to_dict())
+    old = os.umask(umask)
+    try:
+        assert cli.main(["--to-diffusers", workdir, "--out", out]) == 0
+    finally:
+        os.umask(old)
+    written = {name: os.stat(os.path.join(out, name)).st_mode & 0o777 for name in os.listdir(out)}
+    assert written == {name: mode for name in (ex.WEIGHTS_NAME, "config.json", "scheduler_config.json")}
+
+
+def _tiny_digits():
+    import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
+    from configs import digits
+
+    config = digits.get_config()  # diffusion.var_type fixedsmall
+    config.model.ch, config.model.ch_mult, config.model.num_res_blocks, config.model.attn_resolutions = 32, (1,), 1, ()
+    config.diffusion.num_timesteps = 10
+    config.training.update(num_steps=2, sample_every=0, checkpoint_every=2, eval_bpd_after=False)
+    config.sampling.update(num_samples=4, batch_size=4)
+    return config
+
+
+def test_a_fixedsmall_run_exports_its_own_scheduler_and_diffusers_reproduces_its_samples(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The export reads the run's config.json (no --var-type): DDPMScheduler with the run's fixed_small
+    variance and clipping, fed the sampler's own x_T and per-step noise, gives `--mode=sample`'s images."""
+    from diffusers.schedulers import scheduling_ddpm
+
+    from ddpm_jax import sampling, train
+    from ddpm_jax.modes import sample
+
+    config, workdir, out = _tiny_digits(), str(tmp_path / "run"), str(tmp_path / "out")
+    train.train_and_evaluate(config, workdir)
+    with np.load(sample.run(config, workdir)["npz"]) as f:
+        ours = f["samples"]
+    assert cli.main(["--to-diffusers", workdir, "--out", out]) == 0
+    with open(os.path.join(out, "scheduler_config.json")) as f:
+        stored = json.load(f)
+    assert (stored["variance_type"], stored["clip_sample"]) == ("fixed_small", True)
+
+    unet = diffusers.UNet2DModel.from_pretrained(out).eval()
+    scheduler = diffusers.DDPMScheduler.from_pretrained(out)
+    scheduler.set_timesteps(10)
+    keys = sampling.image_keys(int(config.sampling.seed), jnp.arange(4))
+
+    def noise_of(t):
+        return torch.from_numpy(np.asarray(sampling.image_noise(keys, t, (8, 8, 1))).transpose(0, 3, 1, 2).copy())
+
+    step_t = {}
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, **k: noise_of(step_t["t"]))
+    x = noise_of(10)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            step_t["t"] = int(t)
+            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    theirs = np.clip(x.numpy().transpose(0, 2, 3, 1), -1, 1)
+    assert float(np.abs(theirs - ours).max()) < 1e-4 and float(np.abs(ours).max()) > 0.1
+
+
+def test_a_latent_run_is_not_exported_and_a_conditional_export_names_its_null_class(tmp_path, capsys):
+    kwargs = dict(ch=32, out_ch=1, ch_mult=[1], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    model = UNet(**{**kwargs, "ch_mult": (1,), "attn_resolutions": ()})
+    schedule = dict(name="linear", num_timesteps=10, beta_start=1e-4, beta_end=0.02)
+    latent = str(tmp_path / "latent")
+    checkpointing.save_pretrained(latent, _random_params(model, (8, 8, 1)), RunMeta(
+        "unet", kwargs, (8, 8, 1), schedule, "eps", latents=dict(autoencoder="workdirs/ae")).to_dict())
+    assert cli.main(["--to-diffusers", latent, "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {latent} is a DDPM on the latents of autoencoder 'workdirs/ae'; a diffusers UNet2DModel folder "
+        "samples images, not latents to decode, so it is not exported."]
+    assert not (tmp_path / "out").exists()
+    cond = dict(kwargs, num_classes=10)
+    model = UNet(**{**cond, "ch_mult": (1,), "attn_resolutions": ()})
+    workdir = str(tmp_path / "cond")
+    checkpointing.save_pretrained(workdir, _random_params(model, (8, 8, 1)),
+                                  RunMeta("unet", cond, (8, 8, 1), schedule, "eps").to_dict())
+    assert cli.main(["--to-diffusers", workdir, "--out", str(tmp_path / "cond_out")]) == 0
+    assert ("class labels 0..9; label 10 is the null class (unconditional, for classifier-free guidance), hence "
+            "num_class_embeds 11.") in capsys.readouterr().out

@@ -184,3 +184,26 @@ def test_a_learned_variance_is_taken_from_the_conditional_branch():
     uncond = np.asarray(apply2(params, x, jnp.asarray(t), jnp.full(len(y), NUM_CLASSES)))
     np.testing.assert_allclose(out[..., :1], 4.0 * cond[..., :1] - 3.0 * uncond[..., :1], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out[..., 1:], cond[..., 1:])
+
+
+def test_guidance_on_a_model_trained_without_label_dropout_warns(tmp_path, capsys):
+    import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
+    from configs import digits_cond
+    from ddpm_jax import train
+    from ddpm_jax.modes import sample
+
+    config = digits_cond.get_config()
+    config.model.ch, config.model.ch_mult, config.model.num_res_blocks, config.model.attn_resolutions = 32, (1,), 1, ()
+    config.diffusion.num_timesteps = 10
+    config.training.update(num_steps=1, sample_every=0, checkpoint_every=1, eval_bpd_after=False, label_dropout=0.0)
+    config.sampling.update(num_samples=2, batch_size=2)
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    config.sampling.guidance_scale = 1.0
+    capsys.readouterr()
+    sample.run(config, workdir)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: sampling.guidance_scale=1 mixes in the unconditional prediction, but {workdir} was trained with "
+        "training.label_dropout=0 (never unconditioned): its null condition is untrained; sample with "
+        "guidance_scale=0 or train with label_dropout > 0."]

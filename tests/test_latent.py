@@ -202,3 +202,43 @@ def test_the_encoding_bench_times_the_cache_and_the_on_the_fly_encoder(ae_workdi
     assert record["latent_shape"] == [4, 4, 2] and record["num_train"] == 1500
     assert record["cache"]["encode_split_s"] > 0 and record["on_the_fly"]["encode_batch_s"] > 0
     assert record["ddpm_step"]["step_s"] > 0 and len(record["host"]["loadavg"]) == 3
+
+
+def test_a_converted_diffusers_autoencoder_trains_and_samples_as_latents_from(tmp_path, capsys):
+    """`convert --autoencoder-kl` writes what `data.latents_from` reads: diffusers' shift_factor is the
+    latent mean, so the codec decodes as diffusers' decode(z / scaling_factor + shift_factor)."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from ddpm_jax.convert.__main__ import main as convert_main
+    from tests.torch_weights import randomize_weights
+
+    torch.manual_seed(0)
+    reference = diffusers.AutoencoderKL(
+        in_channels=1, out_channels=1, block_out_channels=[16, 16], layers_per_block=1, latent_channels=2,
+        norm_num_groups=8, sample_size=8, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, scaling_factor=0.5, shift_factor=0.25).eval()
+    randomize_weights(reference)
+    reference.save_pretrained(str(tmp_path / "vae"))
+    ae_dir = str(tmp_path / "ae")
+    assert convert_main(["--autoencoder-kl", str(tmp_path / "vae"), "--out", ae_dir]) == 0
+    assert "latents [4, 4, 2], scale factor 0.5, latent mean 0.25" in capsys.readouterr().out
+    info = json.load(open(os.path.join(ae_dir, latents.INFO_FILE)))
+    assert (info["scale_factor"], info["latent_mean"], "shift_factor" in info) == (0.5, 0.25, False)
+
+    codec = latents.load_codec(ae_dir)
+    z = np.random.default_rng(0).normal(size=(3, 4, 4, 2)).astype(np.float32)
+    with torch.no_grad():
+        want = reference.decode(torch.from_numpy(z.transpose(0, 3, 1, 2)) / 0.5 + 0.25).sample
+    want = np.clip(want.numpy().transpose(0, 2, 3, 1), -1, 1)
+    np.testing.assert_allclose(np.asarray(codec.decode_fn(codec.params, z)), want, atol=1e-4)
+    images = data.load_arrays(digits.get_config().data, "train", limit=3)["x"]
+    with torch.no_grad():
+        mode = reference.encode(torch.from_numpy(imaging.as_float(images).transpose(0, 3, 1, 2))).latent_dist.mode()
+    np.testing.assert_allclose(codec.encode(images), (mode.numpy().transpose(0, 2, 3, 1) - 0.25) * 0.5, atol=1e-4)
+
+    config, workdir = _config(ae_dir, num_steps=2), str(tmp_path / "run")
+    config.training.sample_every = 2
+    assert int(train.train_and_evaluate(config, workdir).step) == 2
+    assert checkpointing.read_meta(workdir)["latents"]["latent_mean"] == 0.25
+    with np.load(sample.run(config, workdir)["npz"]) as f:
+        assert f["samples"].shape == (8, 8, 8, 1) and np.isfinite(f["samples"]).all()

@@ -1,11 +1,13 @@
-"""The launch scripts: --dry-run prints the commands they would run; bad options fail; every
-script runs the project's interpreter ($PYTHON, else the repository's .venv, else python3)."""
+"""The launch scripts: --dry-run prints the commands they would run; bad options, workdirs and
+configs fail before anything is written; every script runs the project's interpreter ($PYTHON,
+else the repository's .venv, else python3)."""
 
 import os
 import pathlib
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 LAUNCH = pathlib.Path(__file__).resolve().parent.parent / "launch"
 # A stand-in interpreter: records its arguments (one per line) in a file of its own under the
 # folder $ARGV_LOG, named by the time of the call, so that processes started together cannot
-# interleave their records.
+# interleave their records. The scripts' config check (--print_config) is recorded too.
 FAKE_PYTHON = """#!/usr/bin/env bash
 mkdir -p "$ARGV_LOG"
 printf '%s\\n' "$@" > "$ARGV_LOG/.$$"
@@ -25,6 +27,14 @@ echo "fake python ran"
 def _env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
     return {**env, **extra}
+
+
+def _real(**extra: str) -> dict:
+    """The environment with this interpreter as $PYTHON: the config checks run for real."""
+    return _env(PYTHON=sys.executable, **extra)
+
+
+CHECK = "--print_config"
 
 
 def _run(script: str, *args: str, launch: pathlib.Path = LAUNCH, env: dict | None = None,
@@ -50,7 +60,7 @@ def _calls(log: pathlib.Path) -> list[list[str]]:
 
 def test_gpu_workstation_dry_run_runs_main_with_all_flags():
     out = _run("gpu_workstation.sh", "--config=configs/cifar10.py", "--workdir=runs/c",
-               "--config.training.batch_size=64", "--gpus=0,1", "--dry-run")
+               "--config.training.batch_size=64", "--gpus=0,1", "--dry-run", env=_real())
     assert out.returncode == 0, out.stderr
     assert "-m ddpm_jax.main --config=configs/cifar10.py --workdir=runs/c" in out.stdout
     assert "--config.training.batch_size=64" in out.stdout
@@ -59,7 +69,7 @@ def test_gpu_workstation_dry_run_runs_main_with_all_flags():
 
 def test_local_multiprocess_dry_run_starts_one_process_per_rank():
     out = _run("local_multiprocess.sh", "--processes=3", "--devices=2", "--port=12345",
-               "--config=configs/digits.py", "--workdir=/tmp/x", "--dry-run")
+               "--config=configs/digits.py", "--workdir=/tmp/x", "--dry-run", env=_real())
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if "ddpm_jax.main" in l]
     assert len(lines) == 3
@@ -86,15 +96,15 @@ def test_tpu_scripts_dry_run_use_every_worker():
     assert "coordinator_address=auto" in pod.stdout
 
 
-def test_slurm_dry_run_prints_the_job_script():
+def test_slurm_dry_run_prints_the_job_script(tmp_path):
     out = _run("slurm.sh", "--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--requeue",
-               "--config=configs/cifar10.py", "--workdir=/shared/run", "--dry-run")
+               "--config=configs/cifar10.py", f"--workdir={tmp_path / 'run'}", "--dry-run", env=_real())
     assert out.returncode == 0, out.stderr
     for directive in ("--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--requeue",
                       "--ntasks-per-node=1"):
         assert f"#SBATCH {directive}" in out.stdout
     assert "-m ddpm_jax.main --config=configs/cifar10.py" in out.stdout.split("srun ", 1)[1]
-    assert not pathlib.Path("/shared/run/slurm_job.sh").exists()
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("script,args,message", [
@@ -112,6 +122,53 @@ def test_bad_options_fail_with_one_line(script, args, message):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+def _files(root: pathlib.Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("slurm.sh", ["--nodes=4", "--gpu-per-node=8", "--config=configs/digits.py", "--workdir=RUN"],
+     "unknown option --gpu-per-node=8: this script takes --nodes, --gpus-per-node, --partition, --time, "
+     "--account, --python, ddpm_jax.main takes --config, --workdir, --mode, --debug and --config.FIELD=VALUE "
+     "(see --help)"),
+    ("gpu_workstation.sh", ["--config=configs/digits.py"], "missing --workdir=DIR"),
+    ("gpu_workstation.sh", ["--config=configs/nope.py", "--workdir=RUN"],
+     "--config=configs/nope.py: no such config file; give e.g. --config=configs/digits.py."),
+    ("local_multiprocess.sh", ["--config=configs/digits.py", "--config.training.lr=3", "--workdir=RUN"],
+     "unknown config key 'training.lr'; see configs/base.py for the fields."),
+    ("slurm.sh", ["--nodes=two", "--config=configs/digits.py", "--workdir=RUN"],
+     "--nodes must be a positive integer, got 'two'"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_flags_workdir_and_config_are_checked_before_anything_is_written(tmp_path, script, args, message, dry_run):
+    args = [a.replace("RUN", str(tmp_path / "run")) for a in args] + (["--dry-run"] if dry_run else [])
+    out = _run(script, *args, env=_real(ARGV_LOG=str(tmp_path / "argv")), cwd=LAUNCH.parent)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [f"error: {message}"]
+    assert _files(tmp_path) == []  # no workdir, no job script, no process started
+
+
+def test_an_unwritable_workdir_is_refused_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    out = _run("gpu_workstation.sh", "--config=configs/digits.py", f"--workdir={tmp_path / 'file' / 'run'}",
+               "--dry-run", env=_real(), cwd=LAUNCH.parent)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: --workdir={tmp_path / 'file' / 'run'} cannot be written: {tmp_path / 'file'} is not a writable "
+        "directory; pass a workdir you can write"]
+
+
+def test_slurm_without_sbatch_writes_nothing(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "grep", "tail", "mkdir", "cat"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    out = _run("slurm.sh", "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}", cwd=LAUNCH.parent,
+               env=_real(PATH=str(bin_dir)))
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: sbatch not found on PATH: submit from a SLURM login node, or pass --dry-run to see the job script"]
+    assert not (tmp_path / "run").exists()
+
+
 # ---- the interpreter ----------------------------------------------------------------------------
 
 def test_every_script_runs_the_python_given_in_PYTHON(tmp_path):
@@ -121,10 +178,11 @@ def test_every_script_runs_the_python_given_in_PYTHON(tmp_path):
     out = _run("gpu_workstation.sh", "--config=configs/cifar10.py", f"--workdir={tmp_path / 'w'}",
                "--config.training.batch_size=64", env=env)
     assert out.returncode == 0, out.stderr
-    assert _calls(log) == [["-m", "ddpm_jax.main", "--config=configs/cifar10.py", f"--workdir={tmp_path / 'w'}",
-                            "--config.training.batch_size=64"]]
-    slurm = _run("slurm.sh", "--nodes=2", "--config=configs/cifar10.py", "--workdir=/shared/run", "--dry-run",
-                 env=env)
+    main = ["-m", "ddpm_jax.main", "--config=configs/cifar10.py", f"--workdir={tmp_path / 'w'}",
+            "--config.training.batch_size=64"]
+    assert _calls(log) == [main + [CHECK], main]
+    slurm = _run("slurm.sh", "--nodes=2", "--config=configs/cifar10.py", f"--workdir={tmp_path / 'shared'}",
+                 "--dry-run", env=env)
     assert slurm.returncode == 0, slurm.stderr
     assert f"srun {fake} -m ddpm_jax.main --config=configs/cifar10.py" in slurm.stdout
 
@@ -136,7 +194,8 @@ def test_local_multiprocess_runs_PYTHON_and_prints_log_paths_that_exist(tmp_path
     out = _run("local_multiprocess.sh", "--processes=2", "--devices=3", "--port=23456",
                "--config=configs/digits.py", f"--workdir={workdir}", env=_env(PYTHON=str(fake), ARGV_LOG=str(log)))
     assert out.returncode == 0, out.stderr
-    calls = _calls(log)
+    check, *calls = _calls(log)
+    assert check[-1] == CHECK and not any(CHECK in c for c in calls)
     assert sorted(c[c.index("-m") + 1] for c in calls) == ["ddpm_jax.main"] * 2
     assert sorted(a for c in calls for a in c if a.startswith("--config.distributed.process_id=")) == \
         ["--config.distributed.process_id=0", "--config.distributed.process_id=1"]
@@ -150,7 +209,8 @@ def test_local_multiprocess_runs_PYTHON_and_prints_log_paths_that_exist(tmp_path
 def test_local_multiprocess_names_the_log_of_a_failed_process(tmp_path):
     failing = tmp_path / "bin" / "python"
     failing.parent.mkdir(parents=True)
-    failing.write_text('#!/usr/bin/env bash\necho "No module named absl" >&2\nexit 3\n')
+    failing.write_text('#!/usr/bin/env bash\n[[ " $* " == *" --print_config "* ]] && exit 0\n'
+                       'echo "No module named absl" >&2\nexit 3\n')
     failing.chmod(0o755)
     out = _run("local_multiprocess.sh", "--processes=2", "--port=23457", "--config=configs/digits.py",
                f"--workdir={tmp_path / 'run'}", env=_env(PYTHON=str(failing)))
@@ -178,12 +238,12 @@ def test_without_PYTHON_the_repository_venv_is_preferred(repo_copy, tmp_path):
     out = _run("gpu_workstation.sh", "--config=configs/digits.py", "--workdir=w", launch=repo_copy / "launch",
                env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert f" {venv_python} -m ddpm_jax.main" in out.stdout and len(_calls(log)) == 1
+    assert f" {venv_python} -m ddpm_jax.main" in out.stdout and len(_calls(log)) == 2  # the check, the run
     workdir = tmp_path / "mp"
     out = _run("local_multiprocess.sh", "--processes=1", "--port=23458", "--config=configs/digits.py",
                f"--workdir={workdir}", launch=repo_copy / "launch", env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert len(_calls(log)) == 2 and (workdir / "logs" / "process_0.log").exists()
+    assert len(_calls(log)) == 4 and (workdir / "logs" / "process_0.log").exists()
     # --python= still wins over both
     other = _fake_python(tmp_path / "other" / "python")
     out = _run("gpu_workstation.sh", "--config=c.py", "--workdir=w", f"--python={other}", "--dry-run",
@@ -191,13 +251,17 @@ def test_without_PYTHON_the_repository_venv_is_preferred(repo_copy, tmp_path):
     assert f" {other} -m ddpm_jax.main" in out.stdout
 
 
-def test_without_PYTHON_or_a_venv_python3_is_used(repo_copy):
+def test_without_PYTHON_or_a_venv_python3_is_used(repo_copy, tmp_path):
+    log = tmp_path / "argv"
+    _fake_python(tmp_path / "bin" / "python3")
+    env = _env(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", ARGV_LOG=str(log))
     out = _run("gpu_workstation.sh", "--config=c.py", "--workdir=w", "--dry-run", launch=repo_copy / "launch",
-               env=_env())
+               env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert " python3 -m ddpm_jax.main --config=c.py" in out.stdout
-    slurm = _run("slurm.sh", "--config=c.py", "--workdir=/shared/w", "--dry-run", launch=repo_copy / "launch",
-                 env=_env())
+    assert _calls(log) == [["-m", "ddpm_jax.main", "--config=c.py", "--workdir=w", CHECK]]  # checked, not run
+    slurm = _run("slurm.sh", "--config=c.py", f"--workdir={tmp_path / 'w'}", "--dry-run",
+                 launch=repo_copy / "launch", env=env)
     assert "srun python3 -m ddpm_jax.main --config=c.py" in slurm.stdout
 
 
@@ -205,6 +269,7 @@ def test_without_PYTHON_or_a_venv_python3_is_used(repo_copy):
 # (no child process that could outlive it); on SIGTERM it records its rank and exits 0, as
 # a checkpointing run does. IGNORE_TERM=1: it ignores SIGTERM.
 WAITING_PYTHON = """#!/usr/bin/env bash
+[[ " $* " == *" --print_config "* ]] && exit 0
 rank=$(printf '%s\\n' "$@" | sed -n 's/^--config.distributed.process_id=//p')
 [[ "${IGNORE_TERM:-0}" == 1 ]] && trap '' TERM || trap 'echo "$rank" >> "$TERM_LOG"; exit 0' TERM
 mkfifo "$READY_DIR/.fifo_$rank"

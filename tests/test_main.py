@@ -86,3 +86,120 @@ def test_print_config_lists_every_field_with_its_comment(tmp_path):
                for ln in lines), lines
     assert any(ln.startswith("training.dispatch_loop = 'auto'") and "lax.scan" in ln for ln in lines)
     assert len(lines) >= 80 and not os.path.exists(tmp_path / "config.json")  # every field, one a line
+
+
+# ---- a workdir of the other kind ----------------------------------------------------------------
+
+DDPM_TINY = ["--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1", "--config.model.attn_resolutions=()",
+             "--config.diffusion.num_timesteps=10", "--config.training.num_steps=2",
+             "--config.training.sample_every=0", "--config.training.eval_bpd_after=False"]
+AE_TINY = ["--config.data.source=digits", "--config.data.image_size=8",
+           "--config.autoencoder.block_out_channels=(16,16)", "--config.autoencoder.layers_per_block=1",
+           "--config.autoencoder.latent_channels=2", "--config.autoencoder.norm_num_groups=8",
+           "--config.autoencoder.batch_size=16", "--config.autoencoder.num_steps=2",
+           "--config.autoencoder.checkpoint_every=2", "--config.autoencoder.eval_batch_size=100",
+           "--config.autoencoder.warmup_steps=0", "--config.autoencoder.eval_classifier=False"]
+
+
+def _tree(root) -> dict:
+    """{relative path: (mode, bytes)} of every file under `root`: what a refused command must not change."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = (os.stat(path).st_mode, f.read())
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_workdirs(tmp_path_factory):
+    """A tiny DDPM workdir and a tiny autoencoder workdir, trained through the command line."""
+    root = tmp_path_factory.mktemp("kinds")
+    ddpm = _run(root / "ddpm", *DDPM_TINY, "--config.training.checkpoint_every=1")  # steps 1 and 2
+    ae = _run(root / "ae", "--mode=train_autoencoder", *AE_TINY, config="configs/autoencoder_mnist.py")
+    assert ddpm.returncode == 0 and ae.returncode == 0, (ddpm.stderr[-2000:], ae.stderr[-2000:])
+    return root / "ddpm", root / "ae", ddpm.stdout
+
+
+@pytest.mark.parametrize("mode", ["sample", "train"])
+def test_a_ddpm_command_on_an_autoencoder_workdir_says_what_it_holds(two_workdirs, mode):
+    _, ae, _ = two_workdirs
+    before = _tree(ae)
+    proc = _run(ae, f"--mode={mode}", *DDPM_TINY)
+    assert proc.returncode == 1
+    assert _error_line(proc) == (
+        f"error: {ae} holds an autoencoder (--mode=train_autoencoder or convert --autoencoder-kl), not a DDPM; "
+        f"continue it with --mode=train_autoencoder, or train a DDPM on its latents with "
+        f"--config.data.latents_from={ae} and a new --workdir.")
+    assert _tree(ae) == before
+
+
+def test_the_autoencoder_mode_on_a_ddpm_workdir_says_what_it_holds(two_workdirs):
+    ddpm, _, _ = two_workdirs
+    before = _tree(ddpm)
+    proc = _run(ddpm, "--mode=train_autoencoder", *AE_TINY, config="configs/autoencoder_mnist.py")
+    assert proc.returncode == 1
+    assert _error_line(proc) == (
+        f"error: {ddpm} holds a DDPM (unet network), not an autoencoder; sample or evaluate it with --mode=sample "
+        "/ eval / bpd and its config, or give --mode=train_autoencoder a new --workdir.")
+    assert _tree(ddpm) == before
+
+
+def test_a_checkpoint_step_is_chosen_by_one_field_and_a_missing_one_named(two_workdirs, tmp_path):
+    ddpm, _, _ = two_workdirs
+    tiny_sample = ["--mode=sample", *DDPM_TINY, "--config.sampling.num_samples=4", "--config.sampling.batch_size=4"]
+    proc = _run(ddpm, *tiny_sample, "--config.checkpoint_step=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"sampled step 1 of {ddpm}" in proc.stdout
+    assert os.path.isfile(os.path.join(ddpm, "samples", "sample_ddpm_step1_seed0_n4.npz"))
+    before = _tree(ddpm)
+    proc = _run(ddpm, *tiny_sample, "--config.checkpoint_step=5")
+    assert proc.returncode == 1 and _error_line(proc) == (
+        f"error: checkpoint_step=5: {os.path.join(ddpm, 'checkpoints')} holds steps 1, 2; choose one of them "
+        "(-1: the newest).")
+    assert _tree(ddpm) == before
+    export = subprocess.run([sys.executable, "-m", "ddpm_jax.convert", "--to-diffusers", str(ddpm),
+                             "--out", str(tmp_path / "out"), "--checkpoint-step", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert export.returncode == 0 and "of step 1 " in export.stdout, export.stderr[-2000:]
+
+
+def test_the_closing_lines_say_how_to_view_the_tensorboard_events(two_workdirs):
+    import importlib.util
+
+    ddpm, _, stdout = two_workdirs
+    view = f"tensorboard --logdir {os.path.join(ddpm, 'tb')}"
+    if importlib.util.find_spec("tensorboard") is None:  # the requirements install only the writer
+        assert f"(TensorBoard events (tensorboardX); view: pip install tensorboard && {view})" in stdout
+    else:
+        assert f"(TensorBoard: {view})" in stdout
+
+
+def test_a_rerun_keeps_the_previous_result_and_a_resume_records_changed_config(two_workdirs, tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    ddpm = tmp_path / "run"
+    shutil.copytree(two_workdirs[0], ddpm)
+    bpd = ["--mode=bpd", *DDPM_TINY, "--config.eval.bpd_batch_size=8"]
+    assert _run(ddpm, *bpd, "--config.eval.bpd_num_examples=16").returncode == 0
+    result = ddpm / "eval" / "bpd_2.json"
+    first = hashlib.sha256(result.read_bytes()).hexdigest()
+    proc = _run(ddpm, *bpd, "--config.eval.bpd_num_examples=8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kept = sorted(p for p in (ddpm / "eval").glob("bpd_2.*.json"))
+    assert len(kept) == 1 and hashlib.sha256(kept[0].read_bytes()).hexdigest() == first
+    assert f"{result} existed; kept it as {kept[0]}" in proc.stdout
+    assert json.loads(result.read_text())["num_examples"] == 8 and oct(kept[0].stat().st_mode & 0o777) == "0o644"
+
+    proc = _run(ddpm, *DDPM_TINY, "--config.training.checkpoint_every=1", "--config.training.num_steps=3",
+                "--config.optim.lr=0.001")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    old = json.loads((two_workdirs[0] / "config.json").read_text())
+    line = (f"config changed since this workdir's last run: optim.lr {json.dumps(old['optim']['lr'])} -> 0.001, "
+            f"training.num_steps 2 -> 3; recorded in {ddpm / 'config_history.jsonl'}")
+    assert line in proc.stdout.splitlines()
+    (record,) = [json.loads(x) for x in (ddpm / "config_history.jsonl").read_text().splitlines()]
+    assert record["changed"] == {"optim.lr": [old["optim"]["lr"], 0.001], "training.num_steps": [2, 3]}

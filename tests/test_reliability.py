@@ -124,6 +124,22 @@ def test_scan_dispatch_resumes_bitwise_and_matches_unrolled_steps(tmp_path):
     np.testing.assert_allclose(scan_loss, unrolled_loss, rtol=1e-4)
 
 
+def test_the_progress_bar_eta_takes_pauses_as_part_of_the_run():
+    """0.1 s steps with a 10 s checkpoint every 100: the ETA after a pause is the run's remaining time
+    (380 s for 1,899 steps), not one slow update taken as the new speed (hours)."""
+    clock = [0.0]
+    with files.progress_bar(2000, "train", unit="step") as bar:
+        bar._time = lambda: clock[0]
+        bar.start_t = bar.last_print_t = 0.0
+        bar.mininterval, bar.miniters, bar.dynamic_miniters = 0, 1, False
+        for step in range(1, 102):
+            clock[0] += 0.1 + (10.0 if step == 101 else 0.0)
+            bar.update(1)
+        info = bar.format_dict
+        eta = (info["total"] - info["n"]) / (info["rate"] or info["n"] / info["elapsed"])
+    assert 300 < eta < 450, eta
+
+
 def test_ctrl_c_checkpoints_exits_130_and_resumes_bitwise(env, tmp_path):
     long_run = kr.overrides(10_000, 10_000)  # it cannot end by itself before the Ctrl-C
     w = str(tmp_path / "run")
@@ -136,6 +152,7 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes_bitwise(env, tmp_path):
     assert errors == [f"error: interrupted (Ctrl-C): checkpoint of step {reached} written to "
                       f"{os.path.join(w, 'checkpoints')}; rerun the same command to resume."]
     assert "Traceback" not in _log(w, "ctrl_c")
+    assert _log(w, "ctrl_c").count(f"checkpoint of step {reached} written to") == 1  # said once, by main
     # Resumed to reached + 4 equals a run straight to reached + 4.
     target = kr.overrides(reached + 4, 10_000)
     assert kr.finish(kr.start(w, target, env, "resume")) == 0, _log(w, "resume")

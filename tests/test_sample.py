@@ -50,6 +50,16 @@ def test_toy2d_sample_mode_writes_chain_figure_and_scores(toy_workdir):
     assert report["alpha_bar_T"] < 0.5 and report["schedule"]["num_timesteps"] == 10
 
 
+def test_sample_files_are_readable_per_the_umask(toy_workdir):
+    old = os.umask(0o027)
+    try:
+        paths = sample.run(_toy_config(), toy_workdir)
+    finally:
+        os.umask(old)
+    modes = {os.path.basename(p): os.stat(p).st_mode & 0o777 for p in paths.values() if isinstance(p, str)}
+    assert modes and set(modes.values()) == {0o640}, modes
+
+
 def test_toy_chain_starts_from_the_samplers_x_T(toy_workdir):
     # The chain figure recomputes x_T; starting the sampler from it must give the same samples.
     config = _toy_config()

@@ -27,21 +27,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, metavar="DIR", help="new (or empty) output directory")
     parser.add_argument("--var-type", dest="var_type", default=None,
                         choices=("fixedlarge", "fixedsmall", "learned", "learned_range"),
-                        help="--to-diffusers: the run's diffusion.var_type for scheduler_config.json "
-                             "(default: learned_range for a 2C-channel output, else fixedlarge)")
+                        help="--to-diffusers: the reverse variance for scheduler_config.json (default: the "
+                             "workdir's config.json diffusion.var_type; for a converted checkpoint learned_range "
+                             "for a 2C-channel output, else fixedlarge)")
+    parser.add_argument("--checkpoint-step", dest="checkpoint_step", type=int, default=-1, metavar="N",
+                        help="--to-diffusers: the checkpoint to export (default -1: the newest valid one)")
     args = parser.parse_args(argv)
     try:
         if args.to_diffusers:
-            step, meta = export_workdir(args.to_diffusers, args.out, var_type=args.var_type)
+            step, meta = export_workdir(args.to_diffusers, args.out, var_type=args.var_type,
+                                        step=args.checkpoint_step)
             print(f"wrote {args.out}: config.json, diffusion_pytorch_model.safetensors and scheduler_config.json "
                   f"of step {step} (UNet {meta.model_kwargs.get('ch')} channels, images {meta.data_shape}).")
+            classes = int(meta.model_kwargs.get("num_classes", 0))
+            if classes:
+                print(f"class labels 0..{classes - 1}; label {classes} is the null class (unconditional, for "
+                      "classifier-free guidance), hence num_class_embeds "
+                      f"{classes + 1}.")
             print(f"load with: diffusers.UNet2DModel.from_pretrained({args.out!r})")
             return 0
         if args.autoencoder_kl:
             info = convert_autoencoder_kl(args.autoencoder_kl, args.out)
             print(f"wrote {args.out}: AutoencoderKL({', '.join(f'{k}={v}' for k, v in info['model_kwargs'].items())}), "
                   f"images {info['image_shape']} -> latents {info['latent_shape']}, scale factor "
-                  f"{info['scale_factor']:g}.")
+                  f"{info['scale_factor']:g}, latent mean {info['latent_mean']:g}.")
             return 0
         meta = convert_diffusers(args.diffusers, args.out)
     except (OSError, ValueError, ImportError) as err:

@@ -119,7 +119,10 @@ def convert_autoencoder_kl(src: str, out: str) -> dict:
     """Writes the diffusers AutoencoderKL at `src` as an autoencoder workdir `out`; returns its info.
 
     The info (`out/autoencoder.json`) has the model kwargs, the config's sample size as the image
-    shape, the latent shape and `scale_factor` = the config's `scaling_factor` (0.18215 for SD).
+    shape, the latent shape and the normalisation `data.latents` applies, z = (mode - latent_mean) *
+    scale_factor: diffusers encodes (mode - shift_factor) * scaling_factor and decodes
+    D(z / scaling_factor + shift_factor), so `scale_factor` is the config's `scaling_factor`
+    (0.18215 for SD) and `latent_mean` its `shift_factor` (0 where it has none).
     """
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise FileExistsError(f"--out {out} exists and is not empty; pass a new or empty directory.")
@@ -134,8 +137,8 @@ def convert_autoencoder_kl(src: str, out: str) -> dict:
     checkpointing.save_pretrained(out, params, meta)
     shift = config.get("shift_factor")
     info = dict(meta, step=0, scale_factor=float(config["scaling_factor"]),
-                shift_factor=0.0 if shift is None else float(shift),
-                scale_source="diffusers config.json scaling_factor")
+                latent_mean=0.0 if shift is None else float(shift),
+                scale_source="diffusers config.json scaling_factor and shift_factor")
     files.write_json(os.path.join(out, INFO_FILE), info)
     return info
 

@@ -12,20 +12,23 @@ It is the inverse of the importer (`convert/diffusers.py`), with its key mapping
 (`_torch_key`) and its checked conventions (`REQUIRED`): Flax HWIO conv kernels -> OIHW,
 Dense (in, out) -> Linear (out, in), GroupNorm scale -> weight, the class embedding table as is
 (`num_class_embeds = num_classes + 1`, the null class in the last row, as the importer reads it).
+The scheduler is the run's: its `config.json` gives the reverse variance (`diffusion.var_type`,
+unless `--var-type` says otherwise) and the clipping (`sampling.clip_denoised`); a DDPM on
+latents is refused (the folder would hold no decoder).
 Importing the export gives back the same params, and exporting an import the same tensors
 (tests/test_export_diffusers.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
-from ddpm_jax import checkpointing, parallel, schedules, setup
+from ddpm_jax import checkpointing, files, parallel, schedules, setup
 from ddpm_jax.convert.diffusers import CONFIG_NAME, REQUIRED, SCHEDULER_NAME, ConversionError, _torch_key
 from ddpm_jax.models.layers import NORM_EPS
 from ddpm_jax.run_meta import RunMeta
@@ -95,38 +98,52 @@ def scheduler_config(meta: RunMeta, var_type: str, clip_sample: bool = True) -> 
     return config
 
 
-def export_params(params: Any, meta: RunMeta, out: str, *, var_type: str | None = None) -> dict:
+def export_params(params: Any, meta: RunMeta, out: str, *, var_type: str | None = None,
+                  clip_sample: bool = True) -> dict:
     """Writes the diffusers folder `out` (new or empty) for U-Net params of `meta`; returns its config."""
     if meta.model_name != "unet":
         raise ConversionError(f"model {meta.model_name!r} is not the U-Net; only UNet2DModel exports.")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise FileExistsError(f"--out {out} exists and is not empty; pass a new or empty directory.")
     try:
-        from safetensors.numpy import save_file  # noqa: PLC0415
+        from safetensors.numpy import save  # noqa: PLC0415
     except ImportError as err:
         raise ImportError("writing diffusion_pytorch_model.safetensors needs the safetensors package; "
                           "`pip install -r requirements.txt` installs it.") from err
     config = diffusers_config(meta.model_kwargs, meta.data_shape)
     var_type = var_type or str(meta.source.get("var_type", "")) or (
         "learned_range" if config["out_channels"] == 2 * config["in_channels"] else "fixedlarge")
-    os.makedirs(out, exist_ok=True)
-    save_file(export_state_dict(params), os.path.join(out, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(out, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=1)
-    with open(os.path.join(out, SCHEDULER_NAME), "w") as f:
-        json.dump(scheduler_config(meta, var_type), f, indent=1)
+    blob = save(export_state_dict(params), metadata={"format": "pt"})
+    files.write_bytes(os.path.join(out, WEIGHTS_NAME), lambda f: f.write(blob))
+    files.write_json(os.path.join(out, CONFIG_NAME), config)
+    files.write_json(os.path.join(out, SCHEDULER_NAME), scheduler_config(meta, var_type, clip_sample))
     return config
 
 
-def export_workdir(workdir: str, out: str, *, var_type: str | None = None) -> tuple[int, RunMeta]:
-    """Exports the EMA params of the workdir's newest valid checkpoint; returns (step, meta)."""
+def export_workdir(workdir: str, out: str, *, var_type: str | None = None,
+                   step: int = checkpointing.NEWEST) -> tuple[int, RunMeta]:
+    """Exports the EMA params of the workdir's newest valid checkpoint (or of `step`); returns (step, meta)."""
     stored = checkpointing.read_meta(workdir)
     if stored is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}; train first (--mode=train).")
-    meta = RunMeta.from_dict(stored)
+    meta = RunMeta.from_dict(stored, workdir)
+    if meta.latents:
+        raise ConversionError(
+            f"{workdir} is a DDPM on the latents of autoencoder {meta.latents.get('autoencoder')!r}; a diffusers "
+            "UNet2DModel folder samples images, not latents to decode, so it is not exported.")
+    trained = run_config(workdir)
+    if var_type is None and trained is not None:
+        var_type = str(trained.diffusion.var_type)
+    clip = True if trained is None else setup.clips_x0(trained, bool(trained.sampling.clip_denoised))
     model = setup.build_from_spec(meta.model_name, meta.model_kwargs)
     template = setup.abstract_params(model, meta.data_shape, parallel.make_mesh(jax.local_devices()[:1]))
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
-        step, params = ckpt.restore_newest_valid_ema(template)
-    export_params(parallel.to_host(params), meta, out, var_type=var_type)
+        step, params = ckpt.restore_newest_valid_ema(template, step=step)
+    export_params(parallel.to_host(params), meta, out, var_type=var_type, clip_sample=clip)
     return int(step), meta
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict | None:
+    """The config the workdir was trained with (its `config.json`), or None (a converted checkpoint)."""
+    path = os.path.join(str(workdir), "config.json")
+    return ml_collections.ConfigDict(files.read_json(path)) if os.path.isfile(path) else None

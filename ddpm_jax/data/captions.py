@@ -201,11 +201,39 @@ def named_class(caption: str) -> int | None:
 
 def sampling_captions(spec: str, cfg: Any) -> list[str]:
     """``sampling.captions`` as a list: '' -> [""] (the null caption), 'a|b' -> ["a", "b"],
-    'eval_split' -> the captions of ``data.eval_split`` in order."""
+    'eval_split' -> the captions of ``data.eval_split`` in order. A caption the model cannot read
+    whole is given as it reads it (`as_seen`), with a one-line warning, so grids are labelled
+    with what the model saw."""
     spec = str(spec).strip()
     if spec == EVAL_SPLIT_CAPTIONS:
         return split_captions(cfg, str(cfg.eval_split))
-    return [" ".join(c.split()) for c in spec.split("|")] if spec else [""]
+    given = [" ".join(c.split()) for c in spec.split("|")] if spec else [""]
+    tokenizer = tokenizer_for(cfg)
+    return [_seen_with_warning(c, tokenizer) for c in given]
+
+
+_WARNED: set[tuple[str, str]] = set()  # each changed caption is announced once per process
+
+
+def as_seen(caption: str, tokenizer: Tokenizer) -> str | None:
+    """The caption as the model reads it when some of it is lost, else None: its words, a word out
+    of the vocabulary as <unk>, what is no word (e.g. "7": words are runs of letters) dropped."""
+    known = set(tokenizer.vocab)
+    lost = any(not text_words(t) or any(w not in known for w in text_words(t)) for t in caption.split())
+    if not lost:
+        return None
+    return " ".join(w if w in known else "<unk>" for w in text_words(caption))
+
+
+def _seen_with_warning(caption: str, tokenizer: Tokenizer) -> str:
+    seen = as_seen(caption, tokenizer)
+    if seen is None:
+        return caption
+    if (caption, seen) not in _WARNED:
+        _WARNED.add((caption, seen))
+        print(f"warning: caption {caption!r} is read as {seen!r} (the vocabulary is the training captions' "
+              f"{tokenizer.vocab_size} words; letters only); the grid is labelled with it.", flush=True)
+    return seen
 
 
 class CaptionedSource(Source):

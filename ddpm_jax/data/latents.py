@@ -51,10 +51,20 @@ def latents_from(cfg: Any) -> str:
     return str(cfg.get("latents_from", "") or "")
 
 
+def is_autoencoder_meta(stored: Any) -> bool:
+    """Whether a checkpoint's meta is an autoencoder's (trained or converted), not a DDPM's."""
+    return isinstance(stored, dict) and stored.get("model") == MODEL_NAME
+
+
 def check_autoencoder_meta(expected: dict, workdir: str) -> Callable[[dict | None], None]:
-    """A checkpoint-meta check refusing an autoencoder other than `expected`, naming what differs."""
+    """A checkpoint-meta check refusing a DDPM or an autoencoder other than `expected`, naming what differs."""
 
     def check(stored: dict | None) -> None:
+        if stored is not None and not is_autoencoder_meta(stored):
+            name = stored.get("model", {}).get("name", "?") if isinstance(stored.get("model"), dict) else "?"
+            raise ValueError(f"{workdir} holds a DDPM ({name} network), not an autoencoder; sample or evaluate it "
+                             "with --mode=sample / eval / bpd and its config, or give --mode=train_autoencoder a "
+                             "new --workdir.")
         if stored is not None and stored != expected:
             diff = [f"{k} {stored.get(k)!r} (this config: {v!r})" for k, v in expected.items() if stored.get(k) != v]
             raise ValueError(f"{workdir} holds the checkpoint of another autoencoder: {'; '.join(diff)}; use a "

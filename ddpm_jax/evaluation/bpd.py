@@ -273,6 +273,8 @@ def write_report(workdir: str, step: int, result: dict) -> dict[str, str]:
     paths = dict(json=os.path.join(out_dir, f"bpd_{step}.json"), png=os.path.join(out_dir, f"bpd_{step}.png"))
     if jax.process_index() != 0:
         return paths
+    for path in paths.values():
+        files.keep_previous(path)
     files.write_json(paths["json"], {**result, "step": int(step)})
     plot_terms(paths["png"], result, title=f"step {step}: " + summary_line(result).split(": ", 1)[1])
     prefix = LATENT_PREFIX if result.get("space") == "latent" else ""

@@ -48,8 +48,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ode = ode_likelihood.evaluate_ode_bpd(config, loaded.params, loaded.model, loaded.sched)
         result["ode"] = ode
         if jax.process_index() == 0:
-            path = files.write_json(os.path.join(workdir, "eval", f"bpd_ode_{loaded.step}.json"),
-                                    dict(ode, step=loaded.step))
+            path = os.path.join(workdir, "eval", f"bpd_ode_{loaded.step}.json")
+            files.keep_previous(path)
+            files.write_json(path, dict(ode, step=loaded.step))
             metrics.write_scalars(workdir, loaded.step, {"eval/ode_total_bpd": ode["total_bpd"]})
             print(f"step {loaded.step}: {ode_likelihood.summary_line(ode)}; wrote {path}", flush=True)
     return result

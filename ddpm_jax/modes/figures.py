@@ -147,6 +147,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     loaded = setup.load_run(config, workdir)
     stem = os.path.join(workdir, "figures", f"{kind}_step{loaded.step}")
     paths = {"png": stem + ".png"}
+    if jax.process_index() == 0:
+        for path in (stem + ".png", stem + ".json"):
+            files.keep_previous(path)
     if kind == "rate_distortion":
         num = int(config.figures.num_examples)
         result = bpd.evaluate_bpd(config, loaded.params, loaded.model, loaded.sched, loaded.mesh,
