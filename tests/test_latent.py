@@ -1,6 +1,7 @@
 """Diffusion on an autoencoder's latents (`data.latents_from`): training with exact resume, sampling
 and eval decoded to images, bits/dim labelled latent, and the one-line refusals."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -8,10 +9,11 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from PIL import Image, ImageSequence
 
 import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
 from configs import autoencoder_mnist, digits
-from ddpm_jax import checkpointing, checks, data, imaging, parallel, run_meta, setup, train
+from ddpm_jax import checkpointing, checks, data, imaging, parallel, run_meta, sampler, setup, train
 from ddpm_jax.data import latents, sources
 from ddpm_jax.evaluation import chunked_generation, classifier
 from ddpm_jax.modes import autoencoder as ae_mode
@@ -52,6 +54,16 @@ def _config(ae_workdir, num_steps=4):
     return config
 
 
+def _decode(ae_workdir, z):
+    """The autoencoder's own decode of normalised latents [..., 4, 4, 2]: pixels, clipped to [-1, 1]."""
+    model, params, info = latents.load_autoencoder(ae_workdir)
+    z = np.asarray(z, np.float64)
+    flat = z.reshape((-1, *z.shape[-3:])) / info["scale_factor"] + info["latent_mean"]
+    x = np.asarray(model.apply({"params": params}, flat.astype(np.float32), method="decode"))
+    assert x.shape[1:] == (8, 8, 1)  # images of the pixel data's shape, not 4x4x2 latents
+    return np.clip(x, -1.0, 1.0).reshape((*z.shape[:-3], 8, 8, 1))
+
+
 @pytest.fixture(scope="module")
 def latent_workdir(ae_workdir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("ddpm") / "run")
@@ -87,7 +99,13 @@ def test_latent_training_records_the_autoencoder_and_resumes_exactly(ae_workdir,
     assert meta["latents"] == dict(autoencoder=os.path.normpath(ae_workdir), latent_shape=[4, 4, 2],
                                    scale_factor=info["scale_factor"], latent_mean=info["latent_mean"],
                                    autoencoder_step=4)
-    assert os.path.getsize(os.path.join(latent_workdir, "samples", "step_4.png")) > 0  # a decoded grid
+    # The step-4 grid shows the autoencoder's decode of the EMA sampler's latents.
+    run = setup.load_run(_config(ae_workdir), latent_workdir)
+    latent = sampler.generate(setup.make_sampler(dataclasses.replace(run, codec=None), _config(ae_workdir)),
+                              run.params, num_samples=8, batch_size=8).samples
+    expected = imaging.grid_image(_decode(ae_workdir, latent))
+    np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(latent_workdir, "samples", "step_4.png"))),
+                                  expected[..., 0])
 
     resumed_dir = str(tmp_path / "resumed")
     assert int(train.train_and_evaluate(_config(ae_workdir, 2), resumed_dir).step) == 2
@@ -105,11 +123,23 @@ def test_latent_training_records_the_autoencoder_and_resumes_exactly(ae_workdir,
 def test_sample_and_eval_see_decoded_images(ae_workdir, latent_workdir, tmp_path):
     config = _config(ae_workdir)
     paths = sample.run(config, latent_workdir)
+    loaded = setup.load_run(config, latent_workdir)
+    raw = sampler.generate(setup.make_sampler(dataclasses.replace(loaded, codec=None), config, trajectory_every=5),
+                           loaded.params, num_samples=8, batch_size=8)
+    assert raw.samples.shape == (8, 4, 4, 2)  # the chain runs on latents, which the autoencoder decodes
+    decoded = raw._replace(samples=_decode(ae_workdir, raw.samples), trajectory=_decode(ae_workdir, raw.trajectory),
+                           trajectory_x0=_decode(ae_workdir, raw.trajectory_x0))
     with np.load(paths["npz"]) as f:
         assert f["samples"].shape == (8, 8, 8, 1) and f["images"].dtype == np.uint8
-        assert f["samples"].min() >= -1 and f["samples"].max() <= 1
-    assert os.path.getsize(paths["gif"]) > 0  # trajectory frames decoded too (8x8 grids)
-    loaded = setup.load_run(config, latent_workdir)
+        assert f["samples"].min() >= -1 and f["samples"].max() <= 1  # the pixel range
+        np.testing.assert_allclose(f["samples"], decoded.samples, atol=1e-5)
+        np.testing.assert_array_equal(f["images"], imaging.to_uint8(decoded.samples))
+    with Image.open(paths["gif"]) as gif:  # x_t beside x̂_0, every frame decoded
+        frames = [np.asarray(frame.convert("L")) for frame in ImageSequence.Iterator(gif)]
+    expected = sample._trajectory_frames(decoded, (8, 8, 1))[..., 0]
+    assert len(frames) == len(expected) == 2  # x_5 and x_0 of the T = 10 chain
+    for frame, want in zip(frames, expected):  # to one level: jit vs eager float32 at the .5 boundaries
+        assert np.max(np.abs(frame.astype(int) - want.astype(int))) <= 1
     out_dir, gen = evaluate._generate(config, loaded, str(tmp_path / "step"))
     (_, images), = chunked_generation.read_chunks(out_dir, [0], num_samples=8, chunk_size=8)
     assert gen["images_generated"] == 8 and images.shape == (8, 8, 8, 1) and images.dtype == np.uint8

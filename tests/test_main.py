@@ -25,18 +25,15 @@ def _error_line(proc):
 
 @pytest.mark.parametrize(
     "override, expected",
-    [
-        ("--config.training.batchsize=64",
-         r"unknown config key 'training.batchsize' \(did you mean training.batch_size\?\)"),
-        ("--config.nope.x=1", r"unknown config key 'nope.x'"),
-        ("--config.training.batch_size=abc", r"bad value 'abc' for config key 'training.batch_size'"),
-        ("--config.optim.lr=fast", r"bad value 'fast' for config key 'optim.lr': expected a number"),
-        ("--config.training.num_steps=many",
-         r"bad value 'many' for config key 'training.num_steps': expected an integer\.$"),
-        ("--config.model.remat=maybe", r"bad value 'maybe' for config key 'model.remat': expected True or False"),
+    [  # what the line must name: the key, the bad value, the fix (wording free)
+        ("--config.training.batchsize=64", ("'training.batchsize'", "did you mean training.batch_size?")),
+        ("--config.nope.x=1", ("'nope.x'", "configs/base.py")),
+        ("--config.training.batch_size=abc", ("'training.batch_size'", "'abc'", "integer")),
+        ("--config.optim.lr=fast", ("'optim.lr'", "'fast'", "a number")),
+        ("--config.training.num_steps=many", ("'training.num_steps'", "'many'", "integer")),
+        ("--config.model.remat=maybe", ("'model.remat'", "'maybe'", "True or False")),
         # config_flags itself takes this one (as (1, 'a')); the check after parsing does not.
-        ("--config.model.ch_mult=(1,a)",
-         r"bad value '\(1,a\)' for config key 'model.ch_mult': expected a tuple like \(1, 2\)"),
+        ("--config.model.ch_mult=(1,a)", ("'model.ch_mult'", "'(1,a)'", "a tuple like (1, 2)")),
     ],
 )
 def test_bad_override_exits_with_one_line_naming_the_key(tmp_path, override, expected):
@@ -44,7 +41,8 @@ def test_bad_override_exits_with_one_line_naming_the_key(tmp_path, override, exp
     assert proc.returncode != 0
     line = _error_line(proc)
     assert line.startswith("error: ")
-    assert re.search(expected, line), line
+    for part in expected:
+        assert part in line, line
     assert not os.path.exists(os.path.join(tmp_path, "config.json"))
 
 
@@ -63,10 +61,9 @@ def test_missing_config_file_and_workdir(tmp_path):
     assert proc.returncode != 0 and "--workdir is required" in proc.stderr
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("def get_config(:\n", r"^error: --config=.*broken\.py: syntax error at line 1: invalid syntax; fix the file\.$"),
-    ("def get_config():\n    return 1 / 0\n",
-     r"^error: --config=.*broken\.py could not be loaded: ZeroDivisionError: division by zero$"),
+@pytest.mark.parametrize("source, expected", [  # the file, where or what went wrong, the fix
+    ("def get_config(:\n", ("broken.py", "line 1", "fix the file")),
+    ("def get_config():\n    return 1 / 0\n", ("broken.py", "ZeroDivisionError")),
 ])
 def test_a_broken_config_file_is_one_line_naming_it(tmp_path, source, expected):
     path = tmp_path / "broken.py"
@@ -74,7 +71,8 @@ def test_a_broken_config_file_is_one_line_naming_it(tmp_path, source, expected):
     for extra in ((), ("--config.seed=1",)):  # config_flags loads it at parse time, or at first use
         proc = _run(tmp_path / "w", *extra, config=str(path))
         assert proc.returncode == 2
-        assert re.search(expected, _error_line(proc)), proc.stderr[-2000:]
+        line = _error_line(proc)
+        assert line.startswith("error: --config=") and all(part in line for part in expected), proc.stderr[-2000:]
         assert not os.path.exists(tmp_path / "w")
 
 

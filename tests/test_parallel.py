@@ -38,10 +38,15 @@ def test_batch_size_not_divisible_by_devices_is_a_clear_error():
     parallel.check_batch_size(12, parallel.make_mesh(jax.devices()[:4]))
 
 
-def test_initialize_without_coordinator_is_a_no_op():
-    parallel.initialize(None)
-    parallel.initialize({"coordinator_address": ""})
-    assert jax.process_count() == 1
+def test_a_process_id_outside_the_processes_is_refused_before_joining():
+    """Refused before `jax.distributed.initialize` (which would wait for a coordinator). Joining
+    one is run for real by tests/test_multihost.py (two processes on 127.0.0.1)."""
+    bad = {"coordinator_address": "127.0.0.1:1", "num_processes": 2, "process_id": 2}
+    with pytest.raises(ValueError) as err:
+        parallel.initialize(bad)
+    message = str(err.value)
+    assert "distributed.process_id=2" in message and "num_processes=2" in message
+    assert "distinct id below num_processes" in message and "\n" not in message
 
 
 def _tiny_config():

@@ -12,7 +12,7 @@ from PIL import Image
 
 import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
 from configs import digits, toy2d
-from ddpm_jax import imaging, sampler, sampling, setup, train
+from ddpm_jax import data, imaging, sampler, sampling, setup, train
 from ddpm_jax.modes import sample
 
 
@@ -72,6 +72,9 @@ def test_toy_chain_starts_from_the_samplers_x_T(toy_workdir):
     np.testing.assert_allclose(from_noise, from_x_T, atol=1e-6)
 
 
+PARTIAL_STEPS = 200  # enough training for the reverse steps to remove noise from a digit
+
+
 @pytest.fixture(scope="module")
 def digits_workdir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("digits") / "run")
@@ -83,31 +86,44 @@ def _digits_config():
     config = digits.get_config()
     config.model.ch_mult, config.model.num_res_blocks, config.model.attn_resolutions = (1,), 1, ()
     config.diffusion.num_timesteps = 12
-    config.training.update(batch_size=16, num_steps=2, log_every=1, sample_every=0, checkpoint_every=2,
-                           eval_bpd_after=False)
+    config.training.update(batch_size=16, num_steps=PARTIAL_STEPS, log_every=PARTIAL_STEPS, sample_every=0,
+                           checkpoint_every=PARTIAL_STEPS, eval_bpd_after=False)
     return config
 
 
-def test_partial_denoising_psnr_and_both_animations(digits_workdir):
+def _psnr(x, reference):
+    """PSNR (dB) of [-1, 1] floats shown as uint8 against uint8 `reference`, in float64."""
+    shown = np.clip(np.round((np.asarray(x, np.float64) + 1.0) * 127.5), 0, 255)
+    return 10.0 * np.log10(255.0**2 / np.mean((shown - np.asarray(reference, np.float64)) ** 2))
+
+
+def test_partial_denoising_raises_the_psnr_and_animates_both_chains(digits_workdir, tmp_path):
     config = _digits_config()
-    config.sampling.update(num_samples=3, batch_size=8, init_image="camera", start_step=9, trajectory_every=4)
+    digit = data.load_arrays(config.data, "test", limit=1)["x"][0]  # a digit the model never saw
+    Image.fromarray(digit[..., 0]).save(tmp_path / "digit.png")
+    config.sampling.update(num_samples=3, batch_size=8, init_image=str(tmp_path / "digit.png"), start_step=6,
+                           trajectory_every=4)
     paths = sample.run(config, digits_workdir)
     with open(paths["psnr"]) as f:
         report = json.load(f)
     arrays = np.load(paths["npz"])
-    original = imaging.to_uint8(arrays["original"])
-    for kind, key in (("noised", "psnr_noised"), ("denoised", "psnr_denoised")):
-        per_image = [imaging.psnr(x, original) for x in arrays[kind]]
-        assert report[key] == pytest.approx(np.mean(per_image))
-        assert report[key + "_per_image"] == pytest.approx(per_image)
+    np.testing.assert_array_equal(imaging.to_uint8(arrays["original"]), digit)
+    noised = [_psnr(x, digit) for x in arrays["noised"]]
+    denoised = [_psnr(x, digit) for x in arrays["denoised"]]
+    assert report["psnr_noised_per_image"] == pytest.approx(noised)
+    assert report["psnr_denoised_per_image"] == pytest.approx(denoised)
+    assert report["psnr_noised"] == pytest.approx(np.mean(noised))
+    assert report["psnr_denoised"] == pytest.approx(np.mean(denoised))
+    rise = np.subtract(denoised, noised)  # each image closer to the digit than its noised start
+    assert min(rise) > 0 and np.mean(rise) > 0.5, (noised, denoised)
     sched = setup.create_schedule(config)
-    assert report["alpha_bar_k"] == pytest.approx(float(sched.alphas_cumprod[8]))
-    # The chain from x_9: the start frame, then after steps 9->5 and 5->1 (kept), and x_0.
-    assert Image.open(paths["partial_gif"]).n_frames == 1 + 2 + 1
+    assert report["alpha_bar_k"] == pytest.approx(float(sched.alphas_cumprod[5]))
+    # The chain from x_6: the start frame, then after steps 6->2 (kept), and x_0.
+    assert Image.open(paths["partial_gif"]).n_frames == 1 + 1 + 1
     # The chain from pure noise is animated too: 12 steps kept every 4.
     assert Image.open(paths["gif"]).n_frames == 3
     assert np.load(paths["samples_npz"])["samples"].shape == (3, 8, 8, 1)
-    assert os.path.basename(paths["samples_grid"]) == "sample_ddpm_step2_seed0_n3.png"
+    assert os.path.basename(paths["samples_grid"]) == f"sample_ddpm_step{PARTIAL_STEPS}_seed0_n3.png"
 
 
 def test_psnr_matches_skimage():
