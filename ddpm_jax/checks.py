@@ -282,9 +282,13 @@ def check_sampler(s: ml_collections.ConfigDict, num_timesteps: int) -> None:
     entry = sampling.METHODS[method]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= num_timesteps:
         raise ValueError(
-            f"sampling.steps={steps!r} must be an int in 0..T={num_timesteps} (diffusion.num_timesteps; 0: the "
-            f"method's default) with sampling.method={method}; use e.g. "
-            f"--config.sampling.steps={min(entry.default_steps or num_timesteps, num_timesteps)}.")
+            f"sampling.steps={steps!r} must lie in 0..T={num_timesteps} (diffusion.num_timesteps; 0: the method's "
+            f"default) with sampling.method={method}; use e.g. --config.sampling.steps="
+            f"{min(entry.default_steps or num_timesteps, num_timesteps)}, or --config.sampling.method=ddpm for all "
+            "T steps.")
+    if not entry.default_steps and steps not in (0, num_timesteps):
+        raise ValueError(f"sampling.steps={steps} with sampling.method={method}, which runs all T={num_timesteps} "
+                         "steps; use --config.sampling.steps=0, or --config.sampling.method=ddim for fewer steps.")
     if eta is not None and entry.eta is None:
         raise ValueError(f"sampling.eta={eta} has no meaning for sampling.method={method}; leave it unset "
                          f"(methods with η: {', '.join(m.name for m in sampling.METHODS.values() if m.eta is not None)}).")
