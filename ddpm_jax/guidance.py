@@ -15,7 +15,7 @@ guided step costs one (twice as large) call, not two dispatches.
 
 Parameterisations. Guidance is defined on ε. For a network predicting x0 or v, each branch's ε
 is an affine function of its output with the same x_t: ε = a_t · out + b_t · x_t
-(`diffusion.x0_and_eps`: eps a=1, b=0; x0 a=−1/√(1/ᾱ−1), b=√(1/ᾱ)/√(1/ᾱ−1); v a=√ᾱ, b=√(1−ᾱ)).
+(`GaussianDiffusion.x0_and_eps`: eps a=1, b=0; x0 a=−1/√(1/ᾱ−1), b=√(1/ᾱ)/√(1/ᾱ−1); v a=√ᾱ, b=√(1−ᾱ)).
 Since the weights (1 + w) and −w sum to one,
     (1 + w) ε_c − w ε_∅ = a_t [(1 + w) out_c − w out_∅] + b_t x_t,
 i.e. combining the outputs in the network's own parameterisation IS guiding in ε, and the
