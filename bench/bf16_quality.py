@@ -98,12 +98,12 @@ def heldout_loss_fn(config, draws: int, seed: int = 1234):
     x0 = np.concatenate([b["x"][b["mask"]] for b in data.create_eval_iterator(
         cfg.data, cfg.data.eval_split, batch_size=64)])
     x0 = jnp.asarray(np.tile(x0, (draws,) + (1,) * (x0.ndim - 1)))
-    pred = str(cfg.diffusion.pred)
+    process = diffusion.GaussianDiffusion(sched, pred=str(cfg.diffusion.pred))  # L_simple
 
     @jax.jit
     def loss(params):
         fn = lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)  # noqa: E731
-        return jnp.mean(diffusion.loss_simple(sched, fn, x0, jax.random.key(seed), pred=pred))
+        return jnp.mean(process.loss_simple(fn, x0, jax.random.key(seed)))
 
     return lambda params: float(loss(jax.device_get(params)))
 

@@ -37,7 +37,7 @@ DEFAULT_SAMPLERS = ("ddpm,ddim:10,ddim:20,ddim:50,ddim:100,dpmpp_2m:5,dpmpp_2m:1
 
 def parse_samplers(text: str) -> list[tuple]:
     """'ddpm,ddim:10,heun:5:time_uniform' -> [("ddpm", None, ""), ("ddim", 10, ""), ("heun", 5, "time_uniform")]
-    (a solver's optional third part is its sampling.solver_spacing)."""
+    (the optional third part is its sampling.spacing)."""
     out = []
     for item in filter(None, (p.strip() for p in text.split(","))):
         method, _, rest = item.partition(":")
@@ -49,25 +49,20 @@ def parse_samplers(text: str) -> list[tuple]:
 
 
 def sampler_config(config, method: str, steps: int | None, seed: int, spacing: str = ""):
-    """A copy of `config` sampling with `method` over `steps` (DDIM: ddim_steps; solvers: solver_steps
-    and, if given, solver_spacing)."""
+    """A copy of `config` sampling with `method` over `steps` (None: every step, ddpm) and, if given,
+    `spacing` (sampling.steps, sampling.spacing)."""
     c = copy.deepcopy(config)
     c.sampling.method, c.sampling.seed = method, int(seed)
-    if method == "ddim":
-        c.sampling.ddim_steps = int(steps)
-    elif method != "ddpm":
-        c.sampling.solver_steps = int(steps)
-        if spacing:
-            c.sampling.solver_spacing = spacing
+    c.sampling.steps = int(steps or 0)
+    if spacing:
+        c.sampling.spacing = spacing
     return c
 
 
 def nfe(method: str, steps: int | None, num_timesteps: int) -> int:
-    from ddpm_jax import solvers  # noqa: PLC0415
+    from ddpm_jax import sampling  # noqa: PLC0415
 
-    if method == "ddpm":
-        return num_timesteps
-    return int(steps) if method == "ddim" else solvers.nfe(method, int(steps))
+    return sampling.METHODS[method].nfe(int(steps or num_timesteps))
 
 
 def time_sampler(config, workdir: str, num_samples: int) -> dict:

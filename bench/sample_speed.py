@@ -31,7 +31,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/cifar10.py")
     p.add_argument("--method", default="ddpm", help="ddpm, ddim, or a comma list of them")
-    p.add_argument("--steps", type=int, default=0, help="ddim: steps (0: sampling.ddim_steps); ddpm: all T")
+    p.add_argument("--steps", type=int, default=0, help="ddim: steps (0: its default, 50); ddpm: all T")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--runs", type=int, default=3,
                    help="timed calls after the first (compiling) one; 0: the first call only")
@@ -58,8 +58,6 @@ def measure(args) -> list[dict]:
     from ddpm_jax import data, parallel, run_meta, sampler, setup
 
     config = common.load_config(args.config, args.overrides)
-    if args.steps:
-        config.sampling.ddim_steps = int(args.steps)
     devices = jax.devices()[: args.num_devices] if args.num_devices else jax.devices()
     mesh = parallel.make_mesh(devices)
     parallel.check_batch_size(args.batch, mesh, what="--batch")
@@ -77,10 +75,11 @@ def measure(args) -> list[dict]:
     name, kwargs = run_meta.model_spec(config)
     records = []
     for method in args.methods:
-        config.sampling.method = method
+        config.sampling.method, config.sampling.steps = method, int(args.steps) if method == "ddim" else 0
         options = setup.sampler_options(config)
-        steps = int(options["num_steps"] or sched.num_timesteps)
-        sampler_fn = sampler.Sampler(apply_fn, sched, mesh, shape=shape, seed=0, **options)
+        steps = int(options["num_steps"])
+        sampler_fn = sampler.Sampler(apply_fn, setup.create_diffusion(config, sched), mesh, shape=shape, seed=0,
+                                     **options)
         start = time.perf_counter()
         out = jax.block_until_ready(sampler_fn(params, indices))
         first_s = time.perf_counter() - start
@@ -96,7 +95,7 @@ def measure(args) -> list[dict]:
         records.append(common.emit(dict(
             impl="ddpm_jax", bench="sample", **common.jax_env(devices), config=args.config,
             overrides=args.overrides, tag=args.tag, model=dict(name=name, **kwargs),
-            method=method, num_steps=steps, var_type=options["var_type"], batch=args.batch,
+            method=method, num_steps=steps, var_type=str(config.diffusion.var_type), batch=args.batch,
             image_shape=list(shape), dtype=str(config.model.dtype),
             attention_impl=str(config.model.attention_impl), matmul_precision=args.matmul_precision or "default",
             first_call_s=first_s, compile_s=None if median_s is None else max(first_s - median_s, 0.0),

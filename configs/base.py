@@ -122,15 +122,21 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- Sampling (--mode=sample, sample grids) ---------------------------------------------
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = "ddpm"  # ddpm (Algorithm 2) | ddim | dpmpp_2m | dpmpp_3m | sde_dpmpp_2m | heun
+    # ddpm (Algorithm 2) | ddim | dpmpp_2m | dpmpp_3m | sde_dpmpp_2m | heun | euler_ancestral
+    # (the registry: ddpm_jax/sampling/registry.py; docs/samplers.md).
+    sampling.method = "ddpm"
     sampling.num_samples = 64
     sampling.batch_size = 256  # Global batch per compiled sampling call.
-    sampling.ddim_steps = 50
-    sampling.ddim_eta = 0.0
-    sampling.ddim_spacing = "leading"  # leading | trailing | quadratic
-    # Few-step solvers (method dpmpp_2m | dpmpp_3m | sde_dpmpp_2m | heun; docs/samplers.md):
-    sampling.solver_steps = 20  # Timesteps N the solver evaluates: N network calls (Heun: 2N - 1).
-    sampling.solver_spacing = ""  # time_uniform | logsnr | karras ("" = logsnr; heun: karras)
+    # Timesteps N the method evaluates; 0 = its default: every step (ddpm, which takes no other), 50
+    # (ddim), 20 (the solvers). Network calls: N (Heun: 2N - 1).
+    sampling.steps = 0
+    # How the N timesteps are laid out; "" = the method's default. ddim: leading (default) | trailing |
+    # quadratic; the solvers and euler_ancestral: time_uniform | logsnr (dpmpp default) | karras (heun and
+    # euler_ancestral default).
+    sampling.spacing = ""
+    # Stochasticity eta of ddim (eq. 16's sigma scale; 0 = deterministic) and euler_ancestral (its noise
+    # sigma_up; 1 = ancestral, 0 = Euler's ODE method); unset = the method's default (ddim 0, euler_ancestral 1).
+    sampling.eta = ml_collections.config_dict.placeholder(float)
     sampling.clip_denoised = True  # Clip the predicted x0 to [-1, 1] (pixels only: latents are never clipped).
     sampling.seed = 0  # Image i depends only on (seed, i).
     sampling.trajectory_every = 0  # Keep x_t and predicted x0 every n steps, write a GIF (0 = off).

@@ -9,7 +9,7 @@ Commands (prepare the data once, with requirements-tf.txt installed):
     python -m ddpm_jax.main --config=configs/cifar10_cond.py --workdir=runs/cifar10_cond
     # one row per class, guided (w = 1 is diffusers' guidance_scale 2):
     python -m ddpm_jax.main --config=configs/cifar10_cond.py --workdir=runs/cifar10_cond --mode=sample \
-        --config.sampling.guidance_scale=1 --config.sampling.method=dpmpp_2m --config.sampling.solver_steps=25
+        --config.sampling.guidance_scale=1 --config.sampling.method=dpmpp_2m --config.sampling.steps=25
     # FID / IS against the training set's statistics for w in {0, 0.3, 1, 4}:
     python -m ddpm_jax.main --config=configs/cifar10_cond.py --workdir=runs/cifar10_cond --mode=eval \
         --config.sampling.guidance_scale=0.3 --config.eval.inception_weights=inception_fid.npz \

@@ -6,7 +6,7 @@ sample_size 256; the data prepared once as in configs/celebahq256.py):
     python -m ddpm_jax.data.prepare --dataset=celeb_a_hq/256 --data_dir=$HOME/tensorflow_datasets
     python -m ddpm_jax.main --config=configs/latent_celebahq256.py --workdir=runs/latent_celebahq256
     python -m ddpm_jax.main --config=configs/latent_celebahq256.py --workdir=runs/latent_celebahq256 \
-        --mode=sample --config.sampling.method=dpmpp_2m --config.sampling.solver_steps=20
+        --mode=sample --config.sampling.method=dpmpp_2m --config.sampling.steps=20
 
 Expected behaviour: training starts by encoding the 30,000 images once into cached posterior
 modes (32x32x4, f = 8: z = (mode - 0) * 0.18215, the VAE's own scaling_factor; data/latents.py),

@@ -3,7 +3,7 @@
 Command:
     python -m ddpm_jax.main --config=configs/mnist.py --workdir=workdirs/mnist
     python -m ddpm_jax.main --config=configs/mnist.py --workdir=workdirs/mnist --mode=eval
-    # the same with DDIM-50: --config.sampling.method=ddim --config.sampling.ddim_steps=50
+    # the same with DDIM-50: --config.sampling.method=ddim --config.sampling.steps=50
 
 Hardware and time: a 2-core CPU. Measured (docs/experiments.md §3): 1.22 steps/s at batch 32
 with the CPU to itself (the first minute of the run), so 3,200 steps take about 44 min plus

@@ -10,7 +10,7 @@ Hardware and time: a 2-core CPU, as configs/mnist.py for training (measured: 4,6
 the 3,200 steps at load 4-9, beside other jobs; about 44 min idle); each guided eval runs the
 network on twice the batch (two times the unguided eval's sampling time).
 Measured (docs/conditional.md; SDE-DPM-Solver++(2M) with 20 calls, --config.sampling.method=
-sde_dpmpp_2m --config.sampling.solver_steps=20, 500 samples per w, the MNIST classifier whose
+sde_dpmpp_2m --config.sampling.steps=20, 500 samples per w, the MNIST classifier whose
 real test accuracy is 0.982): label accuracy 0.860 / 0.958 / 0.980 / 0.992 / 0.994 for
 w = 0 / 0.5 / 1 / 2 / 4; recall 0.89 -> 0.32 (floor 0.90); precision 0.53 -> 0.70 (floor 0.92);
 Fréchet distance 4.4x -> 21.5x its floor (14.3), best at w = 0.

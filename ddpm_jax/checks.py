@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ddpm_jax import data, diffusion, parallel, sampling, schedules, setup, solvers, timestep_sampler
+from ddpm_jax import data, diffusion, parallel, sampling, schedules, setup, timestep_sampler
 from ddpm_jax.data import captions
 from ddpm_jax.data.sources import SKIMAGE_PICTURES
 from ddpm_jax.evaluation import fid, inception
@@ -232,14 +232,11 @@ def check_conditional_training(config: ml_collections.ConfigDict) -> None:
 def check_objective(d: ml_collections.ConfigDict) -> None:
     """diffusion.pred / var_type / loss / t_sampler known and compatible (one line naming the field)."""
     try:
-        diffusion.check_pred(str(d.pred))
-        diffusion.check_loss(str(d.get("loss", "mse")), str(d.var_type))
-        if str(d.get("loss", "mse")) == "mse" and str(d.var_type) in diffusion.LEARNED_VAR_TYPES:
-            raise ValueError(f"loss='mse' leaves the learned variance (var_type={d.var_type!r}) untrained; "
-                             "use --config.diffusion.loss=hybrid (or kl).")
+        diffusion.validate(str(d.pred), str(d.var_type), str(d.get("loss", "mse")))
         timestep_sampler.check_t_sampler(str(d.get("t_sampler", "uniform")))
     except ValueError as err:
-        raise ValueError(f"diffusion.{err}".replace("diffusion.unknown ", "unknown diffusion.")) from None
+        raise ValueError(f"diffusion.{err}".replace("diffusion.unknown ", "unknown diffusion.")
+                         .replace("use loss=", "use --config.diffusion.loss=")) from None
 
 
 def check_schedule(diffusion: ml_collections.ConfigDict) -> None:
@@ -281,36 +278,29 @@ def check_schedule(diffusion: ml_collections.ConfigDict) -> None:
 # ---- sampling -----------------------------------------------------------------------------------
 
 def check_sampler(s: ml_collections.ConfigDict, num_timesteps: int) -> None:
-    """sampling.method / ddim_spacing known, and DDIM's steps in 1..T (refused, never clamped)."""
-    method = str(s.method)
+    """sampling.method known, sampling.steps in 0..T (refused, never clamped), sampling.spacing one
+    of the method's, sampling.eta only for a method with η (`sampling.resolve`'s rules)."""
+    method, steps, eta = str(s.method), s.get("steps", 0), s.get("eta")
     if method not in sampling.METHODS:
         raise ValueError(f"sampling.method={method!r} is unknown; use one of {', '.join(sampling.METHODS)} "
                          "(DPM-Solver++ has orders 2 and 3: dpmpp_2m, dpmpp_3m).")
-    if method in solvers.METHODS:
-        check_solver(s, num_timesteps)
-    if method != "ddim":
-        return
-    steps = int(s.ddim_steps)
-    if not 1 <= steps <= num_timesteps:
+    entry = sampling.METHODS[method]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= num_timesteps:
         raise ValueError(
-            f"sampling.ddim_steps={steps} must lie in 1..T={num_timesteps} (diffusion.num_timesteps) with "
-            f"sampling.method=ddim; use e.g. --config.sampling.ddim_steps={min(50, num_timesteps)}, or "
-            f"--config.sampling.method=ddpm for all T steps.")
-    if str(s.ddim_spacing) not in sampling.SPACINGS:
-        raise ValueError(f"sampling.ddim_spacing={s.ddim_spacing!r} is unknown; use one of "
-                         f"{', '.join(sampling.SPACINGS)}.")
-
-
-def check_solver(s: ml_collections.ConfigDict, num_timesteps: int) -> None:
-    """A few-step solver's sampling.solver_steps in 1..T and a known sampling.solver_spacing."""
-    steps, spacing = s.get("solver_steps", 20), str(s.get("solver_spacing", ""))
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
-        raise ValueError(f"sampling.solver_steps={steps!r} must be an int in 1..T={num_timesteps} with "
-                         f"sampling.method={s.method} (NFE = steps; heun: 2 steps - 1); use e.g. "
-                         f"--config.sampling.solver_steps={min(20, num_timesteps)}.")
-    if spacing and spacing not in solvers.SPACINGS:
-        raise ValueError(f"sampling.solver_spacing={spacing!r} is unknown; use one of "
-                         f"{', '.join(solvers.SPACINGS)} (or '' for the method's default).")
+            f"sampling.steps={steps!r} must lie in 0..T={num_timesteps} (diffusion.num_timesteps; 0: the method's "
+            f"default) with sampling.method={method}; use e.g. --config.sampling.steps="
+            f"{min(entry.default_steps or num_timesteps, num_timesteps)}, or --config.sampling.method=ddpm for all "
+            "T steps.")
+    if not entry.default_steps and steps not in (0, num_timesteps):
+        raise ValueError(f"sampling.steps={steps} with sampling.method={method}, which runs all T={num_timesteps} "
+                         "steps; use --config.sampling.steps=0, or --config.sampling.method=ddim for fewer steps.")
+    if eta is not None and entry.eta is None:
+        raise ValueError(f"sampling.eta={eta} has no meaning for sampling.method={method}; leave it unset "
+                         f"(methods with η: {', '.join(m.name for m in sampling.METHODS.values() if m.eta is not None)}).")
+    try:
+        sampling.resolve(method, num_timesteps, steps, str(s.get("spacing", "")), eta)
+    except ValueError as err:
+        raise ValueError(f"sampling.{err}".replace("sampling.unknown ", "unknown sampling.")) from None
 
 
 def check_ode_bpd(ev: ml_collections.ConfigDict) -> None:

@@ -15,17 +15,17 @@ guided step costs one (twice as large) call, not two dispatches.
 
 Parameterisations. Guidance is defined on ε. For a network predicting x0 or v, each branch's ε
 is an affine function of its output with the same x_t: ε = a_t · out + b_t · x_t
-(`diffusion.x0_and_eps`: eps a=1, b=0; x0 a=−1/√(1/ᾱ−1), b=√(1/ᾱ)/√(1/ᾱ−1); v a=√ᾱ, b=√(1−ᾱ)).
+(`GaussianDiffusion.x0_and_eps`: eps a=1, b=0; x0 a=−1/√(1/ᾱ−1), b=√(1/ᾱ)/√(1/ᾱ−1); v a=√ᾱ, b=√(1−ᾱ)).
 Since the weights (1 + w) and −w sum to one,
     (1 + w) ε_c − w ε_∅ = a_t [(1 + w) out_c − w out_∅] + b_t x_t,
 i.e. combining the outputs in the network's own parameterisation IS guiding in ε, and the
-result converts to exactly the guided ε by `diffusion.x0_and_eps`. We combine in the
+result converts to exactly the guided ε by `GaussianDiffusion.x0_and_eps`. We combine in the
 native parameterisation so that no ill-conditioned round trip (1/√ᾱ_t near t = T) enters;
 tests/test_guidance.py checks the equality against the explicit ε-space computation.
 
-A learned variance (var_type learned / learned_range: 2C output channels) is not guided: the
-mean part is combined as above and the variance part is the conditional branch's, as GLIDE's
-guided sampler does.
+A learned variance (`GaussianDiffusion.var_type` learned / learned_range: 2C output channels) is not
+guided: the mean part is combined as above and the variance part is the conditional branch's, as
+GLIDE's guided sampler does.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def check_guidance(*, labels, guidance_scale, null_label) -> None:
 
 
 def model_fn(apply_fn: Callable, params, *, labels=None, guidance_scale=0.0,
-             null_label=None, var_type: str = "fixedlarge") -> Callable:
+             null_label=None, process: diffusion.GaussianDiffusion | None = None) -> Callable:
     """The network as `fn(x_t, t) -> output`, conditioned on `labels` and guided with w = guidance_scale.
 
     apply_fn(params, x, t) (labels None: the unconditional network, called as before) or
@@ -99,7 +99,7 @@ def model_fn(apply_fn: Callable, params, *, labels=None, guidance_scale=0.0,
     conditional call is made. With w ≠ 0 (or a traced w) the batch is doubled: labels
     [labels; null_label] in one call, then `combine`. The output stays in the network's own
     parameterisation (eps | x0 | v), see the module docstring; a learned variance's channels
-    (`var_type`) are the conditional branch's.
+    (`process.var_type`; None: a fixed variance) are the conditional branch's.
     """
     check_guidance(labels=labels, guidance_scale=guidance_scale, null_label=null_label)
     if labels is None:
@@ -108,14 +108,15 @@ def model_fn(apply_fn: Callable, params, *, labels=None, guidance_scale=0.0,
     if isinstance(guidance_scale, (int, float)) and guidance_scale == 0:
         return lambda x, t: apply_fn(params, x, t, labels)
     null = null_rows(labels, null_label)
+    split = (lambda out: (out, None)) if process is None else process.split_output
 
     def guided(x, t):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
         out = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                        jnp.concatenate([labels, null]))
         out_cond, out_uncond = jnp.split(out, 2, axis=0)
-        mean_cond, var_cond = diffusion.split_output(out_cond, var_type)
-        mean_uncond, _ = diffusion.split_output(out_uncond, var_type)
+        mean_cond, var_cond = split(out_cond)
+        mean_uncond, _ = split(out_uncond)
         guided_mean = combine(mean_cond, mean_uncond, guidance_scale)
         return guided_mean if var_cond is None else jnp.concatenate([guided_mean, var_cond], axis=-1)
 

@@ -5,7 +5,7 @@ device runs the whole reverse chain on its slice of the batch. Image i's noise
 depends only on (seed, i) (`sampling.image_keys`), so the samples do not depend on
 the batch size or on the number of devices. Used by the training loop's sample
 grids, by `--mode=sample` (`modes/sample.py`) and by evaluation's resumable chunked
-generation (`evaluation/chunked_generation.py`). The math of each step is `sampling.py`.
+generation (`evaluation/chunked_generation.py`). The math of each step is `sampling/`.
 
 A latent run's sampler decodes at its output (`decode`): the one place where latents become images.
 
@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ddpm_jax import parallel, sampling
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.diffusion import GaussianDiffusion
 
 
 def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
@@ -36,7 +36,8 @@ def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
 class Sampler:
     """A compiled sampler: `sampler(params, indices, x_start=None) -> SampleOutput` (global arrays).
 
-    `apply_fn(params, x_t, t[, y])` is the network (eval mode). Every option of
+    `apply_fn(params, x_t, t[, y])` is the network (eval mode), `process` the run's diffusion
+    process (its tables travel as a jit argument). Every option of
     `sampling.sample` except the arrays is fixed here (static under jit). `labels` (a
     conditional model): the classes [K], or the caption tokens [K, L] of a text-conditional
     one, cycled over the image indices, see `labels_for`.
@@ -49,7 +50,7 @@ class Sampler:
     def __init__(
         self,
         apply_fn: Callable,
-        sched: Schedule,
+        process: GaussianDiffusion,
         mesh: Mesh,
         *,
         shape: tuple,
@@ -60,7 +61,7 @@ class Sampler:
         decode: tuple[Callable, Any] | None = None,
         **options: Any,
     ):
-        self.mesh, self.sched, self.shape = mesh, sched, tuple(int(s) for s in shape)
+        self.mesh, self.process, self.shape = mesh, process, tuple(int(s) for s in shape)
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         if self.labels is not None and not len(self.labels):
             raise ValueError("labels=() gives no class to cycle; pass None (unconditional) or classes.")
@@ -77,9 +78,9 @@ class Sampler:
         decode_fn, decode_params = decode if decode is not None else (None, None)
         self._decode_params = None if decode is None else jax.device_put(decode_params, self._replicated)
 
-        def run(params, sched, indices, x_start, labels, decode_params):
+        def run(params, process, indices, x_start, labels, decode_params):
             out = sampling.sample(
-                apply_fn, params, sched, shape=self.shape, indices=indices, seed=int(seed),
+                apply_fn, params, process, shape=self.shape, indices=indices, seed=int(seed),
                 x_start=x_start, start_step=start_step, trajectory_every=int(trajectory_every),
                 labels=labels, **options,
             )
@@ -97,7 +98,7 @@ class Sampler:
         put = functools.partial(_put_global, sharding=self._sharded)
         x = None if x_start is None else put(np.asarray(x_start, np.float32))
         labels = self.labels_for(indices)
-        return self._run(params, self.sched, put(indices), x, None if labels is None else put(labels),
+        return self._run(params, self.process, put(indices), x, None if labels is None else put(labels),
                          self._decode_params)
 
     def labels_for(self, indices: np.ndarray) -> np.ndarray | None:

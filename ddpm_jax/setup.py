@@ -2,7 +2,7 @@
 
 Every mode starts here, and nothing below this module sees a ConfigDict whole:
 
-    run = setup.create_run(config)            # mesh, example shape, model, schedule, RunMeta
+    run = setup.create_run(config)            # mesh, example shape, model, process, RunMeta
     loaded = setup.load_run(config, workdir)  # the same, plus the newest valid EMA params
     sampler = setup.make_sampler(run, config.sampling)   # a latent run's decodes to images
 
@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpointing, data, parallel, sampler, schedules, solvers, timestep_sampler
+from ddpm_jax import checkpointing, data, diffusion, parallel, sampler, sampling, schedules, timestep_sampler
 from ddpm_jax.data import captions, latents
 from ddpm_jax.models import build_model, text
 from ddpm_jax.run_meta import RunMeta, model_spec, schedule_spec
@@ -57,12 +57,38 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
     return build_from_spec(*model_spec(config))
 
 
+def create_betas(config: ml_collections.ConfigDict) -> np.ndarray:
+    """The float64 β_1..β_T of `config.diffusion` (its `schedule_spec`)."""
+    spec = schedule_spec(config)
+    return schedules.get_betas(spec.pop("name"), spec.pop("num_timesteps"), **spec)
+
+
 def create_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
     """The float32 Schedule tables of `config.diffusion` (computed in float64)."""
-    spec = schedule_spec(config)
-    betas = schedules.get_betas(spec.pop("name"), spec.pop("num_timesteps"), **spec)
+    betas = create_betas(config)
     schedules.warn_if_not_noise(betas)
     return schedules.Schedule.from_betas(betas)
+
+
+def create_diffusion(config: ml_collections.ConfigDict, sched: schedules.Schedule | None = None, *,
+                     clip_denoised: bool | None = None) -> diffusion.GaussianDiffusion:
+    """The process of `config.diffusion` (its tables, or `sched` when already built), validated;
+    x̂_0 clipped as `clips_x0` decides."""
+    d = config.diffusion
+    return diffusion.GaussianDiffusion(create_schedule(config) if sched is None else sched,
+                                       pred=str(d.pred), var_type=str(d.var_type), loss=str(d.get("loss", "mse")),
+                                       clip_x0=clips_x0(config, clip_denoised))
+
+
+def clips_x0(config: ml_collections.ConfigDict, requested: bool | None = None) -> bool:
+    """Whether x̂_0 is clipped to [−1, 1]: as `requested` (None: `sampling.clip_denoised`) on pixels,
+    never on latents.
+
+    Pixels live in [−1, 1]; the normalised latents of `data.latents_from` have unit variance and
+    no bound (LDM samples them unclipped), so clipping them would cut off the data itself.
+    """
+    requested = bool(config.sampling.clip_denoised if requested is None else requested)
+    return requested and not data.latents_from(config.data)
 
 
 def model_apply_fn(model: nn.Module) -> Callable:
@@ -147,9 +173,13 @@ class Run:
     mesh: Mesh
     shape: tuple[int, ...]  # what the network sees: the images, or a latent run's latents
     model: nn.Module
-    sched: schedules.Schedule
+    process: diffusion.GaussianDiffusion
     meta: RunMeta
     codec: latents.Codec | None = None  # a latent run's autoencoder: samples are decoded by it
+
+    @property
+    def sched(self) -> schedules.Schedule:
+        return self.process.sched
 
     @property
     def apply_fn(self) -> Callable:
@@ -170,12 +200,12 @@ class LoadedRun(Run):
 
 
 def create_run(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Run:
-    """Mesh (all devices unless given), example shape, model, schedule and RunMeta of `config`;
+    """Mesh (all devices unless given), example shape, model, process and RunMeta of `config`;
     with `data.latents_from`, the autoencoder whose decoder every sampler applies at its output."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     workdir = data.latents_from(config.data)
     return Run(mesh=mesh, shape=tuple(data.example_shape(config.data)), model=create_model(config),
-               sched=create_schedule(config), meta=RunMeta.from_config(config),
+               process=create_diffusion(config), meta=RunMeta.from_config(config),
                codec=latents.load_codec(workdir) if workdir else None)
 
 
@@ -217,33 +247,12 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None 
 
 
 def sampler_options(config: ml_collections.ConfigDict) -> dict:
-    """The static keyword arguments of `sampling.sample` from `config.sampling` / `config.diffusion`."""
-    s, method = config.sampling, str(config.sampling.method)
-    solver = method in solvers.METHODS  # the few-step solvers: sampling.solver_steps / solver_spacing
-    return dict(
-        method=method,
-        num_steps=int(s.ddim_steps) if method == "ddim" else int(s.solver_steps) if solver else None,
-        eta=float(s.ddim_eta),
-        spacing=solver_spacing(config) if solver else str(s.ddim_spacing),
-        var_type=str(config.diffusion.var_type),
-        clip_denoised=clips_x0(config, bool(s.clip_denoised)),
-        pred=str(config.diffusion.pred),
-        **guidance_options(config),
-    )
-
-
-def clips_x0(config: ml_collections.ConfigDict, requested: bool) -> bool:
-    """Whether x̂_0 is clipped to [−1, 1]: as `requested` on pixels, never on latents.
-
-    Pixels live in [−1, 1]; the normalised latents of `data.latents_from` have unit variance and
-    no bound (LDM samples them unclipped), so clipping them would cut off the data itself.
-    """
-    return requested and not data.latents_from(config.data)
-
-
-def solver_spacing(config: ml_collections.ConfigDict) -> str:
-    """`sampling.solver_spacing`, or the method's default when "" (logsnr; Heun: karras)."""
-    return str(config.sampling.get("solver_spacing", "")) or solvers.DEFAULT_SPACING[str(config.sampling.method)]
+    """The static keyword arguments of `sampling.sample` from `config.sampling`: the method with its
+    steps, spacing and η resolved (`sampling.resolve`), and the guidance options."""
+    s = config.sampling
+    _, steps, spacing, eta = sampling.resolve(str(s.method), int(config.diffusion.num_timesteps),
+                                              int(s.steps), str(s.spacing), s.get("eta"))
+    return dict(method=str(s.method), num_steps=steps, eta=eta, spacing=spacing, **guidance_options(config))
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
@@ -321,14 +330,13 @@ def sampler_tag(config: ml_collections.ConfigDict) -> str:
     a conditional model's labels and guidance follow: ``ddpm_yall_w2``, ``ddim50_y3-5``, ``ddpm_null``; a
     captioned run's captions: ``ddpm_cnull``, ``ddpm_cevalsplit_w3``, ``ddpm_c1a2b3c4d`` (crc32 of the list)."""
     s, method = config.sampling, str(config.sampling.method)
-    tag = f"{method}{int(s.ddim_steps)}" if method == "ddim" else method
-    if method in solvers.METHODS:
-        tag += f"{int(s.solver_steps)}-{solver_spacing(config)}"
-    if method == "ddim" and float(s.ddim_eta):
-        tag += f"eta{float(s.ddim_eta):g}"
-    if method == "ddim" and str(s.ddim_spacing) != "leading":
-        tag += f"-{s.ddim_spacing}"
-    tag = tag if clips_x0(config, bool(s.clip_denoised)) else tag + "_noclip"
+    opts = sampler_options(config)
+    entry, spacing, eta = sampling.METHODS[method], opts["spacing"], opts["eta"]
+    tag = method if not entry.default_steps else f"{method}{opts['num_steps']}"
+    tag += f"-{spacing}" if entry.tag_spacing and entry.spacings else ""
+    tag += f"eta{eta:g}" if eta is not None and eta != entry.eta else ""
+    tag += f"-{spacing}" if not entry.tag_spacing and spacing != entry.default_spacing else ""
+    tag = tag if clips_x0(config) else tag + "_noclip"
     if num_classes(config):
         labels = str(s.get("labels", "")).strip()
         tag += "_null" if not labels else "_y" + labels.replace(",", "-").replace(" ", "")
@@ -356,5 +364,5 @@ def make_sampler(run: Run, config: ml_collections.ConfigDict, *, mesh: Mesh | No
     options = dict(seed=int(config.sampling.seed), labels=sampler_conditions(config), **sampler_options(config))
     options.update(overrides)
     decode = None if run.codec is None else (run.codec.decode_fn, run.codec.params)
-    return sampler.Sampler(run.apply_fn, run.sched, run.mesh if mesh is None else mesh, shape=run.shape,
+    return sampler.Sampler(run.apply_fn, run.process, run.mesh if mesh is None else mesh, shape=run.shape,
                            decode=decode, **options)

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax import (checks, data, diffusion, guidance, imaging, loop, metrics, parallel, sampler, schedules, setup,
+from ddpm_jax import (checks, data, guidance, imaging, loop, metrics, parallel, sampler, schedules, setup,
                       timestep_sampler)
 from ddpm_jax.data import captions
 from ddpm_jax.evaluation import bpd
@@ -50,9 +50,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
     """
     base_key = jax.random.key(int(config.seed))
     decay = float(config.optim.ema_decay)
-    pred, var_type = str(config.diffusion.pred), str(config.diffusion.var_type)
-    loss_type = str(config.diffusion.get("loss", "mse"))
-    diffusion.check_loss(loss_type, var_type)
+    process = setup.create_diffusion(config, sched)
     skip = str(config.training.nonfinite) == "skip"
     lr_fn = learning_rate_schedule(config.optim)
     loop = str(config.training.get("dispatch_loop", "auto"))
@@ -77,14 +75,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         x0 = batch["x"]
         t, weights = timestep_sampler.sample(t_key, x0.shape[0], sched.num_timesteps, state.t_history)
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-        x_t = diffusion.q_sample(sched, x0, t, noise)
 
         def loss_fn(params):
             def model_fn(x_t, t):
                 return model.apply({"params": params}, x_t, t, **cond, train=True, rngs={"dropout": dropout_key})
 
-            losses = diffusion.training_losses(sched, model_fn(x_t, t), x0, x_t, t, noise, pred=pred,
-                                               var_type=var_type, loss=loss_type)
+            losses = process.losses(model_fn, x0, t, noise)
             return jnp.mean(weights * losses), losses
 
         (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -11,6 +11,7 @@ import pytest
 
 from configs import digits
 from ddpm_jax import data, parallel, schedules
+from ddpm_jax.diffusion import GaussianDiffusion
 from ddpm_jax.evaluation import bpd
 from ddpm_jax.models.unet import UNet
 
@@ -131,10 +132,10 @@ def test_terms_are_per_example_and_noise_is_fresh_per_timestep():
     betas, sched = _sched(config)
     x0 = jnp.asarray(_digits_test(config, 4), jnp.float32)
     keys = bpd.example_keys(0, jnp.arange(4))
-    out = jax.jit(lambda x, k: bpd.bpd_terms(_apply, PARAMS, sched, x, k))(x0, keys)
+    out = jax.jit(lambda x, k: bpd.bpd_terms(_apply, PARAMS, GaussianDiffusion(sched), x, k))(x0, keys)
     assert out["terms"].shape == out["mse"].shape == (4, T) and out["total"].shape == (4,)
     # Example 2 alone (same key) gives the same terms as inside the batch.
-    alone = bpd.bpd_terms(_apply, PARAMS, sched, x0[2:3], keys[2:3])
+    alone = bpd.bpd_terms(_apply, PARAMS, GaussianDiffusion(sched), x0[2:3], keys[2:3])
     np.testing.assert_allclose(alone["terms"][0], out["terms"][2], rtol=1e-6)
     # A different noise draw at each timestep (the official loop draws x_t afresh per t).
     n0, n1 = (bpd.example_noise(0, [0], t, (8, 8, 1)) for t in (0, 1))
@@ -196,7 +197,7 @@ def test_padding_rows_are_excluded_from_every_average():
     config = _config()
     _, sched = _sched(config)
     mesh = parallel.make_mesh(jax.devices()[:8])
-    fn = bpd.make_bpd_fn(_apply, sched, mesh, seed=0)
+    fn = bpd.make_bpd_fn(_apply, GaussianDiffusion(sched), mesh, seed=0)
     x = _digits_test(config, 12).astype(np.float32)
     kept = bpd.bpd_over_batches(fn, PARAMS, [dict(x=x[:8], mask=np.ones(8, bool))], mesh,
                                 num_timesteps=T, global_batch=8, limit=8)

@@ -84,39 +84,41 @@ def test_batch_size_below_one_is_refused_as_such(batch_size, mesh):
 
 def test_training_checks_the_grid_sampler_only_when_it_samples(mesh):
     config = toy2d.get_config()
-    config.sampling.update(method="ddim", ddim_steps=0)
+    config.sampling.update(method="ddim", steps=-1)
     config.training.sample_every = 100
-    _refused(config, "train", mesh, r"^sampling\.ddim_steps=0 must lie in 1\.\.T=100")
+    _refused(config, "train", mesh, r"^sampling\.steps=-1 must lie in 0\.\.T=100")
     config.training.sample_every = 0
     checks.check_config(config, "train", mesh)
 
 
 # ---- sampling -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("steps", [0, -1, 101, 5000])
-def test_ddim_steps_outside_1_to_T_are_refused_not_clamped(steps, mesh):
+@pytest.mark.parametrize("steps", [-1, 101, 5000])
+def test_ddim_steps_outside_0_to_T_are_refused_not_clamped(steps, mesh):
     config = toy2d.get_config()  # T = 100
-    config.sampling.update(method="ddim", ddim_steps=steps)
+    config.sampling.update(method="ddim", steps=steps)
     for mode in ("sample", "eval"):
-        message = _refused(config, mode, mesh, rf"^sampling\.ddim_steps={steps} must lie in 1\.\.T=100")
-        assert "--config.sampling.ddim_steps=50" in message and "method=ddpm" in message
+        message = _refused(config, mode, mesh, rf"^sampling\.steps={steps} must lie in 0\.\.T=100")
+        assert "--config.sampling.steps=50" in message and "method=ddpm" in message
 
 
 def test_ddim_steps_in_range_pass_and_ddpm_ignores_them(mesh):
     config = toy2d.get_config()
-    for steps in (1, 100):
-        config.sampling.update(method="ddim", ddim_steps=steps)
+    for steps in (0, 1, 100):  # 0: the method's default (ddim: 50)
+        config.sampling.update(method="ddim", steps=steps)
         checks.check_config(config, "sample", mesh)
-    config.sampling.update(method="ddpm", ddim_steps=0)
+    config.sampling.update(method="ddpm", steps=0)
     checks.check_config(config, "sample", mesh)
+    config.sampling.update(method="ddpm", steps=10)  # Alg. 2 runs every step
+    _refused(config, "sample", mesh, r"^sampling\.steps=10 with sampling\.method=ddpm")
 
 
 def test_unknown_sampler_settings_are_refused(mesh):
     config = toy2d.get_config()
     config.sampling.method = "dpm"
     _refused(config, "sample", mesh, r"^sampling\.method='dpm' is unknown; use one of ddpm, ddim")
-    config.sampling.update(method="ddim", ddim_spacing="uniform")
-    _refused(config, "sample", mesh, r"^sampling\.ddim_spacing='uniform' is unknown")
+    config.sampling.update(method="ddim", spacing="uniform")
+    _refused(config, "sample", mesh, r"^unknown sampling\.spacing='uniform' for method='ddim'")
     config = toy2d.get_config()
     config.sampling.batch_size = 0
     _refused(config, "sample", mesh, r"^sampling\.batch_size=0 must be >= 1")

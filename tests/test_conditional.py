@@ -18,6 +18,7 @@ from configs import digits_cond
 from ddpm_jax import checks, guidance, imaging, parallel, sampler, sampling, schedules, setup, train
 from ddpm_jax.evaluation import bpd, classifier, sample_quality
 from ddpm_jax.models.unet import UNet
+from ddpm_jax.diffusion import GaussianDiffusion
 from ddpm_jax.schedules import Schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,18 +124,19 @@ def test_per_image_seeds_with_labels_for_any_batch_split_and_device_count(cond_m
     mesh8 = parallel.make_mesh()
     mesh1 = parallel.make_mesh(jax.devices()[:1])
     assert parallel.num_devices(mesh8) == 8
-    a = sampler.generate(sampler.Sampler(apply_fn, sched, mesh8, **opts), params, num_samples=13, batch_size=8)
-    b = sampler.generate(sampler.Sampler(apply_fn, sched, mesh1, **opts), params, num_samples=13, batch_size=5)
+    process = GaussianDiffusion(sched)
+    a = sampler.generate(sampler.Sampler(apply_fn, process, mesh8, **opts), params, num_samples=13, batch_size=8)
+    b = sampler.generate(sampler.Sampler(apply_fn, process, mesh1, **opts), params, num_samples=13, batch_size=5)
     np.testing.assert_allclose(a.samples, b.samples, rtol=0, atol=1e-5)
     # image 12 alone (label 12 % 10 = 2) is the same image
-    alone = sampling.sample(apply_fn, params, sched, shape=SHAPE, indices=jnp.array([12]), seed=4,
+    alone = sampling.sample(apply_fn, params, GaussianDiffusion(sched), shape=SHAPE, indices=jnp.array([12]), seed=4,
                             method="ddim", num_steps=3, labels=jnp.array([2]), guidance_scale=w, null_label=10)
     np.testing.assert_allclose(np.asarray(alone.samples)[0], a.samples[12], rtol=0, atol=1e-5)
     # the label matters: the same index asked for another class is another image
-    other = sampling.sample(apply_fn, params, sched, shape=SHAPE, indices=jnp.array([12]), seed=4,
+    other = sampling.sample(apply_fn, params, GaussianDiffusion(sched), shape=SHAPE, indices=jnp.array([12]), seed=4,
                             method="ddim", num_steps=3, labels=jnp.array([7]), guidance_scale=w, null_label=10)
     assert np.abs(np.asarray(other.samples)[0] - a.samples[12]).max() > 1e-3
-    np.testing.assert_array_equal(sampler.Sampler(apply_fn, sched, mesh1, **opts).labels_for(np.arange(12)),
+    np.testing.assert_array_equal(sampler.Sampler(apply_fn, GaussianDiffusion(sched), mesh1, **opts).labels_for(np.arange(12)),
                                   np.arange(12) % 10)
 
 
@@ -206,11 +208,12 @@ def test_label_dropout_never_applies_when_sampling(cond_model):
     config = digits_cond.get_config()
     config.model.update(ch_mult=TINY["ch_mult"], num_res_blocks=1, attn_resolutions=(4,))
     config.training.label_dropout = 1.0
-    config.diffusion.num_timesteps, config.sampling.method, config.sampling.ddim_steps = 20, "ddim", 3
+    config.diffusion.num_timesteps, config.sampling.method, config.sampling.steps = 20, "ddim", 3
     run = setup.create_run(config, parallel.make_mesh(jax.devices()[:1]))
-    run = setup.Run(mesh=run.mesh, shape=run.shape, model=run.model, sched=sched, meta=run.meta)
+    run = setup.Run(mesh=run.mesh, shape=run.shape, model=run.model, process=setup.create_diffusion(config, sched),
+                    meta=run.meta)
     out = sampler.generate(setup.make_sampler(run, config), params, num_samples=4, batch_size=4)
-    ref = sampling.sample(setup.model_apply_fn(model), params, sched, shape=SHAPE, indices=jnp.arange(4),
+    ref = sampling.sample(setup.model_apply_fn(model), params, run.process, shape=SHAPE, indices=jnp.arange(4),
                           seed=0, method="ddim", num_steps=3, labels=jnp.arange(4))
     np.testing.assert_allclose(out.samples, np.asarray(ref.samples), rtol=0, atol=1e-5)
 
@@ -297,11 +300,11 @@ def test_bpd_of_a_conditional_model_is_given_the_labels(cond_model):
     mesh = parallel.make_mesh()
     x = np.asarray(np.random.default_rng(2).integers(0, 256, (8,) + SHAPE) / 127.5 - 1, np.float32)
     labels = np.arange(8) % 10
-    fn = bpd.make_bpd_fn(apply_fn, sched, mesh, seed=0)
+    fn = bpd.make_bpd_fn(apply_fn, GaussianDiffusion(sched), mesh, seed=0)
     put = lambda a: parallel.host_to_global(a, mesh)  # noqa: E731
     given = parallel.to_host(fn(params, put(x), put(np.arange(8, dtype=np.int32)), put(labels.astype(np.int32))))
-    fixed = bpd.make_bpd_fn(lambda p, x, t: apply_fn(p, x, t, jnp.asarray(labels, jnp.int32)), sched,
-                            parallel.make_mesh(jax.devices()[:1]), seed=0)
+    fixed = bpd.make_bpd_fn(lambda p, x, t: apply_fn(p, x, t, jnp.asarray(labels, jnp.int32)),
+                            GaussianDiffusion(sched), parallel.make_mesh(jax.devices()[:1]), seed=0)
     one = parallel.make_mesh(jax.devices()[:1])
     ref = parallel.to_host(fixed(params, parallel.host_to_global(x, one),
                                  parallel.host_to_global(np.arange(8, dtype=np.int32), one)))
@@ -323,7 +326,7 @@ def test_a_conditional_digits_model_draws_the_asked_class(tmp_path):
     config = digits_cond.get_config()
     config.training.update(num_steps=400, sample_every=0, checkpoint_every=400, log_every=100)
     train.train_and_evaluate(config, str(tmp_path / "run"))
-    config.sampling.update(method="ddim", ddim_steps=20, guidance_scale=1.0, labels="all")
+    config.sampling.update(method="ddim", steps=20, guidance_scale=1.0, labels="all")
     loaded = setup.load_run(config, str(tmp_path / "run"))
     out = sampler.generate(setup.make_sampler(loaded, config), loaded.params, num_samples=100, batch_size=100)
     clf = classifier.load_or_train(config.data, str(tmp_path / "clf"), log=None, steps=300)

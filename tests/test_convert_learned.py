@@ -62,11 +62,12 @@ def test_six_channel_unet_converts_with_parity(folder, tmp_path):
     # at t = 0 diffusers logs β̃_0 clamped at 1e-20, ddpm_jax clips to β̃_1, and no noise is added).
     scheduler = diffusers.DDPMScheduler(**SCHEDULER)
     sched = schedules.Schedule.from_betas(schedules.get_betas("linear", 1000))
-    _, var_out = diffusion.split_output(jnp.asarray(ref), "learned_range")
+    process = diffusion.GaussianDiffusion(sched, var_type="learned_range", loss="hybrid")
+    _, var_out = process.split_output(jnp.asarray(ref))
     for i, ti in enumerate(t):
         want = scheduler._get_variance(int(ti), predicted_variance=torch.from_numpy(
             ref[i:i + 1, ..., 3:].transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
-        got = diffusion.reverse_variance(sched, jnp.asarray([ti]), 4, "learned_range", var_out[i:i + 1])[1]
+        got = process.reverse_variance(jnp.asarray([ti]), 4, var_out[i:i + 1])[1]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -11,6 +11,8 @@ from scipy import stats
 from ddpm_jax import diffusion, schedules
 from ddpm_jax.schedules import Schedule
 
+GD = diffusion.GaussianDiffusion
+
 T = 1000
 
 
@@ -112,11 +114,11 @@ def test_eps_x0_v_round_trips(sched, tables, shape):
     assert np.all(np.abs(diffusion.x0_from_eps(sched, xt, t, noise) - x0) < tol_x0)
     assert np.all(np.abs(diffusion.eps_from_x0(sched, xt, t, x0) - noise) < tol_eps)
     for pred, out in (("eps", noise), ("x0", x0), ("v", v)):
-        x0_hat, eps_hat = diffusion.x0_and_eps(sched, out, xt, t, pred)
+        x0_hat, eps_hat = GD(sched, pred=pred).x0_and_eps(out, xt, t)
         assert np.all(np.abs(x0_hat - x0) < tol_x0), pred
         assert np.all(np.abs(eps_hat - noise) < tol_eps), pred
     with pytest.raises(ValueError, match="eps, x0, v"):
-        diffusion.x0_and_eps(sched, noise, xt, t, "score")
+        GD(sched, pred="score")
 
 
 # ---- p(x_{t−1} | x_t) ---------------------------------------------------------------------------------
@@ -127,8 +129,9 @@ def test_p_mean_variance(sched, tables, pred, var_type):
     x0, noise, t = _batch((6, 4, 4, 3), seed=5)
     t = t.at[0].set(0).at[1].set(1).at[2].set(T - 1)
     xt = diffusion.q_sample(sched, x0, t, noise)
-    target = diffusion.training_target(sched, x0, t, noise, pred)
-    out = diffusion.p_mean_variance(sched, target, xt, t, pred=pred, var_type=var_type, clip_denoised=False)
+    process = GD(sched, pred=pred, var_type=var_type, clip_x0=False)
+    target = process.training_target(x0, t, noise)
+    out = process.p_mean_variance(target, xt, t)
     b, ab, abp = (tables[k][np.asarray(t)].reshape(-1, 1, 1, 1) for k in ("b", "abar", "abar_prev"))
     # With the true target the mean is eq. (11): (x_t − β_t/√(1−ᾱ_t) ε) / √α_t.
     want_mean = (np.asarray(xt, np.float64) - b / np.sqrt(1 - ab) * np.asarray(noise)) / np.sqrt(1 - b)
@@ -146,21 +149,21 @@ def test_p_mean_variance(sched, tables, pred, var_type):
 def test_p_mean_variance_clips_x0(sched):
     xt = jnp.full((2, 3), 0.5)
     t = jnp.array([10, 500])
-    out = diffusion.p_mean_variance(sched, jnp.array([[3.0, -2.0, 0.2]] * 2), xt, t, pred="x0", clip_denoised=True)
+    out = GD(sched, pred="x0", clip_x0=True).p_mean_variance(jnp.array([[3.0, -2.0, 0.2]] * 2), xt, t)
     np.testing.assert_array_equal(out["pred_x0"], np.float32([[1.0, -1.0, 0.2]] * 2))
     mean, _, _ = diffusion.q_posterior(sched, out["pred_x0"], xt, t)
     np.testing.assert_array_equal(out["mean"], mean)
     with pytest.raises(ValueError, match="fixedlarge, fixedsmall"):
-        diffusion.p_mean_variance(sched, xt, xt, t, var_type="learnt")
+        GD(sched, var_type="learnt")
     with pytest.raises(ValueError, match="2C channels"):  # 3 channels cannot hold mean and variance
-        diffusion.p_mean_variance(sched, xt, xt, t, var_type="learned")
+        GD(sched, var_type="learned", loss="hybrid").p_mean_variance(xt, xt, t)
 
 
 def test_jit_and_points(sched):
-    f = jax.jit(lambda s, out, x, t: diffusion.p_mean_variance(s, out, x, t, pred="v")["mean"])
+    f = jax.jit(lambda p, out, x, t: p.p_mean_variance(out, x, t)["mean"])
     x = jnp.ones((5, 2))
-    assert f(sched, x, x, jnp.arange(5)).shape == (5, 2)
-    assert f(sched, x, x, jnp.int32(3)).shape == (5, 2)
+    assert f(GD(sched, pred="v"), x, x, jnp.arange(5)).shape == (5, 2)
+    assert f(GD(sched, pred="v"), x, x, jnp.int32(3)).shape == (5, 2)
 
 
 # ---- L_simple ------------------------------------------------------------------------------------------
@@ -171,9 +174,9 @@ def test_loss_simple_is_zero_for_the_true_target(sched, pred):
 
     def oracle(x_t, t):  # knows x0, so it can output the exact target for any (x_t, t)
         eps = diffusion.eps_from_x0(sched, x_t, t, x0)
-        return diffusion.training_target(sched, x0, t, eps, pred)
+        return GD(sched, pred=pred).training_target(x0, t, eps)
 
-    loss = jax.jit(lambda s, x, k: diffusion.loss_simple(s, oracle, x, k, pred=pred))(sched, x0, jax.random.key(1))
+    loss = jax.jit(lambda p, x, k: p.loss_simple(oracle, x, k))(GD(sched, pred=pred), x0, jax.random.key(1))
     assert loss.shape == (16,)
     assert float(loss.max()) < 1e-6
 
@@ -187,10 +190,10 @@ def test_loss_simple_values_and_timestep_distribution(sched):
         return jnp.zeros_like(x_t)
 
     # Against a zero output the x0 loss is the per-example mean of x0²: exact, whatever t is.
-    loss_x0 = diffusion.loss_simple(sched, zero_model, x0, jax.random.key(2), pred="x0")
+    loss_x0 = GD(sched, pred="x0").loss_simple(zero_model, x0, jax.random.key(2))
     np.testing.assert_allclose(loss_x0, np.mean(np.asarray(x0) ** 2, axis=1), rtol=1e-6)
     # The ε loss is the mean of ε² ~ χ²_3 / 3: mean 1.
-    loss_eps = diffusion.loss_simple(sched, zero_model, x0, jax.random.key(2), pred="eps")
+    loss_eps = GD(sched, pred="eps").loss_simple(zero_model, x0, jax.random.key(2))
     assert abs(float(loss_eps.mean()) - 1.0) < 5 * math.sqrt(2 / 3 / 4000)
     t = seen["t"]
     assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= T - 1
@@ -292,8 +295,9 @@ def test_vlb_terms_bpd(sched, var_type):
     # A perfect ε-model (only the variances differ) and an imperfect one (the means differ too).
     for eps_hat in (noise, noise + 0.3 * rng.standard_normal(shape)):
         eps_hat = eps_hat.astype(np.float32).astype(np.float64)
-        out = diffusion.vlb_terms_bpd(sched, jnp.asarray(eps_hat, jnp.float32), jnp.asarray(x0, jnp.float32),
-                                      jnp.asarray(x_t, jnp.float32), jnp.asarray(t, jnp.int32), var_type=var_type)
+        out = GD(sched, var_type=var_type, clip_x0=False).vlb_terms_bpd(
+            jnp.asarray(eps_hat, jnp.float32), jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32),
+            jnp.asarray(t, jnp.int32))
         want_bpd, want_mse = _vlb_bpd_reference(x0, x_t, eps_hat, t, var_type)
         # atol: float32 log-variances resolve ~2e-7 (at large t, β_t and β̃_t agree to ~1e-6).
         np.testing.assert_allclose(out["kl_bpd"], want_bpd, rtol=3e-4, atol=5e-7)

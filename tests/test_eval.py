@@ -160,7 +160,7 @@ def test_eval_mode_classifier_metrics_beside_their_floors(workdir, tmp_path):
     assert results["metrics"]["precision"] < 0.5 * results["floor"]["precision"]
     assert results["classifier"]["path"] == clf_path
     # DDIM samples of the same checkpoint go to their own folder; nothing is overwritten.
-    config.sampling.update(method="ddim", ddim_steps=5)
+    config.sampling.update(method="ddim", steps=5)
     evaluate.run_eval(config, workdir)
     assert os.path.isfile(os.path.join(workdir, "eval", "step_2_ddim5_seed0", "results_classifier.json"))
     assert os.path.isfile(os.path.join(step_dir, "results_classifier.json"))

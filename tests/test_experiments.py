@@ -96,8 +96,8 @@ def test_toy2d_recipes_train_as_their_docstring_says():
     _check_ema(t_states, 0.9)
     # Both: σ_t² = β_t, and the predicted x0 is not clipped (the points are not in [−1, 1]).
     for config in (ours, tutorial):
-        options = setup.sampler_options(config)
-        assert options["var_type"] == "fixedlarge" and options["clip_denoised"] is False
+        process = setup.create_diffusion(config)
+        assert process.var_type == "fixedlarge" and process.clip_x0 is False
     with pytest.raises(config_loading.ConfigError, match="unknown toy2d recipe"):
         config_loading.load_config("configs/toy2d.py:fast")
 
@@ -156,7 +156,7 @@ def test_digits_config_builds_its_data_model_and_train_step():
     abar = np.asarray(run.sched.alphas_cumprod, np.float64)
     assert abar.shape == (100,) and abar[-1] < 1e-4
     np.testing.assert_allclose(abar[:-1], f(np.arange(1, 100) / 100) / f(0), rtol=1e-4)
-    assert setup.sampler_options(config)["var_type"] == "fixedsmall"
+    assert run.process.var_type == "fixedsmall"
     # lr 2e-3 after a short linear warmup from 0 (100 steps of the 2,000).
     lr = train_state.learning_rate_schedule(config.optim)
     np.testing.assert_allclose([float(lr(k)) for k in (0, 1, 50, 100, 1999)], [0, 2e-5, 1e-3, 2e-3, 2e-3],

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import parallel, sampler, schedules, setup
+from ddpm_jax import diffusion, parallel, sampler, schedules, setup
 from ddpm_jax.evaluation import chunked_generation
 from ddpm_jax.evaluation import inception_metrics as im
 from ddpm_jax.models.unet import UNet
@@ -26,8 +26,8 @@ def _apply(params, x, t):
 
 def _sampler(devices, apply_fn=_apply, seed=3):
     mesh = parallel.make_mesh(jax.devices()[:devices])
-    return sampler.Sampler(apply_fn, SCHED, mesh, shape=SHAPE, seed=seed, method="ddpm",
-                            var_type="fixedlarge", clip_denoised=True, pred="eps")
+    process = diffusion.GaussianDiffusion(SCHED, var_type="fixedlarge", clip_x0=True, pred="eps")
+    return sampler.Sampler(apply_fn, process, mesh, shape=SHAPE, seed=seed, method="ddpm")
 
 
 class Spy:

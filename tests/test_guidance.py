@@ -79,8 +79,8 @@ def test_guided_eps_matches_an_independent_implementation(sched, betas, pred, w)
     got = _np_eps(betas, out, x, t, pred)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * (1 + w))
     # and the library's own conversion of the guided output gives the same ε
-    _, lib_eps = diffusion.x0_and_eps(sched, jnp.asarray(out, jnp.float32), jnp.asarray(x, jnp.float32),
-                                      jnp.asarray(t), pred)
+    _, lib_eps = diffusion.GaussianDiffusion(sched, pred=pred).x0_and_eps(
+        jnp.asarray(out, jnp.float32), jnp.asarray(x, jnp.float32), jnp.asarray(t))
     np.testing.assert_allclose(np.asarray(lib_eps, np.float64), want, rtol=1e-3, atol=2e-3 * (1 + w))
 
 
@@ -117,9 +117,10 @@ def test_sample_with_guidance_equals_a_loop_of_guided_steps(sched, betas):
     params, w, n = _toy_params(), 2.0, 3
     indices = np.arange(5, 5 + n)
     y = np.array([0, 3, 1])
-    out = sampling.sample(_toy_apply, params, sched, shape=SHAPE, indices=jnp.asarray(indices), seed=7,
+    process = diffusion.GaussianDiffusion(sched, clip_x0=False)
+    out = sampling.sample(_toy_apply, params, process, shape=SHAPE, indices=jnp.asarray(indices), seed=7,
                           method="ddim", num_steps=5, labels=jnp.asarray(y), guidance_scale=w,
-                          null_label=NUM_CLASSES, clip_denoised=False)
+                          null_label=NUM_CLASSES)
     keys = sampling.image_keys(7, jnp.asarray(indices))
     x = sampling.image_noise(keys, T, SHAPE)
     ts = sampling.ddim_timesteps(T, 5)
@@ -127,8 +128,8 @@ def test_sample_with_guidance_equals_a_loop_of_guided_steps(sched, betas):
         tb = np.full(n, t)
         xn = np.asarray(x, np.float64)
         eps = (1 + w) * _np_toy(params, xn, tb, y) - w * _np_toy(params, xn, tb, np.full(n, NUM_CLASSES))
-        x, _ = sampling.ddim_step(sched, jnp.asarray(eps, jnp.float32), x, jnp.asarray(tb), int(t_prev),
-                                  jnp.zeros_like(x), clip_denoised=False)
+        x, _ = sampling.ddim_step(process, jnp.asarray(eps, jnp.float32), x, jnp.asarray(tb), int(t_prev),
+                                  jnp.zeros_like(x))
     np.testing.assert_allclose(np.asarray(out.samples), np.asarray(x), rtol=1e-4, atol=1e-4)
 
 
@@ -161,13 +162,13 @@ def test_bad_guidance_is_refused(kwargs, match):
 
 def test_bad_label_shapes_and_dropout_are_refused(sched):
     with pytest.raises(ValueError, match=r"labels must be an int array \[len\(indices\)\]"):
-        sampling.sample(_toy_apply, _toy_params(), sched, shape=SHAPE, indices=jnp.arange(3), seed=0,
+        sampling.sample(_toy_apply, _toy_params(), diffusion.GaussianDiffusion(sched), shape=SHAPE, indices=jnp.arange(3), seed=0,
                         labels=jnp.zeros(2, jnp.int32), null_label=NUM_CLASSES)
     with pytest.raises(ValueError, match="training.label_dropout=1.5"):
         guidance.drop_labels(jnp.zeros(3, jnp.int32), jax.random.key(0), 1.5, 4)
 
 
-def test_a_learned_variance_is_taken_from_the_conditional_branch():
+def test_a_learned_variance_is_taken_from_the_conditional_branch(sched):
     """2C outputs (var_type learned_range): the mean channels are guided, the variance is c's."""
     params = _toy_params()
 
@@ -178,7 +179,7 @@ def test_a_learned_variance_is_taken_from_the_conditional_branch():
     x, t, y = _inputs()
     x = jnp.asarray(x, jnp.float32)
     fn = guidance.model_fn(apply2, params, labels=jnp.asarray(y), guidance_scale=3.0, null_label=NUM_CLASSES,
-                           var_type="learned_range")
+                           process=diffusion.GaussianDiffusion(sched, var_type="learned_range", loss="hybrid"))
     out = np.asarray(fn(x, jnp.asarray(t)))
     cond = np.asarray(apply2(params, x, jnp.asarray(t), jnp.asarray(y)))
     uncond = np.asarray(apply2(params, x, jnp.asarray(t), jnp.full(len(y), NUM_CLASSES)))

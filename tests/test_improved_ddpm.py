@@ -15,6 +15,8 @@ from ddpm_jax import checkpointing, diffusion, sampling, schedules, timestep_sam
 from ddpm_jax.evaluation import bpd
 from ddpm_jax.schedules import Schedule
 
+GD = diffusion.GaussianDiffusion
+
 T = 50
 
 
@@ -79,19 +81,19 @@ def test_learned_variances_and_bound_terms_match_numpy(sched, np_tables, var_typ
     abar = np_tables["abar"][t].reshape(-1, 1, 1, 1)
     x_t = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    got = diffusion.p_mean_variance(sched, f32(out), f32(x_t), jnp.asarray(t), var_type=var_type,
-                                    clip_denoised=False)
+    process = GD(sched, var_type=var_type, loss="hybrid", clip_x0=False)
+    got = process.p_mean_variance(f32(out), f32(x_t), jnp.asarray(t))
     mean, log_var, term = _np_reference(np_tables, out, x0, x_t, t, var_type)
     np.testing.assert_allclose(got["mean"], mean, atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(got["log_variance"], log_var, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(got["variance"], np.exp(log_var), rtol=2e-5)
-    terms = diffusion.vlb_terms_bpd(sched, f32(out), f32(x0), f32(x_t), jnp.asarray(t), var_type=var_type)
+    terms = process.vlb_terms_bpd(f32(out), f32(x0), f32(x_t), jnp.asarray(t))
     np.testing.assert_allclose(terms["kl_bpd"], term, rtol=2e-3, atol=1e-4)
     if var_type == "learned_range":  # v = ±1 are the two fixed variances
         ones = np.ones(shape)
         for v, table in ((1.0, np.log(np_tables["b"])), (-1.0, np_tables["post_logvar"])):
-            lv = diffusion.p_mean_variance(sched, f32(np.concatenate([out[..., :3], v * ones], -1)), f32(x_t),
-                                           jnp.asarray(t), var_type=var_type)["log_variance"]
+            lv = process.replace(clip_x0=True).p_mean_variance(
+                f32(np.concatenate([out[..., :3], v * ones], -1)), f32(x_t), jnp.asarray(t))["log_variance"]
             np.testing.assert_allclose(lv[:, 0, 0, 0], table[t], rtol=1e-5)
 
 
@@ -100,17 +102,18 @@ def test_xprev_round_trips_through_p_mean_variance(sched, np_tables):
     t = np.array([0, 1, 10, 25, T - 1])
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     x_t = diffusion.q_sample(sched, f32(x0), jnp.asarray(t), f32(noise))
-    mu = diffusion.training_target(sched, f32(x0), jnp.asarray(t), f32(noise), pred="xprev")
+    process = GD(sched, pred="xprev", clip_x0=False)
+    mu = process.training_target(f32(x0), jnp.asarray(t), f32(noise))
     sh = (-1, 1, 1, 1)
     want_mu = np_tables["c1"][t].reshape(sh) * x0 + np_tables["c2"][t].reshape(sh) * np.asarray(x_t, np.float64)
     np.testing.assert_allclose(mu, want_mu, atol=1e-5)
-    out = diffusion.p_mean_variance(sched, mu, x_t, jnp.asarray(t), pred="xprev", clip_denoised=False)
+    out = process.p_mean_variance(mu, x_t, jnp.asarray(t))
     np.testing.assert_allclose(out["mean"], mu)  # the network's output is the mean itself
     np.testing.assert_allclose(out["pred_x0"], x0, atol=2e-3)
-    _, eps_hat = diffusion.x0_and_eps(sched, mu, x_t, jnp.asarray(t), "xprev")
+    _, eps_hat = process.x0_and_eps(mu, x_t, jnp.asarray(t))
     np.testing.assert_allclose(eps_hat[2:], noise[2:], atol=5e-3)  # t ≥ 10: ε well determined
     # The mse loss of xprev is ‖μ̃ − μ_θ‖²: zero at the target.
-    loss = diffusion.training_losses(sched, mu, f32(x0), x_t, jnp.asarray(t), f32(noise), pred="xprev")
+    loss = process.training_losses(mu, f32(x0), x_t, jnp.asarray(t), f32(noise))
     np.testing.assert_allclose(loss, 0.0, atol=1e-12)
 
 
@@ -125,13 +128,13 @@ def test_kl_loss_is_the_bits_per_dim_loops_term(sched):
         return jnp.concatenate([params[0] * x * s, jnp.tanh(params[1] * x + s)], axis=-1)
 
     keys = bpd.example_keys(0, jnp.arange(B))
-    res = bpd.bpd_terms(apply_fn, w, sched, x0, keys, var_type="learned_range", clip_denoised=False)
+    process = GD(sched, var_type="learned_range", loss="kl", clip_x0=False)
+    res = bpd.bpd_terms(apply_fn, w, process, x0, keys)
     for t in (0, 1, 17, T - 1):
         tb = jnp.full((B,), t, jnp.int32)
         noise = sampling.image_noise(keys, t, shape)
         x_t = diffusion.q_sample(sched, x0, tb, noise)
-        loss = diffusion.training_losses(sched, apply_fn(w, x_t, tb), x0, x_t, tb, noise,
-                                         var_type="learned_range", loss="kl")
+        loss = process.training_losses(apply_fn(w, x_t, tb), x0, x_t, tb, noise)
         np.testing.assert_allclose(loss, res["terms"][:, t], rtol=1e-5, atol=1e-7)
 
 
@@ -142,41 +145,40 @@ def test_hybrid_gradient_on_the_mean_is_l_simple(sched):
     x_t = diffusion.q_sample(sched, f32(x0), t, f32(noise))
 
     def total(o, loss, var_type):
-        return jnp.sum(diffusion.training_losses(sched, o, f32(x0), x_t, t, f32(noise), var_type=var_type,
-                                                 loss=loss))
+        return jnp.sum(GD(sched, var_type=var_type, loss=loss).training_losses(o, f32(x0), x_t, t, f32(noise)))
 
     g_hybrid = jax.grad(total)(f32(out), "hybrid", "learned_range")
     g_simple = jax.grad(total)(f32(out[..., :2]), "mse", "fixedlarge")
     np.testing.assert_allclose(g_hybrid[..., :2], g_simple, rtol=1e-6, atol=1e-9)
     assert float(jnp.max(jnp.abs(g_hybrid[..., 2:]))) > 0  # L_vlb trains the variance
     # The value is L_simple + λ·T·L_t.
-    vb = diffusion.vlb_terms_bpd(sched, f32(out), f32(x0), x_t, t, var_type="learned_range")["kl_bpd"]
-    simple = diffusion.training_losses(sched, f32(out[..., :2]), f32(x0), x_t, t, f32(noise))
-    got = diffusion.training_losses(sched, f32(out), f32(x0), x_t, t, f32(noise), var_type="learned_range",
-                                    loss="hybrid")
+    hybrid = GD(sched, var_type="learned_range", loss="hybrid", clip_x0=False)
+    vb = hybrid.vlb_terms_bpd(f32(out), f32(x0), x_t, t)["kl_bpd"]
+    simple = GD(sched).training_losses(f32(out[..., :2]), f32(x0), x_t, t, f32(noise))
+    got = hybrid.training_losses(f32(out), f32(x0), x_t, t, f32(noise))
     np.testing.assert_allclose(got, simple + 1e-3 * T * vb, rtol=1e-6)
 
 
 def test_losses_refuse_what_trains_nothing():
-    with pytest.raises(ValueError, match="use var_type=learned_range or loss=mse"):
-        diffusion.check_loss("hybrid", "fixedlarge")
-    with pytest.raises(ValueError, match="unknown loss='l1'"):
-        diffusion.check_loss("l1", "fixedlarge")
     sched = Schedule.from_betas(schedules.get_betas("linear", 5))
-    x = jnp.zeros((2, 2))
+    with pytest.raises(ValueError, match="use var_type=learned_range or loss=mse"):
+        GD(sched, loss="hybrid", var_type="fixedlarge")
+    with pytest.raises(ValueError, match="unknown loss='l1'"):
+        GD(sched, loss="l1")
     with pytest.raises(ValueError, match="use loss=hybrid"):
-        diffusion.training_losses(sched, jnp.zeros((2, 4)), x, x, jnp.zeros(2, jnp.int32), x, var_type="learned")
+        GD(sched, loss="mse", var_type="learned")
 
 
 def test_ddim_and_ddpm_steps_take_the_2c_output(sched):
     x0, noise, out = _draw((3, 2, 2, 2), seed=4, channels_out=4)
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     x_t, t = f32(x0), jnp.asarray([5, 20, 40])
-    a = sampling.ddim_step(sched, f32(out), x_t, t, t - 5, f32(noise), var_type="learned_range")
-    b = sampling.ddim_step(sched, f32(out[..., :2]), x_t, t, t - 5, f32(noise))
+    a = sampling.ddim_step(GD(sched, var_type="learned_range", loss="hybrid"), f32(out), x_t, t, t - 5, f32(noise))
+    b = sampling.ddim_step(GD(sched), f32(out[..., :2]), x_t, t, t - 5, f32(noise))
     np.testing.assert_array_equal(a[0], b[0])  # DDIM ignores a learned variance
-    x_prev, _ = sampling.ddpm_step(sched, f32(out), x_t, t, f32(noise), var_type="learned")
-    mean = diffusion.p_mean_variance(sched, f32(out), x_t, t, var_type="learned")["mean"]
+    learned = GD(sched, var_type="learned", loss="hybrid")
+    x_prev, _ = sampling.ddpm_step(learned, f32(out), x_t, t, f32(noise))
+    mean = learned.p_mean_variance(f32(out), x_t, t)["mean"]
     np.testing.assert_allclose(x_prev, mean + np.exp(0.5 * out[..., 2:]) * noise, rtol=1e-5, atol=1e-6)
 
 

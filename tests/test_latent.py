@@ -147,8 +147,8 @@ def test_sample_and_eval_see_decoded_images(ae_workdir, latent_workdir, tmp_path
 
 def test_latents_are_never_clipped_to_the_pixel_range(ae_workdir):
     pixels, on_latents = digits.get_config(), _config(ae_workdir)
-    assert setup.sampler_options(pixels)["clip_denoised"] is True
-    assert setup.sampler_options(on_latents)["clip_denoised"] is False  # though sampling.clip_denoised=True
+    assert setup.create_diffusion(pixels).clip_x0 is True
+    assert setup.create_diffusion(on_latents).clip_x0 is False  # though sampling.clip_denoised=True
     assert setup.sampler_tag(on_latents).endswith("_noclip") and "noclip" not in setup.sampler_tag(pixels)
     assert setup.clips_x0(pixels, False) is False
 

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import schedules, solvers
+from ddpm_jax import diffusion, schedules
+from ddpm_jax.sampling.base import log_sigma_table
 from ddpm_jax.evaluation import ode_likelihood as ol
 from ddpm_jax.schedules import Schedule
 
@@ -22,7 +23,7 @@ def _sched64(betas) -> Schedule:
 
 def _optimal_model(sched, pred):
     """The optimal network of N(μ, s²) data at a fractional t: σ̃(t) from the log-σ̃ table."""
-    log_sig = solvers.log_sigma_table(sched)
+    log_sig = log_sigma_table(sched)
 
     def apply_fn(params, x, t):
         sig = jnp.exp(jnp.interp(t[0], jnp.arange(T, dtype=x.dtype), log_sig))
@@ -42,9 +43,9 @@ def test_gaussian_log_likelihood_matches_closed_form(pred):
     with jax.enable_x64(True):
         sched = _sched64(betas)
         probe = jax.random.rademacher(jax.random.key(0), x.shape, jnp.float64)
-        out = ol.ode_log_likelihood(_optimal_model(sched, pred), None, sched, jnp.asarray(x), probe,
-                                    steps=200, pred=pred)
-        log_sig = np.asarray(solvers.log_sigma_table(sched))
+        process = diffusion.GaussianDiffusion(sched, pred=pred)
+        out = ol.ode_log_likelihood(_optimal_model(sched, pred), None, process, jnp.asarray(x), probe, steps=200)
+        log_sig = np.asarray(log_sigma_table(sched))
     s_min, s_max = np.exp(log_sig[0]), np.exp(log_sig[-1])
     # The flow keeps (x̃ − μ)/√(s² + σ̃²) fixed: x̃_T = μ + r (x − μ), log|det| = D log r.
     r = np.sqrt((S ** 2 + s_max ** 2) / (S ** 2 + s_min ** 2))
@@ -93,7 +94,8 @@ def test_bad_input_one_line_errors():
 
     sched = Schedule.from_betas(schedules.get_betas("linear", 10, beta_end=0.3))
     with pytest.raises(ValueError, match="steps=0"):
-        ol.ode_log_likelihood(lambda p, x, t: x, None, sched, jnp.zeros((1, 2)), jnp.ones((1, 2)), steps=0)
+        ol.ode_log_likelihood(lambda p, x, t: x, None, diffusion.GaussianDiffusion(sched), jnp.zeros((1, 2)),
+                              jnp.ones((1, 2)), steps=0)
     for field, value, needle in [("bpd_method", "elbo", "eval.bpd_method='elbo'"),
                                  ("ode_steps", 0, "eval.ode_steps=0"), ("ode_trace", "gauss", "eval.ode_trace")]:
         config = digits.get_config()

@@ -12,6 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ddpm_jax import diffusion, sampling, schedules
 from ddpm_jax.schedules import Schedule
 
+GD = diffusion.GaussianDiffusion
+
 T = 1000
 TS = 40  # the small chain used by the sampler tests
 SHAPE = (4, 4, 3)
@@ -90,14 +92,14 @@ STEP_T = np.array([0, 1, 2, 10, 100, 500, 998, 999])
 @pytest.mark.parametrize("clip", [True, False])
 def test_ddpm_step_matches_float64_alg2(sched, betas, var_type, clip):
     x, eps, z = _rand((8,) + SHAPE, 0, 1.5), _rand((8,) + SHAPE, 1), _rand((8,) + SHAPE, 2)
-    x_prev, x0 = sampling.ddpm_step(sched, eps, x, jnp.asarray(STEP_T), z, var_type=var_type, clip_denoised=clip)
+    x_prev, x0 = sampling.ddpm_step(GD(sched, var_type=var_type, clip_x0=clip), eps, x, jnp.asarray(STEP_T), z)
     want = ref_ddpm_step(betas, _f64(eps), _f64(x), STEP_T, _f64(z), var_type, clip)
     np.testing.assert_allclose(x_prev, want, rtol=1e-5, atol=1e-5)
     if clip:
         assert float(jnp.abs(x0).max()) <= 1.0
     # A scalar t broadcasts like a [B] of that t.
     for t in (0, 37):
-        got, _ = sampling.ddpm_step(sched, eps, x, t, z, var_type=var_type, clip_denoised=clip)
+        got, _ = sampling.ddpm_step(GD(sched, var_type=var_type, clip_x0=clip), eps, x, t, z)
         want = ref_ddpm_step(betas, _f64(eps), _f64(x), np.full(8, t), _f64(z), var_type, clip)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -105,8 +107,8 @@ def test_ddpm_step_matches_float64_alg2(sched, betas, var_type, clip):
 def test_ddpm_step_adds_no_noise_at_t0(sched):
     x, eps = _rand((3, 2), 0), _rand((3, 2), 1)
     t = jnp.zeros((3,), jnp.int32)
-    a, _ = sampling.ddpm_step(sched, eps, x, t, jnp.full((3, 2), 1e6))
-    b, x0 = sampling.ddpm_step(sched, eps, x, t, jnp.zeros((3, 2)))
+    a, _ = sampling.ddpm_step(GD(sched), eps, x, t, jnp.full((3, 2), 1e6))
+    b, x0 = sampling.ddpm_step(GD(sched), eps, x, t, jnp.zeros((3, 2)))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(b, x0, atol=1e-6)  # the posterior mean at t = 0 is x̂_0 itself
 
@@ -120,7 +122,7 @@ def test_ddim_step_matches_float64_eq12(sched, betas, eta, clip):
     t, t_prev = (np.array(v) for v in zip(*DDIM_PAIRS))
     shape = (len(t),) + SHAPE
     x, eps, z = _rand(shape, 3, 1.5), _rand(shape, 4), _rand(shape, 5)
-    got, _ = sampling.ddim_step(sched, eps, x, jnp.asarray(t), jnp.asarray(t_prev), z, eta=eta, clip_denoised=clip)
+    got, _ = sampling.ddim_step(GD(sched, clip_x0=clip), eps, x, jnp.asarray(t), jnp.asarray(t_prev), z, eta=eta)
     want = ref_ddim_step(betas, _f64(eps), _f64(x), t, t_prev, _f64(z), eta, clip)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -130,8 +132,8 @@ def test_ddim_eta1_one_step_is_ddpm_fixedsmall(sched):
     t = jnp.asarray(STEP_T)
     x, eps, z = _rand((8,) + SHAPE, 6, 1.5), _rand((8,) + SHAPE, 7), _rand((8,) + SHAPE, 8)
     for clip in (True, False):
-        a, _ = sampling.ddim_step(sched, eps, x, t, t - 1, z, eta=1.0, clip_denoised=clip)
-        b, _ = sampling.ddpm_step(sched, eps, x, t, z, var_type="fixedsmall", clip_denoised=clip)
+        a, _ = sampling.ddim_step(GD(sched, clip_x0=clip), eps, x, t, t - 1, z, eta=1.0)
+        b, _ = sampling.ddpm_step(GD(sched, var_type="fixedsmall", clip_x0=clip), eps, x, t, z)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
 
 
@@ -142,19 +144,19 @@ def test_steps_agree_across_parameterisations(sched, pred):
     x, eps, z = _rand((6,) + SHAPE, 9), _rand((6,) + SHAPE, 10), _rand((6,) + SHAPE, 11)
     x0 = diffusion.x0_from_eps(sched, x, t, eps)
     out = x0 if pred == "x0" else diffusion.v_target(sched, x0, t, eps)
-    a, _ = sampling.ddpm_step(sched, eps, x, t, z, clip_denoised=True)
-    b, _ = sampling.ddpm_step(sched, out, x, t, z, clip_denoised=True, pred=pred)
+    a, _ = sampling.ddpm_step(GD(sched, clip_x0=True), eps, x, t, z)
+    b, _ = sampling.ddpm_step(GD(sched, clip_x0=True, pred=pred), out, x, t, z)
     np.testing.assert_allclose(a, b, atol=2e-5)
-    a, _ = sampling.ddim_step(sched, eps, x, t, t - 7, z, eta=0.3)
-    b, _ = sampling.ddim_step(sched, out, x, t, t - 7, z, eta=0.3, pred=pred)
+    a, _ = sampling.ddim_step(GD(sched), eps, x, t, t - 7, z, eta=0.3)
+    b, _ = sampling.ddim_step(GD(sched, pred=pred), out, x, t, t - 7, z, eta=0.3)
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
 def test_ddim_eta0_ignores_the_noise(sched):
     x, eps = _rand((4, 2), 12), _rand((4, 2), 13)
     t, tp = jnp.array([900, 50, 3, 0]), jnp.array([880, 30, 0, -1])
-    a, _ = sampling.ddim_step(sched, eps, x, t, tp, _rand((4, 2), 14), eta=0.0)
-    b, _ = sampling.ddim_step(sched, eps, x, t, tp, _rand((4, 2), 15), eta=0.0)
+    a, _ = sampling.ddim_step(GD(sched), eps, x, t, tp, _rand((4, 2), 14), eta=0.0)
+    b, _ = sampling.ddim_step(GD(sched), eps, x, t, tp, _rand((4, 2), 15), eta=0.0)
     np.testing.assert_array_equal(a, b)
 
 
@@ -175,7 +177,7 @@ def test_ddim_timesteps():
     assert sampling.ddim_timesteps(1000, 50, "quadratic")[0] == 800
     for T_ in (50, 100, 997):
         for n in range(1, T_ + 1, 7):
-            for spacing in sampling.SPACINGS:
+            for spacing in sampling.DDIM_SPACINGS:
                 ts = sampling.ddim_timesteps(T_, n, spacing)
                 assert len(ts) == n and ts.min() >= 0 and ts.max() <= T_ - 1
                 assert np.all(np.diff(ts) <= 0) and (spacing == "quadratic" or np.all(np.diff(ts) < 0))
@@ -201,10 +203,11 @@ def _jitted(**kw):
     return jax.jit(functools.partial(sampling.sample, fake_apply, **kw))
 
 
-def jsample(sched, indices, x_start=None, seed=0, params=PARAMS, **kw):
-    """sample() under jit; the seed is traced (one compile serves every seed)."""
+def jsample(sched, indices, x_start=None, seed=0, params=PARAMS, var_type="fixedlarge", **kw):
+    """sample() under jit with the process of `sched`; the seed is traced (one compile serves every seed)."""
     kw.setdefault("shape", SHAPE)
-    return _jitted(**kw)(params, sched, indices=indices, x_start=x_start, seed=jnp.int32(seed))
+    return _jitted(**kw)(params, GD(sched, var_type=var_type), indices=indices, x_start=x_start,
+                         seed=jnp.int32(seed))
 
 
 def loop_sample(sched, indices, *, seed=0, method="ddpm", num_steps=None, eta=0.0, spacing="leading",
@@ -236,8 +239,8 @@ def _loop_step(method, eta, var_type, clip):
         out = fake_apply(PARAMS, x, jnp.full((x.shape[0],), t, jnp.int32))
         z = sampling.image_noise(keys, t, SHAPE)
         if method == "ddpm":
-            return sampling.ddpm_step(sched, out, x, t, z, var_type=var_type, clip_denoised=clip)
-        return sampling.ddim_step(sched, out, x, t, t_prev, z, eta=eta, clip_denoised=clip)
+            return sampling.ddpm_step(GD(sched, var_type=var_type, clip_x0=clip), out, x, t, z)
+        return sampling.ddim_step(GD(sched, clip_x0=clip), out, x, t, t_prev, z, eta=eta)
 
     return step
 
@@ -349,16 +352,16 @@ def test_sharded_sampling_matches_one_device(small, method, start_step):
 def test_sample_rejects_bad_options(small):
     idx = jnp.arange(2)
     with pytest.raises(ValueError, match="ddpm, ddim"):
-        sampling.sample(fake_apply, PARAMS, small, shape=SHAPE, indices=idx, seed=0, method="plms")
+        sampling.sample(fake_apply, PARAMS, GD(small), shape=SHAPE, indices=idx, seed=0, method="plms")
     with pytest.raises(ValueError, match="method='ddim'"):
-        sampling.sample(fake_apply, PARAMS, small, shape=SHAPE, indices=idx, seed=0, num_steps=10)
+        sampling.sample(fake_apply, PARAMS, GD(small), shape=SHAPE, indices=idx, seed=0, num_steps=10)
     with pytest.raises(ValueError, match="needs x_start"):
-        sampling.sample(fake_apply, PARAMS, small, shape=SHAPE, indices=idx, seed=0, start_step=5)
+        sampling.sample(fake_apply, PARAMS, GD(small), shape=SHAPE, indices=idx, seed=0, start_step=5)
     with pytest.raises(ValueError, match="expected"):
-        sampling.sample(fake_apply, PARAMS, small, shape=SHAPE, indices=idx, seed=0,
+        sampling.sample(fake_apply, PARAMS, GD(small), shape=SHAPE, indices=idx, seed=0,
                         x_start=jnp.zeros((3,) + SHAPE), start_step=5)
     with pytest.raises(ValueError, match="0..T=40"):
-        sampling.sample(fake_apply, PARAMS, small, shape=SHAPE, indices=idx, seed=0,
+        sampling.sample(fake_apply, PARAMS, GD(small), shape=SHAPE, indices=idx, seed=0,
                         x_start=jnp.zeros((2,) + SHAPE), start_step=41)
     with pytest.raises(ValueError, match="0..T=40"):
         sampling.noised_start(small, jnp.zeros((2,) + SHAPE), -1, jnp.zeros((2,) + SHAPE))
@@ -423,9 +426,9 @@ def ddpm_step_errors(var_type, pred, float64=True, ts=(999, 998, 500, 100, 10, 1
         res = ds.step(out.to(dtype), t, x.to(dtype), generator=gen)
         # The noise diffusers drew: replay its generator from the saved state.
         z = torch.randn(x.shape, generator=torch.Generator().set_state(state), dtype=dtype)
-        ours, x0 = sampling.ddpm_step(sched, jnp.asarray(out.numpy()), jnp.asarray(x.numpy()), t,
-                                      jnp.asarray(z.numpy(), jnp.float32), var_type=var_type,
-                                      clip_denoised=True, pred=pred)
+        ours, x0 = sampling.ddpm_step(GD(sched, var_type=var_type, clip_x0=True, pred=pred),
+                                      jnp.asarray(out.numpy()), jnp.asarray(x.numpy()), t,
+                                      jnp.asarray(z.numpy(), jnp.float32))
         err_x = max(err_x, float(np.abs(np.asarray(ours, np.float64) - res.prev_sample.numpy()).max()))
         err_x0 = max(err_x0, float(np.abs(np.asarray(x0, np.float64) - res.pred_original_sample.numpy()).max()))
     return err_x, err_x0
@@ -464,8 +467,8 @@ def ddim_step_errors(spacing, eta, num_steps=50, clip=True, float64=True):
         x, out, z = torch.randn(2, 3, 4, 4) * 1.5, torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
         res = ds.step(out.to(dtype), int(t), x.to(dtype), eta=eta, use_clipped_model_output=True,
                       variance_noise=z.to(dtype) if eta > 0 else None)
-        ours, _ = sampling.ddim_step(sched, jnp.asarray(out.numpy()), jnp.asarray(x.numpy()), int(t), int(t_prev),
-                                     jnp.asarray(z.numpy()), eta=eta, clip_denoised=clip)
+        ours, _ = sampling.ddim_step(GD(sched, clip_x0=clip), jnp.asarray(out.numpy()), jnp.asarray(x.numpy()),
+                                     int(t), int(t_prev), jnp.asarray(z.numpy()), eta=eta)
         err = max(err, float(np.abs(np.asarray(ours, np.float64) - res.prev_sample.numpy()).max()))
     return err
 
@@ -502,7 +505,7 @@ def test_ddim_clipping_convention():
     ds.set_timesteps(10)
     sched = Schedule.from_betas(schedules.get_betas("linear", T))
     x, out = torch.randn(2, 8) * 3, torch.randn(2, 8)  # |x_t| large: x̂_0 gets clipped
-    ours, x0 = sampling.ddim_step(sched, jnp.asarray(out.numpy()), jnp.asarray(x.numpy()), 900, 800,
+    ours, x0 = sampling.ddim_step(GD(sched), jnp.asarray(out.numpy()), jnp.asarray(x.numpy()), 900, 800,
                                   jnp.zeros((2, 8)), eta=0.0)
     assert float(jnp.abs(x0).max()) == 1.0
     clipped = ds.step(out, 900, x, use_clipped_model_output=True).prev_sample.numpy()
@@ -519,7 +522,7 @@ def test_t0_log_variance_convention(sched, betas):
     post1 = betas[1] * (1 - abar[0]) / (1 - abar[1])
     x = jnp.zeros((1, 2))
     for var_type in ("fixedlarge", "fixedsmall"):
-        out = diffusion.p_mean_variance(sched, x, x, jnp.zeros((1,), jnp.int32), var_type=var_type)
+        out = GD(sched, var_type=var_type).p_mean_variance(x, x, jnp.zeros((1,), jnp.int32))
         assert float(out["log_variance"][0, 0]) == pytest.approx(np.log(post1), rel=1e-6)
     # diffusers' fixed_large_log at t = 0 is log β_0 instead: a different decoder likelihood.
     ds = DDPMScheduler(num_train_timesteps=T, variance_type="fixed_large_log")

@@ -1,4 +1,4 @@
-"""Few-step solvers (solvers.py) and their use in sampling.sample.
+"""Few-step solvers (sampling/solvers.py) and their use in sampling.sample.
 
 DPM-Solver++ against diffusers' DPMSolverMultistepScheduler (float64 tables, an analytic
 model), step by step; the convergence order on Gaussian data, where the optimal model and the
@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import sampling, schedules, solvers
+from ddpm_jax import diffusion, sampling, schedules
+from ddpm_jax.sampling import solvers
 from ddpm_jax.schedules import Schedule
 
+GD = diffusion.GaussianDiffusion
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
@@ -67,8 +69,7 @@ def _parity_errors(method, spacing, n):
             return (x - sched.sqrt_one_minus_alphas_cumprod[t] * eps) / sched.sqrt_alphas_cumprod[t]
 
         # d2_weight=1: diffusers' 3rd-order update (solvers.dpmpp_step says why ours defaults to 2).
-        st = solvers.stepper(method, denoise, sched, ts, noise_fn=lambda t: jnp.asarray(noises)[t],
-                             d2_weight=1.0)
+        st = _stepper(method, denoise, sched, ts, noise_fn=lambda t: jnp.asarray(noises)[t], d2_weight=1.0)
         state, ours = st.init(jnp.asarray(x0)), []
         for i in range(n):
             state = st.step(state, jax.tree.map(lambda a: a[i], st.xs))
@@ -77,7 +78,7 @@ def _parity_errors(method, spacing, n):
     kind = "sde-dpmsolver++" if method.startswith("sde") else "dpmsolver++"
     ref = diffusers.DPMSolverMultistepScheduler(
         num_train_timesteps=T, trained_betas=betas.astype(np.float32), algorithm_type=kind,
-        solver_order=solvers.method_order(method), prediction_type="epsilon", lower_order_final=True,
+        solver_order=sampling.METHODS[method].order, prediction_type="epsilon", lower_order_final=True,
         final_sigmas_type="zero", timestep_spacing="linspace")
     if spacing == "time_uniform":
         ref.set_timesteps(n)
@@ -131,8 +132,7 @@ def _gaussian_error(method: str, n: int, exact_start: bool = False, d2_weight: f
             a, s = a_tab[t], s_tab[t]
             return MU + a * S ** 2 * (x - a * MU) / (a ** 2 * S ** 2 + s ** 2)
 
-        st = solvers.stepper(method, denoise, sched, jnp.arange(n - 1, -1, -1, dtype=jnp.int32),
-                             d2_weight=d2_weight)
+        st = _stepper(method, denoise, sched, jnp.arange(n - 1, -1, -1, dtype=jnp.int32), d2_weight=d2_weight)
         first = 2 if exact_start else 0
         state = st.init(jnp.asarray(x_exact(sig[first])) / np.sqrt(1.0 + sig[first] ** 2))
         if exact_start:
@@ -168,6 +168,17 @@ def test_third_order_with_exact_history():
 
 # ---- through sampling.sample ---------------------------------------------------------------------
 
+SOLVERS = [m for m in sampling.METHODS if m not in ("ddpm", "ddim")]  # the few-step methods
+
+
+def _stepper(method, denoise, sched, ts, noise_fn=None, d2_weight=2.0):
+    """The stepper of a solver `method` over `ts`, from a denoiser x̂_0(x, t)."""
+    if method == "heun":
+        return solvers.heun_stepper(denoise, sched, ts)
+    return solvers.dpmpp_stepper(denoise, sched, ts, order=sampling.METHODS[method].order,
+                                 noise_fn=noise_fn if method.startswith("sde") else None, d2_weight=d2_weight)
+
+
 def _small():
     return Schedule.from_betas(schedules.get_betas("linear", 50, beta_start=1e-4, beta_end=0.3))
 
@@ -185,36 +196,36 @@ def test_nfe_counted_at_run_time(method, n):
         jax.debug.callback(lambda: calls.append(1))
         return _apply(params, x, t)
 
-    out = jax.jit(lambda p: sampling.sample(apply_fn, p, sched, shape=(2,), indices=jnp.arange(3), seed=0,
+    out = jax.jit(lambda p: sampling.sample(apply_fn, p, GD(sched), shape=(2,), indices=jnp.arange(3), seed=0,
                                             method=method, num_steps=n).samples)(0.5)
     jax.block_until_ready(out)
-    want = 50 if method == "ddpm" else n if method == "ddim" else solvers.nfe(method, n)
+    want = 50 if method == "ddpm" else n if method == "ddim" else sampling.METHODS[method].nfe(n)
     assert len(calls) == want
-    assert solvers.nfe("heun", n or 1) == 2 * (n or 1) - 1
+    assert sampling.METHODS["heun"].nfe(n or 1) == 2 * (n or 1) - 1
 
 
-@pytest.mark.parametrize("method", solvers.METHODS)
+@pytest.mark.parametrize("method", SOLVERS)
 def test_trajectory_batching_and_partial_denoising(method):
     sched = _small()
     kw = dict(shape=(2,), seed=3, method=method, num_steps=8)
-    full = sampling.sample(_apply, 0.5, sched, indices=jnp.arange(6), **kw)
-    traj = sampling.sample(_apply, 0.5, sched, indices=jnp.arange(6), trajectory_every=3, **kw)
+    full = sampling.sample(_apply, 0.5, GD(sched), indices=jnp.arange(6), **kw)
+    traj = sampling.sample(_apply, 0.5, GD(sched), indices=jnp.arange(6), trajectory_every=3, **kw)
     np.testing.assert_allclose(traj.samples, full.samples, atol=1e-6)
-    ts = np.asarray(solvers.timesteps(sched, 8, solvers.DEFAULT_SPACING[method]))
+    ts = np.asarray(solvers.timesteps(sched, 8, sampling.METHODS[method].default_spacing))
     np.testing.assert_array_equal(traj.trajectory_t, [ts[3] + 1, ts[6] + 1])
     # Per-image seeds: image i does not depend on the batch it was drawn in.
-    part = sampling.sample(_apply, 0.5, sched, indices=jnp.arange(4, 6), **kw)
+    part = sampling.sample(_apply, 0.5, GD(sched), indices=jnp.arange(4, 6), **kw)
     np.testing.assert_allclose(part.samples, full.samples[4:], atol=1e-6)
     # Partial denoising from x_k: the plan covers timesteps k−1 .. 0; k = T is the full solve.
     x_T = sampling.image_noise(sampling.image_keys(3, jnp.arange(6)), sched.num_timesteps, (2,))
-    again = sampling.sample(_apply, 0.5, sched, indices=jnp.arange(6), x_start=x_T,
+    again = sampling.sample(_apply, 0.5, GD(sched), indices=jnp.arange(6), x_start=x_T,
                             start_step=sched.num_timesteps, **kw)
     np.testing.assert_allclose(again.samples, full.samples, atol=1e-6)
     k = 20
-    assert int(solvers.timesteps(sched, 8, solvers.DEFAULT_SPACING[method], k=k)[0]) == k - 1
-    partial = sampling.sample(_apply, 0.5, sched, indices=jnp.arange(6), x_start=x_T, start_step=k, **kw)
+    assert int(solvers.timesteps(sched, 8, sampling.METHODS[method].default_spacing, k=k)[0]) == k - 1
+    partial = sampling.sample(_apply, 0.5, GD(sched), indices=jnp.arange(6), x_start=x_T, start_step=k, **kw)
     assert np.all(np.isfinite(partial.samples)) and not np.allclose(partial.samples, full.samples)
-    same = sampling.sample(_apply, 0.5, sched, indices=jnp.arange(6), x_start=x_T, start_step=0, **kw)
+    same = sampling.sample(_apply, 0.5, GD(sched), indices=jnp.arange(6), x_start=x_T, start_step=0, **kw)
     np.testing.assert_array_equal(same.samples, x_T)
 
 
@@ -233,10 +244,10 @@ def test_bad_input_one_line_errors():
     cases = [(lambda: solvers.dpmpp_orders(10, 4), "order=4"),
              (lambda: solvers.timesteps(sched, 0, "logsnr"), "num_steps=0"),
              (lambda: solvers.timesteps(sched, 10, "cosine"), "spacing='cosine'"),
-             (lambda: sampling.sample(_apply, 0.5, sched, shape=(2,), indices=jnp.arange(2), seed=0,
+             (lambda: sampling.sample(_apply, 0.5, GD(sched), shape=(2,), indices=jnp.arange(2), seed=0,
                                       method="dpmpp_4m", num_steps=5), "method='dpmpp_4m'"),
-             (lambda: sampling.sample(_apply, 0.5, sched, shape=(2,), indices=jnp.arange(2), seed=0,
-                                      method="heun", num_steps=None), "num_steps=None")]
+             (lambda: sampling.sample(_apply, 0.5, GD(sched), shape=(2,), indices=jnp.arange(2), seed=0,
+                                      method="heun", num_steps=51), "num_steps=51")]
     for fn, needle in cases:
         with pytest.raises(ValueError) as err:
             fn()
@@ -248,16 +259,17 @@ def test_config_checks_options_and_tags():
     from ddpm_jax import checks, setup
 
     config = digits.get_config()
-    config.sampling.method, config.sampling.solver_steps = "heun", 18
+    config.sampling.method, config.sampling.steps = "heun", 18
     assert setup.sampler_tag(config) == "heun18-karras"
     assert setup.sampler_options(config)["num_steps"] == 18 and setup.sampler_options(config)["spacing"] == "karras"
-    config.sampling.method, config.sampling.solver_spacing = "dpmpp_2m", "time_uniform"
+    config.sampling.method, config.sampling.spacing = "dpmpp_2m", "time_uniform"
     assert setup.sampler_tag(config) == "dpmpp_2m18-time_uniform"
     checks.check_sampler(config.sampling, 100)
     for field, value, needle in [("method", "dpmpp_4m", "sampling.method='dpmpp_4m'"),
-                                 ("solver_steps", 0, "sampling.solver_steps=0"),
-                                 ("solver_steps", 101, "sampling.solver_steps=101"),
-                                 ("solver_spacing", "cosine", "sampling.solver_spacing='cosine'")]:
+                                 ("steps", -1, "sampling.steps=-1"),
+                                 ("steps", 101, "sampling.steps=101"),
+                                 ("spacing", "cosine", "sampling.spacing='cosine'"),
+                                 ("eta", 0.5, "sampling.eta=0.5")]:
         bad = digits.get_config()
         bad.sampling.method = "dpmpp_3m"
         bad.sampling[field] = value
@@ -275,12 +287,12 @@ def test_guided_solver_uses_the_one_model_fn():
 
     kw = dict(shape=(2,), indices=jnp.arange(3), seed=0, method="dpmpp_2m", num_steps=6,
               labels=jnp.array([0, 1, 2]), null_label=3)
-    guided = sampling.sample(apply_fn, 0.5, sched, guidance_scale=2.0, **kw).samples
+    guided = sampling.sample(apply_fn, 0.5, GD(sched), guidance_scale=2.0, **kw).samples
     # The same solve with the guided network written out by hand (w = 2, ∅ = 3).
     by_hand = lambda p, x, t, y: 3.0 * apply_fn(p, x, t, y) - 2.0 * apply_fn(p, x, t, jnp.full_like(y, 3))  # noqa: E731
-    want = sampling.sample(by_hand, 0.5, sched, guidance_scale=0.0, **kw).samples
+    want = sampling.sample(by_hand, 0.5, GD(sched), guidance_scale=0.0, **kw).samples
     np.testing.assert_allclose(guided, want, atol=1e-5)
-    plain = sampling.sample(apply_fn, 0.5, sched, guidance_scale=0.0, **kw).samples
+    plain = sampling.sample(apply_fn, 0.5, GD(sched), guidance_scale=0.0, **kw).samples
     assert not np.allclose(guided, plain)
 
 

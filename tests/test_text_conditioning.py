@@ -27,7 +27,7 @@ def tiny_config(**training) -> ml_collections.ConfigDict:
     config.diffusion.num_timesteps = 20
     config.training.update(batch_size=8, num_steps=4, sample_every=0, checkpoint_every=2, log_every=2)
     config.training.update(training)
-    config.sampling.update(method="ddim", ddim_steps=3, num_samples=6, batch_size=6)
+    config.sampling.update(method="ddim", steps=3, num_samples=6, batch_size=6)
     config.eval.update(num_samples=8, batch_size=8, chunk_size=8)
     return config
 
@@ -133,7 +133,7 @@ def test_sampler_cycles_the_captions_and_guides_with_the_null_caption(trained):
     out = sampler.generate(setup.make_sampler(loaded, config), params, num_samples=4, batch_size=4)
     ids = captions.tokenizer_for(config.data).encode(["a thick seven", "a thin one"] * 2, 8)[0]
     apply = setup.model_apply_fn(loaded.model)
-    ref = sampling.sample(apply, params, loaded.sched, shape=loaded.shape, indices=jnp.arange(4), seed=0,
+    ref = sampling.sample(apply, params, loaded.process, shape=loaded.shape, indices=jnp.arange(4), seed=0,
                           method="ddim", num_steps=3, labels=jnp.asarray(ids), guidance_scale=2.0,
                           null_label=setup.null_condition(config))
     np.testing.assert_allclose(out.samples, np.asarray(ref.samples), atol=1e-4)

@@ -117,7 +117,7 @@ def test_sample_mode_partial_denoising_ddim_and_model_mismatch(digits_workdir):
     workdir, _ = digits_workdir
     config = _tiny_digits_config()
     config.sampling.update(num_samples=4, batch_size=8, init_image="camera", start_step=10,
-                           method="ddim", ddim_steps=5)
+                           method="ddim", steps=5)
     paths = sample.run(config, workdir)
     for kind in ("original", "noised", "denoised"):
         assert os.path.basename(paths[kind]) == f"partial_ddim5_step4_seed0_n4_k10_{kind}.png"

@@ -58,38 +58,35 @@ def example_noise(seed: int, indices, t: int, shape: tuple) -> jax.Array:
     return sampling.image_noise(example_keys(seed, indices), t, tuple(shape))
 
 
-def bpd_terms(apply_fn: Callable, params: Any, sched: Schedule, x0: jnp.ndarray, keys: jax.Array, *,
-              pred: str = "eps", var_type: str = "fixedlarge", clip_denoised: bool = True,
-              labels: jnp.ndarray | None = None) -> dict:
+def bpd_terms(apply_fn: Callable, params: Any, process: diffusion.GaussianDiffusion, x0: jnp.ndarray,
+              keys: jax.Array, *, labels: jnp.ndarray | None = None) -> dict:
     """Every term of the bound for a batch x0 [B, ...]; one ``lax.scan`` over t = T−1 … 0.
 
     ``labels`` [B]: a class-conditional model's bound given those classes, −log p(x_0 | y)
     (apply_fn(params, x_t, t, labels)); None: the network called without labels.
 
-    Returns dict(total=[B], prior=[B], terms=[B, T] (column t: L_t, the decoder NLL at
-    t = 0), mse=[B, T] (mean (x̂_0 − x_0)² at each t)), all in float32.
+    x̂_0 is clipped as `process.clip_x0` says. Returns dict(total=[B], prior=[B], terms=[B, T]
+    (column t: L_t, the decoder NLL at t = 0), mse=[B, T] (mean (x̂_0 − x_0)² at each t)), all
+    in float32.
     """
-    diffusion.check_pred(pred)
-    diffusion.check_var_type(var_type)
-    T, B = sched.num_timesteps, x0.shape[0]
+    T, B = process.num_timesteps, x0.shape[0]
     x0 = x0.astype(jnp.float32)
 
     def one_timestep(carry, t):
         t_b = jnp.full((B,), t, jnp.int32)
-        x_t = diffusion.q_sample(sched, x0, t_b, sampling.image_noise(keys, t, x0.shape[1:]))
+        x_t = process.q_sample(x0, t_b, sampling.image_noise(keys, t, x0.shape[1:]))
         net = apply_fn(params, x_t, t_b) if labels is None else apply_fn(params, x_t, t_b, labels)
-        out = diffusion.vlb_terms_bpd(sched, net.astype(jnp.float32), x0, x_t,
-                                      t_b, pred=pred, var_type=var_type, clip_denoised=clip_denoised)
+        out = process.vlb_terms_bpd(net.astype(jnp.float32), x0, x_t, t_b)
         return carry, (out["kl_bpd"], out["mse"])
 
     # The official loop's order (t = T−1 down to 0); the rows are then put back in t order.
     _, (terms, mse) = jax.lax.scan(one_timestep, None, jnp.arange(T - 1, -1, -1, dtype=jnp.int32))
     terms, mse = terms[::-1].T, mse[::-1].T
-    prior = diffusion.prior_bpd(sched, x0)
+    prior = process.prior_bpd(x0)
     return dict(total=jnp.sum(terms, axis=1) + prior, prior=prior, terms=terms, mse=mse)
 
 
-def make_bpd_fn(apply_fn: Callable, sched: Schedule, mesh, *, seed: int, **options) -> Callable:
+def make_bpd_fn(apply_fn: Callable, process: diffusion.GaussianDiffusion, mesh, *, seed: int) -> Callable:
     """``fn(params, x, indices, labels=None) -> bpd_terms(...)``, jit-compiled over the ('data',) mesh.
 
     ``x`` [B, ...], ``indices`` [B] (the examples' global indices) and ``labels`` [B] (a
@@ -98,11 +95,11 @@ def make_bpd_fn(apply_fn: Callable, sched: Schedule, mesh, *, seed: int, **optio
     """
     rep, shard = parallel.replicated(mesh), parallel.data_sharded(mesh)
 
-    def fn(params, sched, x, indices, labels):
-        return bpd_terms(apply_fn, params, sched, x, example_keys(seed, indices), labels=labels, **options)
+    def fn(params, process, x, indices, labels):
+        return bpd_terms(apply_fn, params, process, x, example_keys(seed, indices), labels=labels)
 
     jitted = jax.jit(fn, in_shardings=(rep, rep, shard, shard, shard), out_shardings=shard)
-    return lambda params, x, indices, labels=None: jitted(params, sched, x, indices, labels)
+    return lambda params, x, indices, labels=None: jitted(params, process, x, indices, labels)
 
 
 class BpdAccumulator:
@@ -196,10 +193,8 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, model, sched: S
     if int(ev.bpd_batch_size) < 1:
         raise ValueError(f"eval.bpd_batch_size={ev.bpd_batch_size} must be >= 1")
     global_batch = padded_batch_size(min(int(ev.bpd_batch_size), limit), mesh)
-    clip = setup.clips_x0(config, bool(ev.get("bpd_clip_denoised", True)))
-    bpd_fn = make_bpd_fn(apply_fn or setup.model_apply_fn(model), sched, mesh, seed=int(config.seed),
-                         pred=str(config.diffusion.pred), var_type=str(config.diffusion.var_type),
-                         clip_denoised=clip)
+    process = setup.create_diffusion(config, sched, clip_denoised=bool(ev.get("bpd_clip_denoised", True)))
+    bpd_fn = make_bpd_fn(apply_fn or setup.model_apply_fn(model), process, mesh, seed=int(config.seed))
     it = data.create_eval_iterator(config.data, split, batch_size=global_batch,
                                    process_index=jax.process_index(), process_count=jax.process_count())
     cond_key = "tokens" if setup.text_conditioned(config) else "y" if setup.num_classes(config) else None
@@ -211,7 +206,7 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, model, sched: S
     if cond_key:  # the bound of -log p(x | c), each image given its true class or caption
         result["given"] = "true labels" if cond_key == "y" else "true captions"
     result.update(split=split, seconds=time.time() - start, num_timesteps=sched.num_timesteps,
-                  var_type=str(config.diffusion.var_type), clip_denoised=clip, seed=int(config.seed))
+                  var_type=process.var_type, clip_denoised=process.clip_x0, seed=int(config.seed))
     return label_latent(result, data.latents_from(config.data))
 
 

@@ -2,7 +2,7 @@
 
 The network defines, besides its sampler, a deterministic flow: the probability-flow ODE
 (Song et al. 2021b, eq. (13)). For the VP process it reads, in Karras' variables
-x̃ = x/α_t and σ̃ = √((1 − ᾱ_t)/ᾱ_t) (`solvers.py`), and with s = log σ̃,
+x̃ = x/α_t and σ̃ = √((1 − ᾱ_t)/ᾱ_t) (`sampling/solvers.py`), and with s = log σ̃,
 
     dx̃/ds = f(x̃, s) = σ̃ ε̂(x̃/√(1 + σ̃²), t(σ̃)),
 
@@ -15,7 +15,7 @@ score_sde starts at t = ε) to σ̃_max = σ̃(T − 1), where the prior is the 
 x_T ~ N(0, I), i.e. x̃ ~ N(0, (1 + σ̃_max²) I).
 
 * Between its integer timesteps the discrete network is queried at the fractional t of σ̃,
-  interpolated linearly against the log-σ̃ table (`solvers.t_from_log_sigma`); the U-Net's
+  interpolated linearly against the log-σ̃ table (`sampling.base.t_from_log_sigma`); the U-Net's
   sinusoidal embedding is defined for real t (as score_sde's discrete DDPM models are
   queried at t·(N − 1)). x̂_0 is not clipped: the flow must be smooth.
 * ∇·f by the Hutchinson–Skilling estimator E_v[vᵀ (∂f/∂x̃) v] with Rademacher v (one v per
@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import data, diffusion, parallel, sampling, setup, solvers
+from ddpm_jax import data, diffusion, parallel, sampling, setup
+from ddpm_jax.sampling.base import log_sigma_table, t_from_log_sigma
 from ddpm_jax.sampler import padded_batch_size
 from ddpm_jax.schedules import Schedule
 
@@ -55,13 +56,14 @@ ODE_STREAM = 0x6F6465  # "ode": the dequantisation and probe noise, apart from o
 TRACES = ("hutchinson", "exact")
 
 
-def eps_at(apply_fn: Callable, params: Any, x_vp, t, sigma_tilde, *, pred: str, var_type: str):
-    """ε̂ of the network at a fractional timestep t, with α = 1/√(1 + σ̃²), σ = σ̃ α (eps | x0 | v)."""
-    diffusion.check_pred(pred)
+def eps_at(apply_fn: Callable, params: Any, x_vp, t, sigma_tilde, *, process: diffusion.GaussianDiffusion):
+    """ε̂ of the network at a fractional timestep t, with α = 1/√(1 + σ̃²), σ = σ̃ α (eps | x0 | v):
+    the conversions of `GaussianDiffusion.x0_and_eps` at a noise level between the table's."""
+    pred = process.pred
     if pred == "xprev":
         raise ValueError("the probability-flow ODE needs ε̂ between timesteps; pred='xprev' converts only "
                          "at integer t (use an eps, x0 or v model).")
-    out, _ = diffusion.split_output(apply_fn(params, x_vp, jnp.full((x_vp.shape[0],), t, x_vp.dtype)), var_type)
+    out, _ = process.split_output(apply_fn(params, x_vp, jnp.full((x_vp.shape[0],), t, x_vp.dtype)))
     out = out.astype(x_vp.dtype)
     alpha = jax.lax.rsqrt(1.0 + sigma_tilde ** 2)
     sigma = sigma_tilde * alpha
@@ -90,23 +92,23 @@ def drift_and_divergence(f: Callable, x, v=None, trace: str = "hutchinson"):
     return fx, jnp.sum(jax.lax.map(diag, basis), axis=0)
 
 
-def ode_log_likelihood(apply_fn: Callable, params: Any, sched: Schedule, x, probe, *, steps: int = 100,
-                       pred: str = "eps", var_type: str = "fixedlarge", trace: str = "hutchinson") -> dict:
+def ode_log_likelihood(apply_fn: Callable, params: Any, process: diffusion.GaussianDiffusion, x, probe, *,
+                       steps: int = 100, trace: str = "hutchinson") -> dict:
     """log p(x) in nats per example [B] of the flow, for continuous x [B, ...] in the x̃ = x_0 scale.
 
     Returns dict(log_p, prior_log_p, delta_log_p (the ∫∇·f term), x_T (x̃ at σ̃_max)).
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an int >= 1 (RK4 steps of the ODE); e.g. 100.")
-    log_sig = solvers.log_sigma_table(sched)
+    log_sig = log_sigma_table(process.sched)
     s_min, s_max = log_sig[0], log_sig[-1]
     ds = (s_max - s_min) / steps
 
     def rhs(x_tilde, s):
         sig = jnp.exp(s)
-        t = solvers.t_from_log_sigma(log_sig, s)
+        t = t_from_log_sigma(log_sig, s)
         f = lambda z: sig * eps_at(apply_fn, params, z * jax.lax.rsqrt(1.0 + sig ** 2), t, sig,  # noqa: E731
-                                   pred=pred, var_type=var_type)
+                                   process=process)
         return drift_and_divergence(f, x_tilde, probe, trace)
 
     def rk4(carry, i):  # classical Runge–Kutta on the augmented state (x̃, ∫∇·f)
@@ -145,20 +147,20 @@ def bits_per_dim(log_p, dims: int):
     return -log_p / (dims * np.log(2.0)) + 7.0
 
 
-def make_ode_bpd_fn(apply_fn: Callable, sched: Schedule, mesh, *, seed: int, **options) -> Callable:
+def make_ode_bpd_fn(apply_fn: Callable, process: diffusion.GaussianDiffusion, mesh, *, seed: int, **options) -> Callable:
     """``fn(params, images_uint8, indices) -> dict(bpd, prior_bpd, delta_bpd)`` over the ('data',) mesh."""
     rep, shard = parallel.replicated(mesh), parallel.data_sharded(mesh)
 
-    def fn(params, sched, images, indices):
+    def fn(params, process, images, indices):
         keys = jax.vmap(lambda k: jax.random.fold_in(k, ODE_STREAM))(sampling.image_keys(seed, indices))
         y, probe = dequantize(images, keys)
-        out = ode_log_likelihood(apply_fn, params, sched, y, probe, **options)
+        out = ode_log_likelihood(apply_fn, params, process, y, probe, **options)
         d = int(np.prod(images.shape[1:]))
         return dict(bpd=bits_per_dim(out["log_p"], d), prior_bpd=-out["prior_log_p"] / (d * np.log(2.0)),
                     delta_bpd=-out["delta_log_p"] / (d * np.log(2.0)))
 
     jitted = jax.jit(fn, in_shardings=(rep, rep, shard, shard), out_shardings=shard)
-    return lambda params, images, indices: jitted(params, sched, images, indices)
+    return lambda params, images, indices: jitted(params, process, images, indices)
 
 
 def evaluate_ode_bpd(config: ml_collections.ConfigDict, params: Any, model, sched: Schedule, *,
@@ -178,8 +180,8 @@ def evaluate_ode_bpd(config: ml_collections.ConfigDict, params: Any, model, sche
                          f"{images.dtype} arrays")
     mesh = parallel.make_mesh(jax.local_devices())
     steps, trace = int(ev.get("ode_steps", 100)), str(ev.get("ode_trace", "hutchinson"))
-    fn = make_ode_bpd_fn(setup.model_apply_fn(model), sched, mesh, seed=int(config.seed), steps=steps,
-                         pred=str(config.diffusion.pred), var_type=str(config.diffusion.var_type), trace=trace)
+    fn = make_ode_bpd_fn(setup.model_apply_fn(model), setup.create_diffusion(config, sched), mesh,
+                         seed=int(config.seed), steps=steps, trace=trace)
     n, b = len(images), padded_batch_size(min(int(ev.bpd_batch_size), len(images)), mesh)
     params = jax.device_put(params, parallel.replicated(mesh))
     parts: dict[str, list] = dict(bpd=[], prior_bpd=[], delta_bpd=[])
@@ -200,8 +202,8 @@ def evaluate_ode_bpd(config: ml_collections.ConfigDict, params: Any, model, sche
                 prior_bpd=float(np.concatenate(parts["prior_bpd"]).mean()),
                 delta_bpd=float(np.concatenate(parts["delta_bpd"]).mean()),
                 dequantization_offset_bpd=7.0, num_examples=int(n), split=split, steps=steps, trace=trace,
-                solver="rk4", sigma_min=float(np.exp(solvers.log_sigma_table(sched)[0])),
-                sigma_max=float(np.exp(solvers.log_sigma_table(sched)[-1])), seed=int(config.seed),
+                solver="rk4", sigma_min=float(np.exp(log_sigma_table(sched)[0])),
+                sigma_max=float(np.exp(log_sigma_table(sched)[-1])), seed=int(config.seed),
                 seconds=time.time() - start)
 
 

@@ -59,7 +59,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out_dir, gen = _generate(config, loaded, step_dir)
     results: dict[str, Any] = dict(step=loaded.step, metric=metric, num_samples=int(config.eval.num_samples),
                                    samples_dir=out_dir, sampling_seed=int(config.sampling.seed),
-                                   sampler=setup.sampler_options(config), generation=gen)
+                                   sampler=_sampler_record(config), generation=gen)
     if metric == "inception":
         results.update(_inception_metrics(config, out_dir, step_dir))
     elif jax.process_index() == 0:  # a small network on one device: process 0 scores for all
@@ -75,12 +75,19 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return results
 
 
+def _sampler_record(config: ml_collections.ConfigDict) -> dict:
+    """What made the samples: the sampler's options and the process's target, variance and clipping."""
+    d = config.diffusion
+    return dict(setup.sampler_options(config), var_type=str(d.var_type), clip_denoised=setup.clips_x0(config),
+                pred=str(d.pred))
+
+
 def _generate(config: ml_collections.ConfigDict, loaded: setup.LoadedRun, step_dir: str) -> tuple[str, dict]:
     """The resumable uint8 sample chunks of `eval.num_samples` images under `step_dir/samples`."""
     ev, shape, seed = config.eval, loaded.sample_shape, int(config.sampling.seed)  # decoded, on latents
     out_dir = os.path.join(step_dir, "samples")
     meta = dict(step=loaded.step, sampling_seed=seed, shape=list(shape), chunk_size=int(ev.chunk_size),
-                sampler=setup.sampler_options(config))
+                sampler=_sampler_record(config))
     if setup.num_classes(config):  # which class each image was asked for
         meta["labels"] = setup.sampler_labels(config)
     if setup.text_conditioned(config):  # which captions (the spec names them, with the data)

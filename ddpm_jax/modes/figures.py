@@ -73,13 +73,11 @@ def _rows_grid(rows: list[np.ndarray], scale: int) -> np.ndarray:
 
 
 def _sample_fn(loaded: setup.LoadedRun, config: ml_collections.ConfigDict, **static):
-    """jit(sampling.sample) with the run's variance and clipping; `static` fixes the plan."""
-    opts = setup.sampler_options(config)
-    kw = dict(method="ddpm", var_type=opts["var_type"], clip_denoised=opts["clip_denoised"], pred=opts["pred"])
-    kw.update(static)
+    """jit(sampling.sample) of Alg. 2 with the run's process (variance, clipping); `static` fixes the plan."""
+    kw = dict(method="ddpm", **static)
 
     def fn(params, indices, seed, x_start=None):
-        return sampling.sample(loaded.apply_fn, params, loaded.sched, shape=loaded.shape, indices=indices,
+        return sampling.sample(loaded.apply_fn, params, loaded.process, shape=loaded.shape, indices=indices,
                                seed=seed, x_start=x_start, **kw)
 
     return jax.jit(fn)

@@ -183,9 +183,7 @@ def _toy_chain(out: sampling.SampleOutput, sched, shape: tuple, seed: int, refer
 
 
 def _toy_report(config, scores: dict, method: str, step: int) -> dict:
-    betas = schedules.get_betas(str(config.diffusion.schedule), int(config.diffusion.num_timesteps),
-                                beta_start=float(config.diffusion.beta_start),
-                                beta_end=float(config.diffusion.beta_end))
+    betas = setup.create_betas(config)
     return dict(scores, step=step, method=method, var_type=str(config.diffusion.var_type),
                 alpha_bar_T=schedules.alpha_bar_final(betas),
                 schedule=schedule_spec(config),

@@ -24,23 +24,24 @@ step but one on the last, which is an Euler step to σ̃ = 0 (2N − 1; Karras �
 
 Everything here is pure (the model is passed in as `denoise(x, t) -> x̂_0`, with x in the
 VP scale and t a scalar int32), works in the dtype of the tables and of x (float64 in the
-tests), and runs as one `lax.scan` (`solve`), or step by step through `stepper`, which
-`sampling.sample` drives with its trajectory chunks.
+tests), and runs step by step through a `Stepper`, which the driver (`driver.sample`) scans
+with its trajectory chunks. `ENTRIES` are these methods' registry entries (`registry.py`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.diffusion import GaussianDiffusion
+from ddpm_jax.sampling.base import (Method, ModelFn, NoiseFn, Stepper, log_sigma_table, t_from_log_sigma,
+                                    t_next_of, vp_grid)
 from ddpm_jax.schedules import Schedule
 
-METHODS = ("dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "heun")
-SPACINGS = ("time_uniform", "logsnr", "karras")
-DEFAULT_SPACING = {"dpmpp_2m": "logsnr", "dpmpp_3m": "logsnr", "sde_dpmpp_2m": "logsnr", "heun": "karras"}
+SPACINGS = ("time_uniform", "logsnr", "karras")  # the plans of `timesteps`
 MAX_ORDER = 3
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. (5)
 # Plans start no noisier than λ = −5.1 (diffusers' `lambda_min_clipped`): a schedule whose last β
@@ -51,34 +52,7 @@ LAMBDA_MIN_CLIPPED = -5.1
 Denoise = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown solver method={method!r}; choose one of {', '.join(METHODS)}.")
-
-
-def method_order(method: str) -> int:
-    """The multistep order of a DPM-Solver++ method name (Heun is 2nd order, one step)."""
-    check_method(method)
-    return {"dpmpp_2m": 2, "dpmpp_3m": 3, "sde_dpmpp_2m": 2, "heun": 2}[method]
-
-
-def nfe(method: str, num_steps: int) -> int:
-    """Network calls of `method` over `num_steps` timesteps: N, or 2N − 1 for Heun."""
-    check_method(method)
-    return 2 * int(num_steps) - 1 if method == "heun" else int(num_steps)
-
-
 # ---- Timestep plans ---------------------------------------------------------------------------
-
-def log_sigma_table(sched: Schedule) -> jnp.ndarray:
-    """log σ̃(t) = ½(log(1 − ᾱ_t) − log ᾱ_t) = −λ_t for t = 0..T−1, increasing in t."""
-    return 0.5 * (sched.log_one_minus_alphas_cumprod - sched.log_alphas_cumprod)
-
-
-def t_from_log_sigma(log_sigmas: jnp.ndarray, log_sigma) -> jnp.ndarray:
-    """The (fractional) timestep of noise level log σ̃: linear interpolation in the log-σ̃ table."""
-    return jnp.interp(log_sigma, log_sigmas, jnp.arange(log_sigmas.shape[0], dtype=log_sigmas.dtype))
-
 
 def _distinct(t: jnp.ndarray, k: int) -> jnp.ndarray:
     """Rounded descending timesteps made strictly descending within [0, k−1], moving each the least.
@@ -212,51 +186,24 @@ def heun_step(denoise: Denoise, x_tilde, sigma, sigma_next, t_next, alpha_next, 
     return x_tilde + dsig * 0.5 * (d + d_next)
 
 
-# ---- Whole solves, step by step -------------------------------------------------------------
+# ---- Steppers and registry entries ------------------------------------------------------------
 
-class Stepper(NamedTuple):
-    """`state = init(x)`; `state = step(state, xs_i)` for i over the leading axis of `xs`;
-    `output(state) -> (x, x̂_0)`; `t_next[i]`: the timestep reached by step i (−1 = x_0)."""
-
-    init: Callable[[jnp.ndarray], Any]
-    step: Callable[[Any, Any], Any]
-    output: Callable[[Any], tuple]
-    xs: Any
-    t_next: jnp.ndarray
-    nfe: int
-
-
-def _grid(sched: Schedule, ts: jnp.ndarray):
-    """α, σ and λ at the plan's timesteps, with the terminal point (α, σ, λ) = (1, 0, +∞)."""
-    alpha = jnp.take(sched.sqrt_alphas_cumprod, ts)
-    sigma = jnp.take(sched.sqrt_one_minus_alphas_cumprod, ts)
-    lam = jnp.log(alpha) - jnp.log(sigma)
-    one = jnp.ones((1,), alpha.dtype)
-    return (jnp.concatenate([alpha, one]), jnp.concatenate([sigma, 0.0 * one]),
-            jnp.concatenate([lam, jnp.inf * one]))
-
-
-def stepper(method: str, denoise: Denoise, sched: Schedule, ts: jnp.ndarray, *,
-            noise_fn: Callable[[jnp.ndarray], jnp.ndarray] | None = None, d2_weight: float = 2.0) -> Stepper:
-    """The solve of `method` over the timesteps `ts` (from `timesteps`), then to x_0.
+def dpmpp_stepper(denoise: Denoise, sched: Schedule, ts: jnp.ndarray, *, order: int,
+                  noise_fn: NoiseFn | None = None, d2_weight: float = 2.0) -> Stepper:
+    """DPM-Solver++(order M) over the timesteps `ts` (from `timesteps`), then to x_0.
 
     denoise(x, t) → x̂_0 (clipped or not: the caller decides), x in the VP scale at timestep t.
-    noise_fn(t) → the standard normal z of the step at timestep t (sde_dpmpp_2m only).
+    noise_fn(t) → the standard normal z of the step at timestep t: given, the SDE variant
+    (SDE-DPM-Solver++(2M)); None, the ODE solver.
     d2_weight: the 3rd-order term's weight (`dpmpp_step`; 1.0 reproduces diffusers' 3M).
     """
-    check_method(method)
     n = int(ts.shape[0])
-    alpha, sigma, lam = _grid(sched, ts)
-    t_next = jnp.concatenate([ts[1:], jnp.full((1,), -1, ts.dtype)])
-    if method == "heun":
-        return _heun_stepper(denoise, ts, t_next, alpha, sigma)
-    if method == "sde_dpmpp_2m" and noise_fn is None:
-        raise ValueError("method='sde_dpmpp_2m' needs noise_fn(t) -> z (the step's standard normal).")
-    orders = jnp.asarray(dpmpp_orders(n, method_order(method)))
+    alpha, sigma = vp_grid(sched, ts)
+    lam = jnp.log(alpha) - jnp.log(sigma)  # +∞ at the terminal point (σ = 0)
+    orders = jnp.asarray(dpmpp_orders(n, order))
     lam_pad = jnp.concatenate([lam[:1] + 2.0, lam[:1] + 1.0, lam[:-1]])  # λ_{i−2}, λ_{i−1} (unused at i < 2)
     xs = dict(t=ts, order=orders, alpha_t=alpha[1:], sigma_s=sigma[:-1], sigma_t=sigma[1:],
               lam_s=lam[:-1], lam_t=lam[1:], lam_1=lam_pad[1:-1], lam_2=lam_pad[:-2])
-    sde = method == "sde_dpmpp_2m"
 
     def init(x):
         z = jnp.zeros_like(x)
@@ -265,17 +212,20 @@ def stepper(method: str, denoise: Denoise, sched: Schedule, ts: jnp.ndarray, *,
     def step(state, c):
         x, _, d1, d2 = state
         d0 = denoise(x, c["t"])
-        noise = noise_fn(c["t"]).astype(x.dtype) if sde else None
+        noise = None if noise_fn is None else noise_fn(c["t"]).astype(x.dtype)
         x = dpmpp_step(x, d0, d1, d2, alpha_t=c["alpha_t"], sigma_s=c["sigma_s"], sigma_t=c["sigma_t"],
                        lam_s=c["lam_s"], lam_t=c["lam_t"], lam_1=c["lam_1"], lam_2=c["lam_2"],
                        order=c["order"], noise=noise, d2_weight=d2_weight)
         return (x, d0, d0, d1)
 
-    return Stepper(init, step, lambda s: (s[0], s[1]), xs, t_next, nfe(method, n))
+    return Stepper(init, step, lambda s: (s[0], s[1]), xs, t_next_of(ts), n)
 
 
-def _heun_stepper(denoise, ts, t_next, alpha, sigma) -> Stepper:
-    """Karras Alg. 1 on σ̃ = σ/α; the state stays in the VP scale x = α x̃ (x_0 at σ̃ = 0)."""
+def heun_stepper(denoise: Denoise, sched: Schedule, ts: jnp.ndarray) -> Stepper:
+    """Karras Alg. 1 on σ̃ = σ/α over `ts`, then an Euler step to σ̃ = 0 (NFE 2N − 1); the state
+    stays in the VP scale x = α x̃ (x_0 at σ̃ = 0)."""
+    alpha, sigma = vp_grid(sched, ts)
+    t_next = t_next_of(ts)
     sig_tilde = sigma / alpha
     xs = dict(t=ts, t_next=jnp.maximum(t_next, 0), last=t_next < 0, alpha_s=alpha[:-1],
               alpha_t=alpha[1:], sig_s=sig_tilde[:-1], sig_t=sig_tilde[1:])
@@ -291,12 +241,35 @@ def _heun_stepper(denoise, ts, t_next, alpha, sigma) -> Stepper:
             lambda: heun_step(denoise, x_tilde, c["sig_s"], c["sig_t"], c["t_next"], c["alpha_t"], d))
         return (c["alpha_t"] * x_tilde, x0)
 
-    return Stepper(lambda x: (x, jnp.zeros_like(x)), step, lambda s: s, xs, t_next,
-                   nfe("heun", int(ts.shape[0])))
+    return Stepper(lambda x: (x, jnp.zeros_like(x)), step, lambda s: s, xs, t_next, 2 * int(ts.shape[0]) - 1)
 
 
-def solve(method: str, denoise: Denoise, sched: Schedule, x, ts, *, noise_fn=None, d2_weight: float = 2.0):
-    """(x_0, last x̂_0): the whole solve from x at timestep ts[0] as one `lax.scan`."""
-    st = stepper(method, denoise, sched, ts, noise_fn=noise_fn, d2_weight=d2_weight)
-    state, _ = jax.lax.scan(lambda s, c: (st.step(s, c), None), st.init(x), st.xs)
-    return st.output(state)
+def plan(sched: Schedule, k: int, num_steps: int, spacing: str) -> jnp.ndarray:
+    """The registry's plan of every method laid out by `timesteps` (the first k timesteps)."""
+    return timesteps(sched, num_steps, spacing, k=k)
+
+
+def denoiser(process: GaussianDiffusion, model_fn: ModelFn) -> Denoise:
+    """denoise(x, t) = x̂_0 of the network at (x, t), clipped as the process says."""
+    return lambda x, t: process.denoise(model_fn(x, t), x, t)
+
+
+DEFAULT_STEPS = 20  # `sampling.steps = 0`: 20 timesteps (NFE 20; Heun 39)
+
+
+def _dpmpp_entry(name: str, order: int, sde: bool) -> Method:
+    def stepper(process, model_fn, ts, noise_fn, eta):
+        return dpmpp_stepper(denoiser(process, model_fn), process.sched, ts, order=order,
+                             noise_fn=noise_fn if sde else None)
+
+    return Method(name, order, SPACINGS, "logsnr", DEFAULT_STEPS, None, lambda n: int(n), plan, stepper)
+
+
+ENTRIES = (
+    _dpmpp_entry("dpmpp_2m", 2, sde=False),
+    _dpmpp_entry("dpmpp_3m", 3, sde=False),
+    _dpmpp_entry("sde_dpmpp_2m", 2, sde=True),
+    Method("heun", 2, SPACINGS, "karras", DEFAULT_STEPS, None, lambda n: 2 * int(n) - 1, plan,
+           lambda process, model_fn, ts, noise_fn, eta: heun_stepper(denoiser(process, model_fn),
+                                                                     process.sched, ts)),
+)
