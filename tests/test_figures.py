@@ -49,8 +49,8 @@ def _chain(workdir, config, indices, x_start=None, start_step=None):
     x̂_0 = clip((x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t) of each step computed here in float64 (eq. (15))."""
     loaded = setup.load_run(config, workdir)
     seed, T = int(config.sampling.seed), loaded.sched.num_timesteps
-    out = sampling.sample(loaded.apply_fn, loaded.params, loaded.sched, shape=loaded.shape, indices=indices,
-                          seed=seed, var_type="learned_range", trajectory_every=1, x_start=x_start,
+    out = sampling.sample(loaded.apply_fn, loaded.params, loaded.process, shape=loaded.shape, indices=indices,
+                          seed=seed, trajectory_every=1, x_start=x_start,
                           start_step=start_step)
     if x_start is None:
         x_start = sampling.image_noise(sampling.image_keys(seed, indices), T, loaded.shape)
