@@ -1,6 +1,6 @@
 """Classifier-free guidance (Ho & Salimans 2022): one network, conditional and unconditional.
 
-Training replaces a label by the null class with probability `training.label_dropout`, so the
+Training replaces a condition by its null ∅ with probability `training.label_dropout`, so the
 same network learns ε_θ(x_t, c) and ε_θ(x_t, ∅). Sampling then uses the guided prediction
 
     ε̃(x_t, c) = (1 + w) ε_θ(x_t, c) − w ε_θ(x_t, ∅)          (Ho & Salimans 2022, eq. (6))
@@ -10,8 +10,9 @@ for samples more typical of their class. The other common convention (GLIDE, dif
 `guidance_scale`, Stable Diffusion) writes ε̃ = ε∅ + s (ε_c − ε∅); the two are the same with
 s = 1 + w (so diffusers' guidance_scale 1.0 is w = 0 here, 7.5 is w = 6.5).
 
-Both branches are evaluated in ONE network call on the batch [x; x] with labels [c; ∅], so a
-guided step costs one (twice as large) call, not two dispatches.
+Both branches are evaluated in ONE network call on the batch [x; x] with the condition [c; ∅]
+(any condition pytree, each entry doubled), so a guided step costs one (twice as large) call,
+not two dispatches. Training's dropout of c to ∅ is `conditioning.dropout`.
 
 Parameterisations. Guidance is defined on ε. For a network predicting x0 or v, each branch's ε
 is an affine function of its output with the same x_t: ε = a_t · out + b_t · x_t
@@ -44,76 +45,45 @@ def combine(out_cond: jnp.ndarray, out_uncond: jnp.ndarray, guidance_scale) -> j
     return (1.0 + w) * out_cond - w * out_uncond
 
 
-def null_rows(labels: jnp.ndarray, null_label) -> jnp.ndarray:
-    """`null_label` (a class index, or the null caption's token row) repeated for every row of `labels`.
+def check_guidance(*, cond, guidance_scale, null_cond) -> None:
+    """One-line ValueErrors for guidance without a condition / without its null, or w < 0.
 
-    A token row is cut to the labels' length: past the `<null>` token it is padding, which the
-    text encoder masks, so a batch padded to its longest caption gets the same null caption."""
-    null = jnp.asarray(null_label, jnp.int32)
-    if null.ndim:
-        null = null[:jnp.shape(labels)[-1]]
-    return jnp.broadcast_to(null, jnp.shape(labels))
-
-
-def drop_labels(labels: jnp.ndarray, key: jax.Array, probability: float, null_label) -> jnp.ndarray:
-    """Training's label dropout: each label [B] (or caption's tokens, a row of [B, L]) independently
-    becomes `null_label` (the null class, or the null caption's row) with `probability`.
-
-    This is what teaches one network ε_θ(x, ∅) beside ε_θ(x, c) (Ho & Salimans 2022, Alg. 1,
-    p_uncond). Call it in the train step only: sampling and evaluation use the labels as given.
-    """
-    p = float(probability)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"training.label_dropout={p:g} must lie in [0, 1] (0.1 as the paper).")
-    labels = jnp.asarray(labels, jnp.int32)
-    if p == 0.0:
-        return labels
-    drop = jax.random.uniform(key, labels.shape[:1]) < p
-    return jnp.where(drop.reshape(drop.shape + (1,) * (labels.ndim - 1)), null_rows(labels, null_label), labels)
-
-
-def check_guidance(*, labels, guidance_scale, null_label) -> None:
-    """One-line ValueErrors for guidance without labels / without a null class, or w < 0.
-
-    A traced w (not a Python number) counts as guidance: it needs labels and the null class."""
+    A traced w (not a Python number) counts as guidance: it needs the condition and its null."""
     static = isinstance(guidance_scale, (int, float))
     w = float(guidance_scale) if static else float("nan")
     if static and w < 0:
         raise ValueError(f"guidance_scale={w:g} must be >= 0 (0 = the plain conditional model; "
                          "diffusers' s corresponds to w = s - 1).")
-    if w and labels is None:
-        raise ValueError(f"guidance_scale={w:g} needs class labels (sampling.labels) and a class-conditional "
-                         "model (model.num_classes > 0); set guidance_scale=0 for an unconditional model.")
-    if w and null_label is None:
-        raise ValueError(f"guidance_scale={w:g} needs null_label, the model's null class "
-                         "(model.num_classes for the UNet) or the null caption's tokens.")
+    if w and not jax.tree.leaves(cond):
+        raise ValueError(f"guidance_scale={w:g} needs a condition to guide towards (cond is empty) and a "
+                         "conditional model; give the condition, or set guidance_scale=0.")
+    if w and null_cond is None:
+        raise ValueError(f"guidance_scale={w:g} needs null_cond, the null condition aligned with cond "
+                         "(conditioning.Conditioning.null_like).")
 
 
-def model_fn(apply_fn: Callable, params, *, labels=None, guidance_scale=0.0,
-             null_label=None, process: diffusion.GaussianDiffusion | None = None) -> Callable:
-    """The network as `fn(x_t, t) -> output`, conditioned on `labels` and guided with w = guidance_scale.
+def model_fn(apply_fn: Callable, params, *, cond=None, null_cond=None, guidance_scale=0.0,
+             process: diffusion.GaussianDiffusion | None = None) -> Callable:
+    """The network as `fn(x_t, t) -> output`, conditioned on `cond` and guided with w = guidance_scale.
 
-    apply_fn(params, x, t) (labels None: the unconditional network, called as before) or
-    apply_fn(params, x, t, y) with y int32 [B] (classes) or [B, L] (caption tokens; `null_label`
-    is then the null caption's row [L]). With w = 0 (a Python number) one plain
-    conditional call is made. With w ≠ 0 (or a traced w) the batch is doubled: labels
-    [labels; null_label] in one call, then `combine`. The output stays in the network's own
-    parameterisation (eps | x0 | v), see the module docstring; a learned variance's channels
-    (`process.var_type`; None: a fixed variance) are the conditional branch's.
+    apply_fn(params, x, t, cond): `cond` any pytree of rows aligned with the batch ({} or None:
+    unconditional), `null_cond` ∅ with the same structure and shapes. With w = 0 (a Python
+    number) one plain conditional call is made. With w ≠ 0 (or a traced w) the batch is
+    doubled: x and t repeated, every condition entry [cond; null_cond], in one call, then
+    `combine`. The output stays in the network's own parameterisation (eps | x0 | v), see the
+    module docstring; a learned variance's channels (`process.var_type`; None: a fixed
+    variance) are the conditional branch's.
     """
-    check_guidance(labels=labels, guidance_scale=guidance_scale, null_label=null_label)
-    if labels is None:
-        return lambda x, t: apply_fn(params, x, t)
-    labels = jnp.asarray(labels, jnp.int32)
-    if isinstance(guidance_scale, (int, float)) and guidance_scale == 0:
-        return lambda x, t: apply_fn(params, x, t, labels)
-    null = null_rows(labels, null_label)
+    cond = {} if cond is None else cond
+    check_guidance(cond=cond, guidance_scale=guidance_scale, null_cond=null_cond)
+    if not jax.tree.leaves(cond) or (isinstance(guidance_scale, (int, float)) and guidance_scale == 0):
+        return lambda x, t: apply_fn(params, x, t, cond)
+    both = jax.tree.map(lambda c, n: jnp.concatenate([c, n]), cond, null_cond)
     split = (lambda out: (out, None)) if process is None else process.split_output
 
     def guided(x, t):
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
-        out = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                       jnp.concatenate([labels, null]))
+        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+        out = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
         out_cond, out_uncond = jnp.split(out, 2, axis=0)
         mean_cond, var_cond = split(out_cond)
         mean_uncond, _ = split(out_uncond)

@@ -9,21 +9,21 @@ generation (`evaluation/chunked_generation.py`). The math of each step is `sampl
 
 A latent run's sampler decodes at its output (`decode`): the one place where latents become images.
 
-Class labels (a class-conditional model), or caption tokens (a text-conditional one), are a
-function of the image index too: `labels[i % len(labels)]` (`labels_for`), computed on the host
-and sharded like the indices, so image i depends only on (seed, i, its label) whatever the batch.
+A conditional model's condition (any pytree of rows, `conditioning.py`) is a function of the
+image index too: row `i % K` of a table of K rows (`cond_for`), computed on the host and sharded
+like the indices, so image i depends only on (seed, i, its condition) whatever the batch.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import parallel, sampling
+from ddpm_jax import conditioning, parallel, sampling
 from ddpm_jax.diffusion import GaussianDiffusion
 
 
@@ -36,11 +36,13 @@ def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
 class Sampler:
     """A compiled sampler: `sampler(params, indices, x_start=None) -> SampleOutput` (global arrays).
 
-    `apply_fn(params, x_t, t[, y])` is the network (eval mode), `process` the run's diffusion
+    `apply_fn(params, x_t, t, cond)` is the network (eval mode), `process` the run's diffusion
     process (its tables travel as a jit argument). Every option of
-    `sampling.sample` except the arrays is fixed here (static under jit). `labels` (a
-    conditional model): the classes [K], or the caption tokens [K, L] of a text-conditional
-    one, cycled over the image indices, see `labels_for`.
+    `sampling.sample` except the arrays is fixed here (static under jit). `cond` (a
+    conditional model): a pytree of tables with K rows each (e.g. classes [K] or caption
+    tokens [K, L]), cycled over the image indices, see `cond_for`; None: unconditional samples.
+    `null_cond`: one example's null condition (the same structure without the K axis), the
+    unconditional branch of guidance.
     `decode` = (decode_fn, decode_params) (a latent run): `decode_fn(decode_params, z)` maps
     the chain's outputs (samples, trajectories; any leading axes) to images inside the compiled
     call, so every caller (grids, --mode=sample, eval's chunks) sees decoded images;
@@ -57,14 +59,19 @@ class Sampler:
         seed: int,
         trajectory_every: int = 0,
         start_step: int | None = None,
-        labels: Sequence[int] | np.ndarray | None = None,
+        cond: dict | None = None,
+        null_cond: dict | None = None,
         decode: tuple[Callable, Any] | None = None,
         **options: Any,
     ):
         self.mesh, self.process, self.shape = mesh, process, tuple(int(s) for s in shape)
-        self.labels = None if labels is None else np.asarray(labels, np.int32)
-        if self.labels is not None and not len(self.labels):
-            raise ValueError("labels=() gives no class to cycle; pass None (unconditional) or classes.")
+        self.cond = None if cond is None else jax.tree.map(np.asarray, cond)
+        if self.cond is not None and not all(len(rows) for rows in jax.tree.leaves(self.cond)):
+            raise ValueError("cond has an empty table: no condition to cycle; pass None (unconditional) "
+                             "or at least one row.")
+        # ∅ in the dtypes of the table it stands in for (a JSON-read null holds plain ints).
+        self.null_cond = None if null_cond is None or self.cond is None else jax.tree.map(
+            lambda rows, n: np.asarray(n, rows.dtype), self.cond, null_cond)
         self._replicated = parallel.replicated(mesh)
         self._sharded = parallel.data_sharded(mesh)
         traj_sharding = parallel.data_sharded(mesh, batch_axis=1) if trajectory_every else None
@@ -78,11 +85,11 @@ class Sampler:
         decode_fn, decode_params = decode if decode is not None else (None, None)
         self._decode_params = None if decode is None else jax.device_put(decode_params, self._replicated)
 
-        def run(params, process, indices, x_start, labels, decode_params):
+        def run(params, process, indices, x_start, cond, null_cond, decode_params):
             out = sampling.sample(
                 apply_fn, params, process, shape=self.shape, indices=indices, seed=int(seed),
                 x_start=x_start, start_step=start_step, trajectory_every=int(trajectory_every),
-                labels=labels, **options,
+                cond=cond, null_cond=null_cond, **options,
             )
             if decode_fn is None:
                 return out
@@ -97,21 +104,13 @@ class Sampler:
         indices = np.asarray(indices, np.int32)
         put = functools.partial(_put_global, sharding=self._sharded)
         x = None if x_start is None else put(np.asarray(x_start, np.float32))
-        labels = self.labels_for(indices)
-        return self._run(params, self.process, put(indices), x, None if labels is None else put(labels),
-                         self._decode_params)
+        cond = jax.tree.map(put, self.cond_for(indices))
+        null = jax.tree.map(put, conditioning.repeat(self.null_cond, len(indices)))
+        return self._run(params, self.process, put(indices), x, cond, null, self._decode_params)
 
-    def labels_for(self, indices: np.ndarray) -> np.ndarray | None:
-        """Image i's class (or caption tokens), `labels[i % len(labels)]` (int32, host), or None."""
-        return cycle_labels(self.labels, indices)
-
-
-def cycle_labels(labels: Sequence[int] | np.ndarray | None, indices: np.ndarray) -> np.ndarray | None:
-    """`labels[i % len(labels)]` (a row of [K, L] tokens, or a class) for each image index i (int32),
-    or None when labels is None."""
-    if labels is None:
-        return None
-    return np.asarray(labels, np.int32)[np.asarray(indices, np.int64) % len(labels)]
+    def cond_for(self, indices: np.ndarray) -> dict | None:
+        """Image i's condition, row `i % K` of every table (host numpy), or None."""
+        return conditioning.cycle(self.cond, indices)
 
 
 def _put_global(x: np.ndarray, sharding) -> jax.Array:

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpointing, data, diffusion, parallel, sampler, sampling, schedules, timestep_sampler
+from ddpm_jax import checkpointing, conditioning, data, diffusion, parallel, sampler, sampling, schedules, timestep_sampler
 from ddpm_jax.data import captions, latents
 from ddpm_jax.models import build_model, text
 from ddpm_jax.run_meta import RunMeta, model_spec, schedule_spec
@@ -92,16 +92,11 @@ def clips_x0(config: ml_collections.ConfigDict, requested: bool | None = None) -
 
 
 def model_apply_fn(model: nn.Module) -> Callable:
-    """(params, x_t, t, y=None) -> model output, in eval mode (no dropout); y: the conditioning rows,
-    class labels [B] or, for a U-Net with a text encoder, caption tokens [B, L]."""
-    text = bool(getattr(model, "vocab_size", 0))
+    """(params, x_t, t, cond=None) -> model output, in eval mode (no dropout); cond: the condition
+    pytree of rows aligned with x_t (`conditioning.py`), None or {} for the unconditional network."""
 
-    def apply_fn(params, x, t, y=None):
-        if y is None:  # unconditional networks (and the MLP) take no labels
-            return model.apply({"params": params}, x, t, train=False)
-        if text:
-            return model.apply({"params": params}, x, t, tokens=y, train=False)
-        return model.apply({"params": params}, x, t, y=y, train=False)
+    def apply_fn(params, x, t, cond=None):
+        return model.apply({"params": params}, x, t, cond, train=False)
 
     return apply_fn
 
@@ -265,52 +260,29 @@ def text_conditioned(config: ml_collections.ConfigDict) -> bool:
     return bool(config.data.get("captions", False))
 
 
-def null_condition(config: ml_collections.ConfigDict) -> int | tuple[int, ...] | None:
-    """The conditioning of the unconditional branch (guidance, label dropout): the null class, or the
-    null caption's tokens [context_length]; None for an unconditional model."""
+def create_conditioning(config: ml_collections.ConfigDict) -> conditioning.Conditioning:
+    """The condition kinds of the config's model: caption tokens (`data.captions`; ∅ the null
+    caption's row [context_length]), class labels (`model.num_classes` > 0), or none."""
     if text_conditioned(config):
-        return tuple(int(i) for i in text.null_tokens(1, int(config.model.context_length))[0])
-    return num_classes(config) or None
+        null = text.null_tokens(1, int(config.model.context_length))[0]
+        return conditioning.Conditioning((conditioning.CaptionTokens(tuple(int(i) for i in null)),))
+    n = num_classes(config)
+    return conditioning.Conditioning((conditioning.ClassLabel(n),) if n else ())
 
 
 def guidance_options(config: ml_collections.ConfigDict) -> dict:
-    """`sampling.sample`'s guidance_scale and null_label for a conditional model; {} otherwise
-    (so an unconditional run's options, and the eval meta that stores them, stay as before)."""
-    if null_condition(config) is None:
+    """`sampling.sample`'s guidance_scale and null_cond (one example's ∅, JSON-able: the eval meta
+    stores it) for a conditional model; {} otherwise."""
+    conds = create_conditioning(config)
+    if not conds:
         return {}
-    return dict(guidance_scale=float(config.sampling.get("guidance_scale", 0.0)), null_label=null_condition(config))
-
-
-def sampler_conditions(config: ml_collections.ConfigDict) -> np.ndarray | tuple[int, ...] | None:
-    """What the sampler cycles over image indices: the classes of `sampling.labels`, or a captioned
-    run's `sampling.captions` as tokens int32 [K, context_length] (a caption longer than the
-    context is a one-line error); None: an unconditional model."""
-    if not text_conditioned(config):
-        return sampler_labels(config)
-    spec = captions.sampling_captions(config.sampling.get("captions", ""), config.data)
-    return captions.tokenizer_for(config.data).encode(spec, int(config.model.context_length))[0]
-
-
-def sampled_captions(config: ml_collections.ConfigDict, indices: np.ndarray) -> list[str] | None:
-    """The caption of each image `indices` of a captioned run (`sampling.captions` cycled); None otherwise."""
-    if not text_conditioned(config):
-        return None
-    spec = captions.sampling_captions(config.sampling.get("captions", ""), config.data)
-    return [spec[int(i) % len(spec)] for i in indices]
-
-
-def asked_classes(config: ml_collections.ConfigDict, indices: np.ndarray) -> np.ndarray | None:
-    """The class each image `indices` was asked for: its label, or the digit its caption names
-    (MNIST captions); None when unconditional or when a caption names no single digit."""
-    if not text_conditioned(config):
-        return sampler.cycle_labels(sampler_labels(config), indices)
-    named = [captions.named_class(c) for c in sampled_captions(config, indices)]
-    return None if None in named else np.asarray(named, np.int32)
+    null = {key: np.asarray(value).tolist() for key, value in conds.null().items()}
+    return dict(guidance_scale=float(config.sampling.get("guidance_scale", 0.0)), null_cond=null)
 
 
 def sampler_labels(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
-    """The classes cycled over image indices (`sampler.Sampler(labels=...)`) from `sampling.labels`:
-    '' -> None (the null class: unconditional samples), 'all' -> 0..num_classes-1, '3,5' -> (3, 5).
+    """The classes cycled over image indices from `sampling.labels`: '' -> None (the null class:
+    unconditional samples), 'all' -> 0..num_classes-1, '3,5' -> (3, 5).
     Ranges are checked by `checks.check_labels`."""
     spec = str(config.sampling.get("labels", "")).strip()
     if not spec:
@@ -322,6 +294,99 @@ def sampler_labels(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
     except ValueError:
         raise ValueError(f"sampling.labels={spec!r} is not 'all' or a comma-separated list of class "
                          "indices; use e.g. --config.sampling.labels=3,5") from None
+
+
+class _SampledLabels:
+    """`sampling.labels` of a class-conditional run: its table, tag part, meta and classes."""
+
+    @staticmethod
+    def table(config: ml_collections.ConfigDict) -> np.ndarray | None:
+        labels = sampler_labels(config)
+        return None if labels is None else np.asarray(labels, np.int32)
+
+    @staticmethod
+    def tag(config: ml_collections.ConfigDict) -> str:
+        labels = str(config.sampling.get("labels", "")).strip()
+        return "_null" if not labels else "_y" + labels.replace(",", "-").replace(" ", "")
+
+    @staticmethod
+    def meta(config: ml_collections.ConfigDict) -> dict:
+        return {"labels": sampler_labels(config)}
+
+    @staticmethod
+    def captions(config: ml_collections.ConfigDict, indices: np.ndarray) -> None:
+        return None
+
+    @staticmethod
+    def classes(config: ml_collections.ConfigDict, indices: np.ndarray) -> np.ndarray | None:
+        table = _SampledLabels.table(config)
+        return None if table is None else conditioning.cycle({"label": table}, indices)["label"]
+
+
+class _SampledCaptions:
+    """`sampling.captions` of a captioned run: its token table, tag part, meta and named classes."""
+
+    @staticmethod
+    def table(config: ml_collections.ConfigDict) -> np.ndarray:
+        spec = captions.sampling_captions(config.sampling.get("captions", ""), config.data)
+        return captions.tokenizer_for(config.data).encode(spec, int(config.model.context_length))[0]
+
+    @staticmethod
+    def tag(config: ml_collections.ConfigDict) -> str:  # literal captions by a checksum: a short file name
+        spec = str(config.sampling.get("captions", "")).strip()
+        if not spec:
+            return "_cnull"
+        return "_cevalsplit" if spec == captions.EVAL_SPLIT_CAPTIONS else f"_c{zlib.crc32(spec.encode()):08x}"
+
+    @staticmethod
+    def meta(config: ml_collections.ConfigDict) -> dict:  # the spec names them, with the data
+        return {"captions": str(config.sampling.get("captions", "")).strip()}
+
+    @staticmethod
+    def captions(config: ml_collections.ConfigDict, indices: np.ndarray) -> list[str]:
+        spec = captions.sampling_captions(config.sampling.get("captions", ""), config.data)
+        return [spec[int(i) % len(spec)] for i in indices]
+
+    @staticmethod
+    def classes(config: ml_collections.ConfigDict, indices: np.ndarray) -> np.ndarray | None:
+        named = [captions.named_class(c) for c in _SampledCaptions.captions(config, indices)]
+        return None if None in named else np.asarray(named, np.int32)
+
+
+# How `config.sampling` asks each condition kind for its samples.
+_SAMPLED = {conditioning.ClassLabel: _SampledLabels, conditioning.CaptionTokens: _SampledCaptions}
+
+
+def _sampled(config: ml_collections.ConfigDict) -> list:
+    return [_SAMPLED[type(kind)] for kind in create_conditioning(config).kinds]
+
+
+def sampler_conditions(config: ml_collections.ConfigDict) -> dict | None:
+    """What the sampler cycles over image indices: {kind key: table [K, ...]} (classes of
+    `sampling.labels`, a captioned run's `sampling.captions` as tokens int32 [K, context_length]:
+    a caption longer than the context is a one-line error); None: unconditional samples (an
+    unconditional model, or `sampling.labels` '': the null class)."""
+    kinds = create_conditioning(config).kinds
+    tables = {kind.key: _SAMPLED[type(kind)].table(config) for kind in kinds}
+    return None if not tables or any(t is None for t in tables.values()) else tables
+
+
+def sampled_captions(config: ml_collections.ConfigDict, indices: np.ndarray) -> list[str] | None:
+    """The caption of each image `indices` of a captioned run (`sampling.captions` cycled); None otherwise."""
+    found = [c for c in (s.captions(config, indices) for s in _sampled(config)) if c is not None]
+    return found[0] if found else None
+
+
+def asked_classes(config: ml_collections.ConfigDict, indices: np.ndarray) -> np.ndarray | None:
+    """The class each image `indices` was asked for: its label, or the digit its caption names
+    (MNIST captions); None when unconditional or when a caption names no single digit."""
+    found = [c for c in (s.classes(config, indices) for s in _sampled(config)) if c is not None]
+    return found[0] if found else None
+
+
+def sampled_meta(config: ml_collections.ConfigDict) -> dict:
+    """What the samples were asked for, as a samples directory records it ({}: unconditional)."""
+    return {key: value for s in _sampled(config) for key, value in s.meta(config).items()}
 
 
 def sampler_tag(config: ml_collections.ConfigDict) -> str:
@@ -337,18 +402,8 @@ def sampler_tag(config: ml_collections.ConfigDict) -> str:
     tag += f"eta{eta:g}" if eta is not None and eta != entry.eta else ""
     tag += f"-{spacing}" if not entry.tag_spacing and spacing != entry.default_spacing else ""
     tag = tag if clips_x0(config) else tag + "_noclip"
-    if num_classes(config):
-        labels = str(s.get("labels", "")).strip()
-        tag += "_null" if not labels else "_y" + labels.replace(",", "-").replace(" ", "")
-    if text_conditioned(config):  # literal captions by a checksum: a tag stays a short file name
-        spec = str(s.get("captions", "")).strip()
-        if not spec:
-            tag += "_cnull"
-        elif spec == captions.EVAL_SPLIT_CAPTIONS:
-            tag += "_cevalsplit"
-        else:
-            tag += f"_c{zlib.crc32(spec.encode()):08x}"
-    if null_condition(config) is not None and float(s.get("guidance_scale", 0.0)):
+    tag += "".join(sampled.tag(config) for sampled in _sampled(config))
+    if create_conditioning(config) and float(s.get("guidance_scale", 0.0)):
         tag += f"_w{float(s.guidance_scale):g}"
     return tag
 
@@ -361,7 +416,7 @@ def make_sampler(run: Run, config: ml_collections.ConfigDict, *, mesh: Mesh | No
 
     `overrides` replace the config's options (e.g. `trajectory_every=10`, `start_step=k`).
     """
-    options = dict(seed=int(config.sampling.seed), labels=sampler_conditions(config), **sampler_options(config))
+    options = dict(seed=int(config.sampling.seed), cond=sampler_conditions(config), **sampler_options(config))
     options.update(overrides)
     decode = None if run.codec is None else (run.codec.decode_fn, run.codec.params)
     return sampler.Sampler(run.apply_fn, run.process, run.mesh if mesh is None else mesh, shape=run.shape,

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax import (checks, data, guidance, imaging, loop, metrics, parallel, sampler, schedules, setup,
+from ddpm_jax import (checks, conditioning, data, imaging, loop, metrics, parallel, sampler, schedules, setup,
                       timestep_sampler)
 from ddpm_jax.data import captions
 from ddpm_jax.evaluation import bpd
@@ -34,7 +34,7 @@ from ddpm_jax.run_meta import RunMeta
 from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
 
 DISPATCH_LOOPS = ("auto", "scan", "unroll")
-_LABEL_STREAM = 0x1ABE  # label dropout's key: fold_in(step key, this), the step's other keys unchanged
+_COND_DROPOUT_STREAM = 0x1ABE  # condition dropout's key: fold_in(step key, this), the step's other keys unchanged
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ _LABEL_STREAM = 0x1ABE  # label dropout's key: fold_in(step key, this), the step
 
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: schedules.Schedule,
                     tx: optax.GradientTransformation, mesh) -> Callable:
-    """`step(state, batches) -> (state, metrics)`, compiled; batches: {"x": [n, B, ...]}.
+    """`step(state, batches) -> (state, metrics)`, compiled; batches: {"x": [n, B, ...], "cond": {...}}.
 
     n = steps_per_dispatch steps run in one call; metrics are [n] arrays. The n steps are
     a `lax.scan` on accelerators and unrolled on the CPU (`training.dispatch_loop`: auto),
@@ -58,18 +58,16 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         raise ValueError(f"training.dispatch_loop={loop!r} is unknown; use one of {DISPATCH_LOOPS}.")
     # XLA:CPU runs convolution gradients inside a while loop (scan) ~25x slower than outside it.
     use_scan = loop == "scan" or (loop == "auto" and jax.default_backend() != "cpu")
-    # The conditioning (class labels "y" or caption tokens), some replaced by the null one in training.
-    cond_key = "tokens" if setup.text_conditioned(config) else "y"
-    null = setup.null_condition(config)
-    label_dropout = float(config.training.get("label_dropout", 0.0))
+    # The run's condition entries of each batch, some replaced by their null ∅ (classifier-free guidance).
+    conds = setup.create_conditioning(config)
+    cond_dropout = float(config.training.get("label_dropout", 0.0))
 
     def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step_key = jax.random.fold_in(base_key, state.step)
         dropout_key, loss_key = jax.random.split(step_key)
-        cond = {}
-        if null is not None:  # conditional: the batch's labels / captions, some replaced by the null one
-            cond[cond_key] = guidance.drop_labels(batch[cond_key], jax.random.fold_in(step_key, _LABEL_STREAM),
-                                                  label_dropout, null_label=null)
+        cond = conds.select(batch.get("cond", {}))
+        cond = conditioning.dropout(cond, conds.null_like(cond), jax.random.fold_in(step_key, _COND_DROPOUT_STREAM),
+                                    cond_dropout)
         # t (uniform, or importance-sampled with weights) and ε: loss_simple's draws from loss_key.
         t_key, noise_key = jax.random.split(loss_key)
         x0 = batch["x"]
@@ -78,7 +76,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
 
         def loss_fn(params):
             def model_fn(x_t, t):
-                return model.apply({"params": params}, x_t, t, **cond, train=True, rngs={"dropout": dropout_key})
+                return model.apply({"params": params}, x_t, t, cond, train=True, rngs={"dropout": dropout_key})
 
             losses = process.losses(model_fn, x0, t, noise)
             return jnp.mean(weights * losses), losses

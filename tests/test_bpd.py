@@ -34,7 +34,7 @@ def _sched(config):
 
 
 # A deterministic "network" simple enough to write again in NumPy: ε̂ = tanh(w x_t + v t / T).
-def _apply(params, x, t):
+def _apply(params, x, t, cond=None):
     return jnp.tanh(params["w"] * x + params["v"] * (t.astype(jnp.float32) / T)[:, None, None, None])
 
 

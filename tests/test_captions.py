@@ -129,12 +129,13 @@ def test_captioned_source_pairs_tokens_with_images():
     src = captions.CaptionedSource(ArraySource(images, labels, 10), captions.mnist_captions("test"),
                                    Tokenizer.build(captions.mnist_captions("train")), context_length=8)
     batch = src.read([5, 0, 999])
-    assert set(batch) == {"x", "y", "tokens"} and batch["tokens"].shape == (3, 8)
-    assert batch["tokens"].dtype == np.int32
+    assert set(batch) == {"x", "cond"} and set(batch["cond"]) == {"label", "tokens"}
+    tokens = batch["cond"]["tokens"]
+    assert tokens.shape == (3, 8) and tokens.dtype == np.int32
     np.testing.assert_array_equal(batch["x"], images[[5, 0, 999]])
     tok = Tokenizer.build(captions.mnist_captions("train"))
-    assert tok.decode(batch["tokens"][0]) == captions.mnist_captions("test")[5]
-    np.testing.assert_array_equal(src.example(999)["tokens"], batch["tokens"][2])
+    assert tok.decode(tokens[0]) == captions.mnist_captions("test")[5]
+    np.testing.assert_array_equal(src.example(999)["cond"]["tokens"], tokens[2])
     assert src.num_classes == 10 and len(src) == 1000
     with pytest.raises(ValueError, match="model.context_length=4"):
         captions.CaptionedSource(ArraySource(images, labels, 10), captions.mnist_captions("test"), tok, 4)

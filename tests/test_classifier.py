@@ -36,7 +36,7 @@ def test_a_few_steps_beat_chance_and_info_says_what_it_was_trained_on(trained):
     info = json.loads(pathlib.Path(path, "info.json").read_text())
     assert info["test_accuracy"] > 0.5 and info["test_accuracy"] == clf.info["test_accuracy"]
     test = data.load_arrays(_config().data, "test")
-    assert clf.accuracy(test["x"], test["y"]) == pytest.approx(info["test_accuracy"])
+    assert clf.accuracy(test["x"], test["cond"]["label"]) == pytest.approx(info["test_accuracy"])
     assert info["data"] == "digits:train:1500" and info["source"] == "digits"
     assert (info["image_size"], info["num_channels"], info["num_classes"]) == (8, 1, 10)
     assert info["steps"] == STEPS and info["test_examples"] == 297 and info["test_split"] == "test"

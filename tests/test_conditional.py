@@ -87,21 +87,23 @@ def test_parameter_counts():
 def test_labels_condition_the_network():
     model = UNet(**TINY, num_classes=10)
     x, t = _inputs()
-    params = _randomize(model.init(jax.random.key(0), x, t, y=jnp.zeros(4, jnp.int32))["params"])
-    apply = jax.jit(lambda p, y: model.apply({"params": p}, x, t, y=y))
+    params = _randomize(model.init(jax.random.key(0), x, t, {"label": jnp.zeros(4, jnp.int32)})["params"])
+    apply = jax.jit(lambda p, y: model.apply({"params": p}, x, t, None if y is None else {"label": y}))
     a = np.asarray(apply(params, jnp.array([0, 1, 2, 3])))
     b = np.asarray(apply(params, jnp.array([0, 1, 2, 4])))
     np.testing.assert_array_equal(a[:3], b[:3])  # images do not see each other's labels
     assert np.abs(a[3] - b[3]).max() > 1e-3
     null = np.asarray(apply(params, jnp.full(4, 10)))
-    np.testing.assert_allclose(null, np.asarray(apply(params, None)), rtol=0, atol=0)  # y=None: the null class
+    np.testing.assert_allclose(null, np.asarray(apply(params, None)), rtol=0, atol=0)  # no label: the null class
     assert np.isnan(np.asarray(apply(params, jnp.array([0, 1, 2, 11])))[3]).all()  # never another row
-    with pytest.raises(ValueError, match="labels y were given to an unconditional UNet"):
-        UNet(**TINY).init(jax.random.key(0), x, t, y=jnp.zeros(4, jnp.int32))
+    with pytest.raises(ValueError, match=r"cond\['label'\] was given to an unconditional UNet"):
+        UNet(**TINY).init(jax.random.key(0), x, t, {"label": jnp.zeros(4, jnp.int32)})
     with pytest.raises(ValueError, match="class labels y must be integers"):
-        model.apply({"params": params}, x, t, y=jnp.zeros(4))
+        model.apply({"params": params}, x, t, {"label": jnp.zeros(4)})
     with pytest.raises(ValueError, match=r"shape \[4\]"):
-        model.apply({"params": params}, x, t, y=jnp.zeros(3, jnp.int32))
+        model.apply({"params": params}, x, t, {"label": jnp.zeros(3, jnp.int32)})
+    with pytest.raises(ValueError, match=r"cond\['y'\] is not read by the UNet"):
+        model.apply({"params": params}, x, t, {"y": jnp.zeros(4, jnp.int32)})
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def test_labels_condition_the_network():
 def cond_model():
     model = UNet(**TINY, num_classes=10)
     x, t = _inputs()
-    params = _randomize(model.init(jax.random.key(0), x, t, y=jnp.zeros(4, jnp.int32))["params"], seed=5)
+    params = _randomize(model.init(jax.random.key(0), x, t, {"label": jnp.zeros(4, jnp.int32)})["params"], seed=5)
     sched = Schedule.from_betas(schedules.get_betas("cosine", 20))
     return model, params, sched
 
@@ -119,8 +121,10 @@ def cond_model():
 def test_per_image_seeds_with_labels_for_any_batch_split_and_device_count(cond_model, w):
     model, params, sched = cond_model
     apply_fn = setup.model_apply_fn(model)
-    labels = tuple(range(10))
-    opts = dict(shape=SHAPE, seed=4, method="ddim", num_steps=3, labels=labels, guidance_scale=w, null_label=10)
+    table = {"label": np.arange(10, dtype=np.int32)}
+    opts = dict(shape=SHAPE, seed=4, method="ddim", num_steps=3, cond=table, guidance_scale=w,
+                null_cond={"label": 10})
+    one = lambda y: dict(cond={"label": jnp.array([y])}, null_cond={"label": jnp.array([10])})  # noqa: E731
     mesh8 = parallel.make_mesh()
     mesh1 = parallel.make_mesh(jax.devices()[:1])
     assert parallel.num_devices(mesh8) == 8
@@ -130,13 +134,13 @@ def test_per_image_seeds_with_labels_for_any_batch_split_and_device_count(cond_m
     np.testing.assert_allclose(a.samples, b.samples, rtol=0, atol=1e-5)
     # image 12 alone (label 12 % 10 = 2) is the same image
     alone = sampling.sample(apply_fn, params, GaussianDiffusion(sched), shape=SHAPE, indices=jnp.array([12]), seed=4,
-                            method="ddim", num_steps=3, labels=jnp.array([2]), guidance_scale=w, null_label=10)
+                            method="ddim", num_steps=3, guidance_scale=w, **one(2))
     np.testing.assert_allclose(np.asarray(alone.samples)[0], a.samples[12], rtol=0, atol=1e-5)
     # the label matters: the same index asked for another class is another image
     other = sampling.sample(apply_fn, params, GaussianDiffusion(sched), shape=SHAPE, indices=jnp.array([12]), seed=4,
-                            method="ddim", num_steps=3, labels=jnp.array([7]), guidance_scale=w, null_label=10)
+                            method="ddim", num_steps=3, guidance_scale=w, **one(7))
     assert np.abs(np.asarray(other.samples)[0] - a.samples[12]).max() > 1e-3
-    np.testing.assert_array_equal(sampler.Sampler(apply_fn, GaussianDiffusion(sched), mesh1, **opts).labels_for(np.arange(12)),
+    np.testing.assert_array_equal(sampler.Sampler(apply_fn, GaussianDiffusion(sched), mesh1, **opts).cond_for(np.arange(12))["label"],
                                   np.arange(12) % 10)
 
 
@@ -185,7 +189,7 @@ def _losses_for_labels(config, label_sets):
     x = np.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 8) + run.shape), np.float32)
     losses = []
     for labels in label_sets:
-        batch = {"x": x, "y": np.asarray(labels, np.int32)[None]}
+        batch = {"x": x, "cond": {"label": np.asarray(labels, np.int32)[None]}}
         fresh = jax.tree.map(jnp.copy, state.replace(params=params))  # the step donates its state
         _, metrics = step(fresh, parallel.host_to_global(batch, mesh, batch_axis=1))
         losses.append(float(np.asarray(metrics["loss"])[0]))
@@ -214,7 +218,7 @@ def test_label_dropout_never_applies_when_sampling(cond_model):
                     meta=run.meta)
     out = sampler.generate(setup.make_sampler(run, config), params, num_samples=4, batch_size=4)
     ref = sampling.sample(setup.model_apply_fn(model), params, run.process, shape=SHAPE, indices=jnp.arange(4),
-                          seed=0, method="ddim", num_steps=3, labels=jnp.arange(4))
+                          seed=0, method="ddim", num_steps=3, cond={"label": jnp.arange(4)})
     np.testing.assert_allclose(out.samples, np.asarray(ref.samples), rtol=0, atol=1e-5)
 
 
@@ -284,7 +288,7 @@ def test_converter_parity_with_num_class_embeds(tmp_path):
         ref = model(torch.from_numpy(x), torch.from_numpy(t), class_labels=torch.from_numpy(y)).sample.numpy()
     unet = UNet(**kwargs)
     out = unet.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.int32),
-                     y=jnp.asarray(y, jnp.int32))
+                     {"label": jnp.asarray(y, jnp.int32)})
     ref = ref.transpose(0, 2, 3, 1)
     assert np.abs(ref).max() > 0.1
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-4 * np.abs(ref).max())
@@ -302,8 +306,9 @@ def test_bpd_of_a_conditional_model_is_given_the_labels(cond_model):
     labels = np.arange(8) % 10
     fn = bpd.make_bpd_fn(apply_fn, GaussianDiffusion(sched), mesh, seed=0)
     put = lambda a: parallel.host_to_global(a, mesh)  # noqa: E731
-    given = parallel.to_host(fn(params, put(x), put(np.arange(8, dtype=np.int32)), put(labels.astype(np.int32))))
-    fixed = bpd.make_bpd_fn(lambda p, x, t: apply_fn(p, x, t, jnp.asarray(labels, jnp.int32)),
+    given = parallel.to_host(fn(params, put(x), put(np.arange(8, dtype=np.int32)),
+                                {"label": put(labels.astype(np.int32))}))
+    fixed = bpd.make_bpd_fn(lambda p, x, t, cond: apply_fn(p, x, t, {"label": jnp.asarray(labels, jnp.int32)}),
                             GaussianDiffusion(sched), parallel.make_mesh(jax.devices()[:1]), seed=0)
     one = parallel.make_mesh(jax.devices()[:1])
     ref = parallel.to_host(fixed(params, parallel.host_to_global(x, one),

@@ -6,6 +6,7 @@ import json
 import pathlib
 import zlib
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -69,7 +70,8 @@ def test_train_batches_shape_dtype_range(cfg_kwargs, shape):
     cfg = _cfg(**cfg_kwargs)
     assert data.example_shape(cfg) == shape
     batch = next(data.create_train_iterator(cfg, global_batch_size=24, seed=0))
-    assert set(batch) == ({"x", "y"} if cfg.source == "digits" else {"x"})  # Labels where the data has them.
+    assert set(batch) == {"x", "cond"}
+    assert set(batch["cond"]) == ({"label"} if cfg.source == "digits" else set())  # Labels where the data has them.
     assert batch["x"].shape == (24, *shape) and batch["x"].dtype == np.float32
     if cfg.source != "toy2d":
         assert batch["x"].min() >= -1.0 and batch["x"].max() <= 1.0
@@ -182,7 +184,7 @@ def test_mnist_source_shapes_padding_and_fixed_stratified_split():
     assert a28["x"].dtype == np.uint8 and a28["x"].shape == (1000, 28, 28, 1)
     assert a32["x"].dtype == np.uint8 and a32["x"].shape == (1000, 32, 32, 1)
     np.testing.assert_array_equal(a28["x"].reshape(1000, 784), pixels[test].astype(np.uint8))
-    np.testing.assert_array_equal(a28["y"], labels[test])
+    np.testing.assert_array_equal(a28["cond"]["label"], labels[test])
     np.testing.assert_array_equal(a32["x"][:, 2:30, 2:30], a28["x"])  # Centred, zero padding.
     border = np.ones((32, 32), bool)
     border[2:30, 2:30] = False
@@ -194,13 +196,13 @@ def test_mnist_source_shapes_padding_and_fixed_stratified_split():
 def test_mnist_batches_carry_their_labels():
     cfg = _cfg("mnist", image_size=28, num_channels=1, random_flip=False)
     arrays = data.load_arrays(cfg, "train")
-    label_of = {x.tobytes(): y for x, y in zip(arrays["x"], arrays["y"])}
+    label_of = {x.tobytes(): y for x, y in zip(arrays["x"], arrays["cond"]["label"])}
     batch = next(data.create_train_iterator(cfg, global_batch_size=64, seed=3))
-    assert batch["y"].dtype == np.int32 and batch["y"].shape == (64,)
+    assert batch["cond"]["label"].dtype == np.int32 and batch["cond"]["label"].shape == (64,)
     images = np.rint((batch["x"] + 1) * 127.5).astype(np.uint8)
-    assert [label_of[x.tobytes()] for x in images] == batch["y"].tolist()
+    assert [label_of[x.tobytes()] for x in images] == batch["cond"]["label"].tolist()
     first = next(data.create_eval_iterator(cfg, "test", batch_size=100))
-    np.testing.assert_array_equal(first["y"], data.load_arrays(cfg, "test", limit=100)["y"])
+    np.testing.assert_array_equal(first["cond"]["label"], data.load_arrays(cfg, "test", limit=100)["cond"]["label"])
 
 
 # ---- Labels ----------------------------------------------------------------------------------
@@ -213,9 +215,9 @@ def test_digits_labels_in_train_and_eval_batches():
     cfg = _cfg(random_flip=True)
     assert data.num_classes(cfg) == 10
     test = list(data.create_eval_iterator(cfg, "test", batch_size=100))
-    y = np.concatenate([b["y"][b["mask"]] for b in test])
-    assert test[0]["y"].dtype == np.int32 and np.array_equal(y, target[1500:])
-    assert np.all(test[-1]["y"][~test[-1]["mask"]] == 0)  # Padding rows: label 0, mask False.
+    y = np.concatenate([b["cond"]["label"][b["mask"]] for b in test])
+    assert test[0]["cond"]["label"].dtype == np.int32 and np.array_equal(y, target[1500:])
+    assert np.all(test[-1]["cond"]["label"][~test[-1]["mask"]] == 0)  # Padding rows: label 0, mask False.
     # Train batches: every row's label is its image's, flipped or not (flips move pixels only).
     label_of = {}
     for x, t in zip(np.rint((_sklearn_digits_float()[:1500] + 1) * 127.5).astype(np.uint8), target):
@@ -223,8 +225,8 @@ def test_digits_labels_in_train_and_eval_batches():
         label_of.setdefault(x[:, ::-1].tobytes(), set()).add(t)
     for batch in _batches(data.create_train_iterator(cfg, global_batch_size=128, seed=0), 13):
         images = np.rint((batch["x"] + 1) * 127.5).astype(np.uint8)
-        assert all(t in label_of[x.tobytes()] for x, t in zip(images, batch["y"]))
-    assert not any("y" in b for b in (next(data.create_train_iterator(
+        assert all(t in label_of[x.tobytes()] for x, t in zip(images, batch["cond"]["label"]))
+    assert not any("label" in b["cond"] for b in (next(data.create_train_iterator(
         _cfg("toy2d", toy_num_points=50), global_batch_size=10, seed=0)),))
     assert data.num_classes(_cfg("toy2d", toy_num_points=50)) == 0
     assert data.num_classes(_cfg("image", path="camera", image_size=16, num_channels=1)) == 0
@@ -247,15 +249,15 @@ def test_class_folder_labels_in_train_and_eval_batches(tmp_path):
                    for i in range(k)}
     batch = next(data.create_eval_iterator(cfg, "train", batch_size=10))
     values = np.rint((batch["x"][:, 0, 0, 0] + 1) * 127.5).astype(int)
-    assert batch["y"][batch["mask"]].tolist() == [value_class[v] for v in values[batch["mask"]]]
-    assert batch["y"][batch["mask"]].tolist() == [0, 0, 1, 1, 1, 1, 2, 2, 2]  # Sorted: cat, dog, owl.
+    assert batch["cond"]["label"][batch["mask"]].tolist() == [value_class[v] for v in values[batch["mask"]]]
+    assert batch["cond"]["label"][batch["mask"]].tolist() == [0, 0, 1, 1, 1, 1, 2, 2, 2]  # Sorted: cat, dog, owl.
     train = next(data.create_train_iterator(cfg, global_batch_size=18, seed=1))
     values = np.rint((train["x"][:, 0, 0, 0] + 1) * 127.5).astype(int)
-    assert train["y"].tolist() == [value_class[v] for v in values]
+    assert train["cond"]["label"].tolist() == [value_class[v] for v in values]
     # An image at the top level: the folder is not laid out by class, so no labels.
     Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "loose.png")
     assert data.num_classes(cfg) == 0
-    assert "y" not in next(data.create_eval_iterator(cfg, "train", batch_size=10))
+    assert next(data.create_eval_iterator(cfg, "train", batch_size=10))["cond"] == {}
 
 
 @pytest.mark.parametrize("kind", ["text", "truncated"])
@@ -287,13 +289,13 @@ def test_tfds_labels_travel_with_the_images():
         raw = tfds.data_source("cifar10", split="train")
         assert data.num_classes(cfg) == 10
         batch = next(data.create_eval_iterator(cfg, "train", batch_size=12))
-        assert batch["y"].dtype == np.int32
-        assert batch["y"].tolist() == [int(raw[i]["label"]) for i in range(12)]
+        assert batch["cond"]["label"].dtype == np.int32
+        assert batch["cond"]["label"].tolist() == [int(raw[i]["label"]) for i in range(12)]
         images = {np.asarray(raw[i]["image"]).tobytes(): int(raw[i]["label"]) for i in range(12)}
         train = next(data.create_train_iterator(cfg, global_batch_size=6, seed=0))
         got = np.rint((train["x"] + 1) * 127.5).astype(np.uint8)
         flipped = [images.get(x.tobytes(), images.get(x[:, ::-1].tobytes())) for x in got]
-        assert flipped == train["y"].tolist()
+        assert flipped == train["cond"]["label"].tolist()
 
 
 def test_data_modules_import_no_cycle():
@@ -416,7 +418,8 @@ def test_restored_iterator_continues_exactly(k):
     _take(fresh, 2)  # A fresh iterator that already moved on is rewound too.
     fresh.set_state(state)
     for got, want in zip(_batches(fresh, 4), expected):  # Images and their labels.
-        assert set(got) == {"x", "y"} and all(np.array_equal(got[k], want[k]) for k in want)
+        assert set(got) == {"x", "cond"} and set(got["cond"]) == {"label"}
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
     assert fresh.get_state()["step"] == k + 4
 
 

@@ -138,7 +138,7 @@ def test_through_sampling_sample():
     sched = Schedule.from_betas(schedules.get_betas("linear", 50, beta_start=1e-4, beta_end=0.3))
     process, calls = diffusion.GaussianDiffusion(sched), []
 
-    def apply_fn(params, x, t):
+    def apply_fn(params, x, t, cond):
         jax.debug.callback(lambda: calls.append(1))
         return jnp.tanh(x) * params + 0.01 * t[:, None].astype(x.dtype)
 

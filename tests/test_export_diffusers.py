@@ -66,7 +66,7 @@ def test_ours_in_diffusers_within_1e4(tmp_path, num_classes):
     t = np.array([0, 17, 999], np.int32)
     y = np.array([0, 2, num_classes], np.int32) if num_classes else None  # the last: the null class
     ours = np.asarray(model.apply({"params": params}, jnp.asarray(x), jnp.asarray(t),
-                                  **({"y": jnp.asarray(y)} if num_classes else {}), train=False))
+                                  {"label": jnp.asarray(y)} if num_classes else None, train=False))
     with torch.no_grad():
         theirs = theirs_model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t.astype(np.int64)),
                               class_labels=None if y is None else torch.from_numpy(y.astype(np.int64))).sample

@@ -141,7 +141,7 @@ def test_rate_distortion_is_monotone_in_both_axes():
     sched = Schedule.from_betas(schedules.get_betas("linear", T, beta_start=1e-3, beta_end=0.2))
     rng = np.random.default_rng(0)
     x0 = jnp.asarray(np.round(rng.uniform(-1, 1, (64, 8, 8, 1)) * 127.5) / 127.5, jnp.float32)
-    result = bpd.bpd_terms(lambda p, x, t: jnp.zeros_like(x), None, GaussianDiffusion(sched, clip_x0=False), x0,
+    result = bpd.bpd_terms(lambda p, x, t, cond: jnp.zeros_like(x), None, GaussianDiffusion(sched, clip_x0=False), x0,
                            bpd.example_keys(0, jnp.arange(64)))
     curves = figures.rate_distortion(dict(terms_bpd=np.mean(result["terms"], 0), prior_bpd=np.mean(result["prior"]),
                                           mse=np.mean(result["mse"], 0)))

@@ -20,7 +20,7 @@ SCHED = schedules.Schedule.from_betas(schedules.get_betas("linear", T, beta_star
 PARAMS = {"w": jnp.float32(0.3), "v": jnp.float32(0.1)}
 
 
-def _apply(params, x, t):
+def _apply(params, x, t, cond=None):
     return params["w"] * x + params["v"] * (t.astype(jnp.float32) / T)[:, None, None, None]
 
 

@@ -123,7 +123,7 @@ def test_kl_loss_is_the_bits_per_dim_loops_term(sched):
     x0 = jnp.asarray(np.round(rng.uniform(-1, 1, (B,) + shape) * 127.5) / 127.5, jnp.float32)
     w = jnp.asarray(rng.normal(size=(2,)), jnp.float32)
 
-    def apply_fn(params, x, t):  # a fixed "network" with 2C outputs: ε̂ and a learned_range v
+    def apply_fn(params, x, t, cond=None):  # a fixed "network" with 2C outputs: ε̂ and a learned_range v
         s = jnp.sin(t.astype(jnp.float32) / 7.0)[:, None, None, None]
         return jnp.concatenate([params[0] * x * s, jnp.tanh(params[1] * x + s)], axis=-1)
 

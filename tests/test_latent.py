@@ -81,7 +81,7 @@ def test_the_source_is_the_normalised_posterior_mode_and_flips_pick_mirrored_enc
     expected = (np.asarray(mode) - info["latent_mean"]) * info["scale_factor"]
     src = data.load_source(config.data, "train")
     np.testing.assert_allclose(src.read(np.arange(5))["x"], expected, rtol=1e-5, atol=1e-5)
-    assert src.read([0])["y"] == data.load_arrays(config.data, "train", limit=1)["y"]
+    assert src.read([0])["cond"]["label"] == data.load_arrays(config.data, "train", limit=1)["cond"]["label"]
 
     config.data.random_flip = True
     flipping = data.load_source(config.data, "train")

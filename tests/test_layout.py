@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ddpm_jax"
 
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = (
-    ("core", ("schedules", "diffusion", "sampling", "guidance", "models", "timestep_sampler")),
+    ("core", ("schedules", "diffusion", "sampling", "guidance", "conditioning", "models", "timestep_sampler")),
     ("infrastructure", ("files", "parallel", "imaging", "data", "train_state", "checkpointing", "run_meta",
                         "metrics", "sampler", "preemption", "workdir_lock", "config_loading")),
     ("setup", ("setup",)),
@@ -121,3 +121,45 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     """The graph is real: setup imports the sampler; a made-up upward edge is classified as such."""
     assert ("sampler", False) in _graph()["setup"]
     assert _layer("train") > _layer("setup") > _layer("sampler") > _layer("sampling")
+
+
+# The code between the data and the network that must handle any condition pytree (a class label,
+# caption tokens, an image): `(file, function)`, the function None for the whole module.
+COND_AGNOSTIC = (("guidance.py", None), ("sampler.py", None), ("sampling.py", None),
+                 ("evaluation/bpd.py", None), ("train.py", "make_train_step"))
+COND_KEYS = {"label", "y", "tokens", "context", "context_mask"}
+KIND_NAMES = {"labels", "tokens", "vocab_size", "text_conditioned", "cond_key", "null_label",
+              "num_classes", "captions"}
+
+
+def _cond_agnostic_code():
+    for file, function in COND_AGNOSTIC:
+        tree = ast.parse((PACKAGE / file).read_text())
+        if function is not None:
+            tree = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+        yield f"{file}{':' + function if function else ''}", tree
+
+
+def test_generic_code_names_no_condition_key_kind_or_dtype():
+    """A batch's cond passes through guidance, the samplers, the train step and the bound as an
+    opaque pytree: no key of a kind ("tokens", "label", "y"), no kind's vocabulary (labels,
+    vocab_size, ...) and no int32 for a condition. int32 remains for what is int32 whatever the
+    condition (timesteps t and image indices) in the samplers, the bound and the train step;
+    guidance holds none."""
+    found = []
+    for where, tree in _cond_agnostic_code():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in COND_KEYS:
+                found.append(f"{where}:{node.lineno} key {node.value!r}")
+            name = (node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute)
+                    else node.arg if isinstance(node, (ast.arg, ast.keyword)) else None)
+            if name in KIND_NAMES:
+                found.append(f"{where}:{node.lineno} name {name!r}")
+            if name == "int32" and where.startswith("guidance"):
+                found.append(f"{where}:{node.lineno} int32")
+        code = [n for n in ast.walk(tree) if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+        for line in "\n".join(ast.unparse(n) for n in code if isinstance(n, ast.stmt) and not hasattr(n, "body")
+                               ).splitlines():  # int32 only for t and indices, never beside a condition
+            if "int32" in line and any(w in line.lower() for w in ("cond", "label", "token", "null")):
+                found.append(f"{where}: int32 beside a condition: {line.strip()}")
+    assert found == []

@@ -189,7 +189,7 @@ def test_ddim_timesteps():
 
 # ---- The scan sampler ---------------------------------------------------------------------------------------
 
-def fake_apply(params, x, t):
+def fake_apply(params, x, t, cond=None):
     """A deterministic stand-in for the network: ε̂ = a·x_t + tanh(t/T)."""
     tt = t.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
     return params["a"] * x + jnp.tanh(tt * params["inv_T"])

@@ -282,14 +282,15 @@ def test_guided_solver_uses_the_one_model_fn():
     """Classifier-free guidance reaches every solver step: (1 + w) out(c) − w out(∅), one batched call."""
     sched = _small()
 
-    def apply_fn(params, x, t, y):
-        return _apply(params, x, t) + 0.2 * y[:, None].astype(x.dtype)
+    def apply_fn(params, x, t, cond):
+        return _apply(params, x, t) + 0.2 * cond["label"][:, None].astype(x.dtype)
 
     kw = dict(shape=(2,), indices=jnp.arange(3), seed=0, method="dpmpp_2m", num_steps=6,
-              labels=jnp.array([0, 1, 2]), null_label=3)
+              cond={"label": jnp.array([0, 1, 2])}, null_cond={"label": jnp.full(3, 3)})
     guided = sampling.sample(apply_fn, 0.5, GD(sched), guidance_scale=2.0, **kw).samples
     # The same solve with the guided network written out by hand (w = 2, ∅ = 3).
-    by_hand = lambda p, x, t, y: 3.0 * apply_fn(p, x, t, y) - 2.0 * apply_fn(p, x, t, jnp.full_like(y, 3))  # noqa: E731
+    by_hand = lambda p, x, t, c: (3.0 * apply_fn(p, x, t, c)  # noqa: E731
+                                  - 2.0 * apply_fn(p, x, t, {"label": jnp.full_like(c["label"], 3)}))
     want = sampling.sample(by_hand, 0.5, GD(sched), guidance_scale=0.0, **kw).samples
     np.testing.assert_allclose(guided, want, atol=1e-5)
     plain = sampling.sample(apply_fn, 0.5, GD(sched), guidance_scale=0.0, **kw).samples

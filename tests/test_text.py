@@ -215,7 +215,8 @@ REF_FIRST = [0.66681385, 0.75467455, -0.23506148, 0.3167987]
 @functools.lru_cache(maxsize=None)
 def _unet_apply(model):
     def f(params, x, t, tokens=None, context=None, context_mask=None):
-        return model.apply({"params": params}, x, t, tokens=tokens, context=context, context_mask=context_mask)
+        cond = dict(tokens=tokens, context=context, context_mask=context_mask)
+        return model.apply({"params": params}, x, t, {k: v for k, v in cond.items() if v is not None})
     return jax.jit(f)
 
 
@@ -233,7 +234,7 @@ def test_default_unet_is_unchanged():
     np.testing.assert_allclose(float(np.abs(y).sum()), REF_SUM_ABS, rtol=1e-5)
     np.testing.assert_allclose(y.ravel()[:4], REF_FIRST, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="without cross-attention"):
-        jax.eval_shape(lambda p: model.apply({"params": p}, x, t, tokens=jnp.zeros((2, 3), jnp.int32)), params)
+        jax.eval_shape(lambda p: model.apply({"params": p}, x, t, {"tokens": jnp.zeros((2, 3), jnp.int32)}), params)
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,7 +243,7 @@ def _xattn_setup():
     model = UNet(**XATTN, vocab_size=tok.vocab_size)
     x, t = _inputs()
     ids, _ = tok.encode(CAPTIONS[:2], 6)
-    params = _random(_shapes(model, x, t, tokens=ids))
+    params = _random(_shapes(model, x, t, {"tokens": ids}))
     return tok, model, x, t, params
 
 
@@ -300,7 +301,7 @@ def _prune(tree, like):
 def test_unet_context_errors():
     tok, model, x, t, params = _xattn_setup()
     ids = tok.encode(CAPTIONS[:2], 6)[0]
-    trace = lambda m, **kw: jax.eval_shape(lambda p: m.apply({"params": p}, x, t, **kw), params)  # noqa: E731
+    trace = lambda m, **cond: jax.eval_shape(lambda p: m.apply({"params": p}, x, t, cond), params)  # noqa: E731
     with pytest.raises(ValueError, match="not both"):
         trace(model, tokens=ids, context=jnp.ones((2, 3, 32)))
     with pytest.raises(ValueError, match=r"tokens must have shape \[2, L\]"):
@@ -317,11 +318,11 @@ def test_gradients_reach_the_text_encoder_and_bf16_is_close():
     model = UNet(**small)
     x, t = _inputs((2, 4, 4, 3))
     ids = jnp.asarray(tok.encode(["a thick seven", "an upright eight"], 6)[0])
-    params = _random(_shapes(model, x, t, tokens=ids))
+    params = _random(_shapes(model, x, t, {"tokens": ids}))
 
     @jax.jit
     def grads(p):
-        return jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x, t, tokens=ids) ** 2))(p)
+        return jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x, t, {"tokens": ids}) ** 2))(p)
 
     g = grads(params)["text_encoder"]
     assert float(jnp.abs(g["token_embedding"]["embedding"]).max()) > 0  # Trained jointly, end to end.

@@ -45,13 +45,15 @@ def test_captioned_source_carries_each_examples_caption_tokens():
     batch = src.read(rows)
     tok = captions.tokenizer_for(config.data)
     names = captions.mnist_captions("train")
-    assert batch["tokens"].dtype == np.int32 and batch["tokens"].shape == (3, 6)  # the longest caption: 6 words
-    assert [tok.decode(r) for r in batch["tokens"]] == [" ".join(text.words(names[i])) for i in rows]
-    np.testing.assert_array_equal(batch["y"], data.load_pixel_source(config.data, "train").read(rows)["y"])
+    tokens = batch["cond"]["tokens"]
+    assert tokens.dtype == np.int32 and tokens.shape == (3, 6)  # the longest caption: 6 words
+    assert [tok.decode(r) for r in tokens] == [" ".join(text.words(names[i])) for i in rows]
+    np.testing.assert_array_equal(batch["cond"]["label"],
+                                  data.load_pixel_source(config.data, "train").read(rows)["cond"]["label"])
     # the eval iterator's padding rows are all <pad>: the fully masked context
     it = data.create_eval_iterator(config.data, "test", batch_size=3 * 333 + 2)
     last = list(it)[-1]
-    assert not last["mask"][-1] and (last["tokens"][~last["mask"]] == text.PAD_ID).all()
+    assert not last["mask"][-1] and (last["cond"]["tokens"][~last["mask"]] == text.PAD_ID).all()
 
 
 def test_the_vocabulary_is_the_training_captions_and_recorded_in_the_meta():
@@ -77,7 +79,7 @@ def _losses_for_tokens(config, token_sets):
     y = np.zeros((1, 8), np.int32)
     losses = []
     for tokens in token_sets:
-        batch = {"x": x, "y": y, "tokens": np.asarray(tokens, np.int32)[None]}
+        batch = {"x": x, "cond": {"label": y, "tokens": np.asarray(tokens, np.int32)[None]}}
         fresh = jax.tree.map(jnp.copy, state)  # the step donates its state
         _, metrics = step(fresh, parallel.host_to_global(batch, mesh, batch_axis=1))
         losses.append(float(np.asarray(metrics["loss"])[0]))
@@ -99,7 +101,8 @@ def test_caption_dropout_reaches_the_train_step():
                           jax.device_get(state.params))
     apply = setup.model_apply_fn(run.model)
     x, t = jnp.zeros((8, *run.shape)), jnp.full((8,), 5, jnp.int32)
-    assert float(jnp.max(jnp.abs(apply(params, x, t, jnp.asarray(a)) - apply(params, x, t, jnp.asarray(b))))) > 1e-4
+    tokens = lambda ids: {"tokens": jnp.asarray(ids)}  # noqa: E731
+    assert float(jnp.max(jnp.abs(apply(params, x, t, tokens(a)) - apply(params, x, t, tokens(b))))) > 1e-4
 
 
 def test_captioned_training_resumes_exactly_and_saves_the_vocabulary(tmp_path):
@@ -133,33 +136,33 @@ def test_sampler_cycles_the_captions_and_guides_with_the_null_caption(trained):
     out = sampler.generate(setup.make_sampler(loaded, config), params, num_samples=4, batch_size=4)
     ids = captions.tokenizer_for(config.data).encode(["a thick seven", "a thin one"] * 2, 8)[0]
     apply = setup.model_apply_fn(loaded.model)
+    cond = {"tokens": jnp.asarray(ids)}
+    null_cond = setup.create_conditioning(config).null_like(cond)
     ref = sampling.sample(apply, params, loaded.process, shape=loaded.shape, indices=jnp.arange(4), seed=0,
-                          method="ddim", num_steps=3, labels=jnp.asarray(ids), guidance_scale=2.0,
-                          null_label=setup.null_condition(config))
+                          method="ddim", num_steps=3, cond=cond, guidance_scale=2.0, null_cond=null_cond)
     np.testing.assert_allclose(out.samples, np.asarray(ref.samples), atol=1e-4)
     # the guided network: (1 + w) eps(x, caption) - w eps(x, null caption), in one doubled call
     x, t = jnp.asarray(np.random.default_rng(1).normal(size=(4, *loaded.shape)), jnp.float32), jnp.full((4,), 7)
-    guided = guidance.model_fn(apply, params, labels=jnp.asarray(ids), guidance_scale=2.0,
-                               null_label=setup.null_condition(config))(x, t)
+    guided = guidance.model_fn(apply, params, cond=cond, guidance_scale=2.0, null_cond=null_cond)(x, t)
     null = jnp.asarray(text.null_tokens(4, 8))
-    explicit = 3.0 * apply(params, x, t, jnp.asarray(ids)) - 2.0 * apply(params, x, t, null)
+    explicit = 3.0 * apply(params, x, t, cond) - 2.0 * apply(params, x, t, {"tokens": null})
     np.testing.assert_allclose(np.asarray(guided), np.asarray(explicit), atol=1e-5)
     # the captions change the samples; padding length does not change the network
     plain = sampler.generate(setup.make_sampler(loaded, tiny_config()), params, num_samples=4, batch_size=4)
     assert np.abs(plain.samples - out.samples).max() > 1e-3
     short = captions.tokenizer_for(config.data).encode(["a thick seven", "a thin one"] * 2, 4)[0]
-    np.testing.assert_allclose(np.asarray(apply(params, x, t, jnp.asarray(short))),
-                               np.asarray(apply(params, x, t, jnp.asarray(ids))), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(apply(params, x, t, {"tokens": jnp.asarray(short)})),
+                               np.asarray(apply(params, x, t, cond)), atol=1e-5)
 
 
 def test_null_caption_default_tags_and_asked_classes():
     config = tiny_config()
     config.sampling.captions = ""
-    assert setup.sampler_conditions(config).tolist() == text.null_tokens(1, 8).tolist()
+    assert setup.sampler_conditions(config)["tokens"].tolist() == text.null_tokens(1, 8).tolist()
     assert setup.sampler_tag(config) == "ddim3_cnull"
     config.sampling.update(captions="eval_split", guidance_scale=3.0)
     assert setup.sampler_tag(config) == "ddim3_cevalsplit_w3"
-    test_labels = data.load_pixel_source(config.data, "test").read(range(5))["y"]
+    test_labels = data.load_pixel_source(config.data, "test").read(range(5))["cond"]["label"]
     np.testing.assert_array_equal(setup.asked_classes(config, np.arange(5)), test_labels)
     config.sampling.captions = "a thick seven|a thin one|a large thin nine"
     np.testing.assert_array_equal(setup.asked_classes(config, np.arange(5)), [7, 1, 9, 7, 1])
@@ -185,7 +188,7 @@ def test_eval_scores_the_digit_each_caption_names(trained, tmp_path):
     config.sampling.update(captions="eval_split", guidance_scale=1.0)
     results = evaluate.run_eval(config, trained)
     # image i was asked for test digit i's caption, so scored against test digit i's class
-    asked = data.load_pixel_source(config.data, "test").read(range(8))["y"]
+    asked = data.load_pixel_source(config.data, "test").read(range(8))["cond"]["label"]
     generated = results["conditional"]["generated"]
     assert [c for c, a in enumerate(generated["per_class"]) if a is not None] == sorted(set(asked.tolist()))
     counts = np.bincount(asked, minlength=10)
@@ -194,7 +197,7 @@ def test_eval_scores_the_digit_each_caption_names(trained, tmp_path):
     step_dir = os.path.join(trained, "eval", "step_2_ddim3_cevalsplit_w1_seed0")
     with open(os.path.join(step_dir, "samples", "meta.json")) as f:
         assert json.load(f)["captions"] == "eval_split"
-    assert list(results["sampler"]["null_label"]) == text.null_tokens(1, 8)[0].tolist()
+    assert list(results["sampler"]["null_cond"]["tokens"]) == text.null_tokens(1, 8)[0].tolist()
 
 
 # ---- bad input -------------------------------------------------------------------------------------

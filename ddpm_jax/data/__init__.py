@@ -7,13 +7,13 @@ it = data.create_train_iterator(config.data, global_batch_size=128, seed=0,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
 batch = next(it)                                    # {"x": float32 [128 // P, H, W, C] in [-1, 1],
-                                                    #  "y": int32 [128 // P] (labelled sources)}
+                                                    #  "cond": {"label": int32 [128 // P]} (labelled)}
 state = it.get_state()                              # JSON-able; it.set_state(state) resumes exactly
 for batch in data.create_eval_iterator(config.data, "test", batch_size=256):
-    ...                                             # {"x": ..., "mask": bool [256 // P], "y": ...}
+    ...                                             # {"x": ..., "mask": bool [256 // P], "cond": ...}
 data.num_classes(config.data)                       # 10 for digits / mnist / CIFAR-10; 0 = no labels
 data.latents_from(config.data)                      # AE workdir: batches are its latents (latents.py)
-arrays = data.load_arrays(config.data, "test")      # {"x": uint8 [N, H, W, C], "y": int32 [N]}
+arrays = data.load_arrays(config.data, "test")      # {"x": uint8 [N, H, W, C], "cond": {"label": [N]}}
 ```
 
 Sources (``config.data.source``): ``digits`` (scikit-learn, 8×8), ``mnist``
@@ -71,8 +71,8 @@ def num_examples(data_cfg: Any, split: str) -> int:
 def load_arrays(data_cfg: Any, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
     """The first ``limit`` (default: all) examples of ``split`` in memory, in source order, unflipped.
 
-    ``{"x": uint8 [N, H, W, C] (float32 [N, 2] for toy2d), "y": int32 [N]}`` (``"y"`` for
-    labelled sources). Meant for small data sets (digits, MNIST: the classifier metrics). Always
+    ``{"x": uint8 [N, H, W, C] (float32 [N, 2] for toy2d), "cond": {"label": int32 [N]}}`` (the label
+    for labelled sources, ``{}`` otherwise). Meant for small data sets (digits, MNIST: the classifier metrics). Always
     the images, also with ``data.latents_from``: the classifier judges decoded samples against them.
     """
     src = load_pixel_source(data_cfg, split)

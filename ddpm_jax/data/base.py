@@ -2,7 +2,8 @@
 
 A source is a sequence: ``len(src)``, ``src[i]`` (the example's image, or a
 toy2d point). A labelled source also has ``num_classes > 0`` and
-``example(i)["y"]``, its class in ``0..num_classes-1``. ``read(indices)`` reads
+``example(i)["cond"]["label"]``, its class in ``0..num_classes-1`` (the batch format
+``{"x", "cond"}`` of ``conditioning.py``). ``read(indices)`` reads
 several examples as stacked arrays (one gather for in-memory sources); the
 pipelines call only ``example``, ``read`` and ``flip_rows`` (the random flip).
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import numpy as np
 
 
 class Source:
     """Base of every source: subclasses define ``__len__`` and ``__getitem__`` (the image)."""
 
-    num_classes: int = 0  # 0: the source has no labels (no "y" in its examples).
+    num_classes: int = 0  # 0: the source has no labels (no cond "label" in its examples).
     labels: np.ndarray | None = None  # int32 [len] where known up front (tfds reads them per record).
 
     def __len__(self) -> int:
@@ -27,16 +29,14 @@ class Source:
         raise NotImplementedError
 
     def example(self, index: int) -> dict[str, np.ndarray]:
-        """``{"x": image}``, plus ``"y": int32`` label for a labelled source."""
-        out = {"x": self[index]}
-        if self.num_classes:
-            out["y"] = np.int32(self.labels[index])
-        return out
+        """``{"x": image, "cond": {...}}``; a labelled source's cond holds ``"label"``, int32."""
+        cond = {"label": np.int32(self.labels[index])} if self.num_classes else {}
+        return {"x": self[index], "cond": cond}
 
     def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-        """The examples at ``indices``, stacked: ``{"x": [n, ...], "y": int32 [n]}`` (fresh arrays)."""
+        """The examples at ``indices``, stacked: ``{"x": [n, ...], "cond": {"label": int32 [n]}}`` (fresh arrays)."""
         examples = [self.example(int(i)) for i in indices]
-        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+        return jax.tree.map(lambda *rows: np.stack(rows), *examples)
 
     def flip_rows(self, batch: dict[str, np.ndarray], indices: np.ndarray, flips: np.ndarray) -> None:
         """Mirrors (in place) the rows of ``batch`` (read at ``indices``) where ``flips`` is True.
@@ -67,10 +67,8 @@ class ArraySource(Source):
 
     def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         indices = np.asarray(indices, dtype=np.int64)
-        out = {"x": self.array[indices]}  # Fancy indexing copies: callers may write into it.
-        if self.num_classes:
-            out["y"] = self.labels[indices]
-        return out
+        cond = {"label": self.labels[indices]} if self.num_classes else {}
+        return {"x": self.array[indices], "cond": cond}  # Fancy indexing copies: callers may write into it.
 
 
 class RepeatedSource(Source):

@@ -237,10 +237,10 @@ def _seen_with_warning(caption: str, tokenizer: Tokenizer) -> str:
 
 
 class CaptionedSource(Source):
-    """``source`` with each example's caption as token ids: ``example(i)["tokens"]`` int32 [L].
+    """``source`` with each example's caption as token ids: ``example(i)["cond"]["tokens"]`` int32 [L].
 
     The captions are encoded once, up front (a too-long caption fails here, naming it), so a
-    batch's ``"tokens"`` come from the same gather as its images and labels: they stay paired
+    batch's cond ``"tokens"`` come from the same gather as its images and labels: they stay paired
     through shuffling, host sharding, padding (all ``<pad>``: the fully masked context) and resume.
     """
 
@@ -263,15 +263,20 @@ class CaptionedSource(Source):
         return self.source[index]
 
     def example(self, index: int) -> dict[str, np.ndarray]:
-        return {**self.source.example(index), "tokens": self.tokens[int(index)].copy()}
+        return _with_tokens(self.source.example(index), self.tokens[int(index)].copy())
 
     def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         indices = np.asarray(indices, dtype=np.int64)
-        return {**self.source.read(indices), "tokens": self.tokens[indices]}
+        return _with_tokens(self.source.read(indices), self.tokens[indices])
 
     def flip_rows(self, batch: dict[str, np.ndarray], indices: np.ndarray, flips: np.ndarray) -> None:
         # The caption is not mirrored: keep data.random_flip off where captions say left or right (MNIST's).
         self.source.flip_rows(batch, indices, flips)
+
+
+def _with_tokens(example: dict, tokens: np.ndarray) -> dict:
+    """`example` with `tokens` added to its cond (its labels kept beside them)."""
+    return {**example, "cond": {**example["cond"], "tokens": tokens}}
 
 
 def save_tokenizer(workdir: str, tokenizer: Tokenizer) -> str:

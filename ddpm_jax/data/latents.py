@@ -185,7 +185,7 @@ class LatentSource(Source):
                     _CACHE[(self._key, True)] = self._encode(flip=True)
             self._arrays = (_CACHE[(self._key, False)], _CACHE.get((self._key, True)) if self.flip else None)
             if self.num_classes and self.labels is None:
-                self.labels = _CACHE[(self._key, "y")]
+                self.labels = _CACHE[(self._key, "label")]
         return self._arrays
 
     def _encode(self, flip: bool) -> np.ndarray:
@@ -193,9 +193,9 @@ class LatentSource(Source):
         for s in range(0, len(self.pixels), ENCODE_BATCH):
             batch = self.pixels.read(np.arange(s, min(s + ENCODE_BATCH, len(self.pixels))))
             out.append(codec.encode(batch["x"][:, :, ::-1] if flip else batch["x"]))
-            labels.append(batch.get("y"))
+            labels.append(batch["cond"].get("label"))
         if self.num_classes and self.pixels.labels is None and not flip:  # labels read per record (tfds)
-            _CACHE[(self._key, "y")] = np.concatenate(labels).astype(np.int32)
+            _CACHE[(self._key, "label")] = np.concatenate(labels).astype(np.int32)
         return np.concatenate(out)
 
     def __len__(self) -> int:
@@ -206,10 +206,8 @@ class LatentSource(Source):
 
     def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         indices = np.asarray(indices, dtype=np.int64)
-        out = {"x": self._latents()[0][indices]}  # fancy indexing copies: flip_rows may write into it
-        if self.num_classes:
-            out["y"] = self.labels[indices]
-        return out
+        cond = {"label": self.labels[indices]} if self.num_classes else {}
+        return {"x": self._latents()[0][indices], "cond": cond}  # fancy indexing copies: flip_rows may write into it
 
     def flip_rows(self, batch: dict[str, np.ndarray], indices: np.ndarray, flips: np.ndarray) -> None:
         """The rows to flip take the latents of the mirrored images (a latent mirrored is not one)."""

@@ -10,8 +10,9 @@ disjoint examples, their union over an epoch is the epoch, the global batch
 does) is the same whatever the number of hosts, and batches may straddle
 epochs as with the official ``repeat().shuffle().batch()``.
 
-A labelled source's batches carry ``"y"`` (int32 classes) beside ``"x"``: read by the
-same gather as the images, so labels and images stay paired through shuffling, host
+A batch is ``{"x": ..., "cond": {...}}`` (``conditioning.py``): a labelled source's cond holds
+``"label"`` (int32 classes), a captioned one's also ``"tokens"``, read by the same gather as
+the images, so conditions and images stay paired through shuffling, host
 sharding, padding (label 0, mask False) and resume; flips move only the pixels.
 
 Every random choice is a function of (seed, stream position), so the iterator
@@ -33,6 +34,7 @@ import threading
 from typing import Any, Iterator
 
 import grain
+import jax
 import numpy as np
 
 from ddpm_jax import imaging
@@ -57,7 +59,7 @@ def _check_hosts(batch_size: int, process_index: int, process_count: int, name: 
 
 
 def _to_float_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Images to float32 in [-1, 1]; labels ("y", int32) and the eval mask as they are."""
+    """Images to float32 in [-1, 1]; the cond and the eval mask as they are."""
     return {**batch, "x": imaging.as_float(batch["x"])}
 
 
@@ -78,9 +80,10 @@ def _to_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterato
 
 
 class TrainIterator(Iterator[dict]):
-    """Infinite iterator of host-local training batches ``{"x": float32 [B/P, ...], "y": int32 [B/P]}``.
+    """Infinite iterator of host-local training batches ``{"x": float32 [B/P, ...], "cond": {...}}``.
 
-    ``"y"`` (the class labels) only for a labelled source (``data.num_classes(cfg) > 0``).
+    The cond holds ``"label"`` int32 [B/P] for a labelled source (``data.num_classes(cfg) > 0``),
+    ``"tokens"`` for a captioned one; ``{}`` otherwise.
 
     ``get_state()`` is a JSON-able dict (the same on every host); ``set_state``
     restores it, refusing a state recorded for other data, seed or batch size.
@@ -133,7 +136,7 @@ class _HostBatches(grain.MapDataset):
     """Host ``p``'s batches of the infinite training stream (see the module docstring).
 
     Item ``k`` is host-local batch ``k``: ``{"x": uint8 images (or float32 points)
-    [host_batch, ...], "y": int32 labels [host_batch]}`` (``"y"`` for labelled sources),
+    [host_batch, ...], "cond": {"label": int32 [host_batch], ...}}`` (``{}`` for unlabelled sources),
     images flipped where the stream's coins say so.
     """
 
@@ -205,7 +208,8 @@ def create_train_iterator(
 
     Yields ``{"x": float32 [global_batch_size // process_count, *example_shape]}``:
     images in [-1, 1] (flipped at random when ``data.random_flip``), toy2d points
-    standardised; and ``"y"``, int32 class labels of the same rows, for a labelled source. See the module docstring for how hosts split each global batch.
+    standardised; and ``"cond"``, the conditions of the same rows (int32 class labels ``"label"``
+    for a labelled source). See the module docstring for how hosts split each global batch.
     """
     _check_hosts(global_batch_size, process_index, process_count, "global_batch_size")
     if int(seed) < 0:
@@ -244,7 +248,7 @@ class _Padding:
     """``count`` all-zero examples shaped like ``example`` (to fill the last eval batch), mask False."""
 
     def __init__(self, example: dict[str, np.ndarray], count: int):
-        self.example = {**{k: np.zeros_like(v) for k, v in example.items()}, "mask": np.False_}
+        self.example = {**jax.tree.map(np.zeros_like, example), "mask": np.False_}
         self.count = count
 
     def __len__(self) -> int:
@@ -260,8 +264,8 @@ def create_eval_iterator(
     """Finite, deterministic, unflipped pass over ``split``: every example exactly once over all hosts.
 
     ``batch_size`` is the global batch; each host yields ``{"x": float32 [batch_size //
-    process_count, ...], "mask": bool [batch_size // process_count]}``, plus ``"y"`` (int32
-    labels; 0 in padding rows) for a labelled source. Global batch k is
+    process_count, ...], "mask": bool [batch_size // process_count], "cond": {...}}`` (a labelled
+    source's int32 ``"label"``; zeros in padding rows). Global batch k is
     examples [k·batch_size, (k+1)·batch_size) in source order, host p holding the p-th block.
     The last global batch is padded with zeros (mask False), so every host yields the same
     number of batches, ceil(num_examples / batch_size).

@@ -9,7 +9,7 @@ Every source is a ``base.Source``: a sequence (``len(src)`` and ``src[i]``) whos
 * with ``data.latents_from=AE_WORKDIR``, any image source's examples become the
   autoencoder's normalised latents, ``float32 [h, w, c]`` (``latents.py``).
 
-Labels (``src.num_classes > 0``; ``src.example(i)["y"]``, int32): digits and
+Labels (``src.num_classes > 0``; ``src.example(i)["cond"]["label"]``, int32): digits and
 mnist (10 classes), a folder with one sub-folder per class (``folder.py``), a
 tfds dataset with a ``label`` feature (CIFAR-10). toy2d and image have none.
 

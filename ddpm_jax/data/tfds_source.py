@@ -7,7 +7,7 @@ decodes the images with PIL. Nothing here downloads: an unprepared dataset is a
 ``DatasetNotPreparedError`` naming the command that prepares it.
 
 A dataset whose features have a ``label`` ClassLabel (CIFAR-10's) is a labelled
-source: its examples carry ``"y"``, and ``num_classes`` is the feature's.
+source: its examples' cond carries ``"label"``, and ``num_classes`` is the feature's.
 
 Preprocessing follows the official DDPM code: CIFAR-10 as is (32×32);
 CelebA-HQ and LSUN centre-cropped to a square and resized to
@@ -104,7 +104,7 @@ def open_data_source(name: str, split: str, data_dir: str | None) -> Sequence[di
 class TfdsSource(Source):
     """Images of a prepared tfds dataset, fitted to ``size``×``size``×``channels`` (uint8).
 
-    Labelled (``"y"``, ``num_classes``) when the dataset has a ``label`` ClassLabel feature.
+    Labelled (cond ``"label"``, ``num_classes``) when the dataset has a ``label`` ClassLabel feature.
     """
 
     def __init__(self, name: str, split: str, *, data_dir: str | None, size: int, channels: int):
@@ -121,10 +121,8 @@ class TfdsSource(Source):
         # One record at a time: grain's reader threads read batches in parallel, and decoding
         # dominates the cost (the batched `__getitems__` is also broken under tfds' mock_data).
         record = self.source[int(index)]
-        out = {"x": fit_image(record["image"], self.size, self.channels)}
-        if self.num_classes:
-            out["y"] = np.int32(record["label"])
-        return out
+        cond = {"label": np.int32(record["label"])} if self.num_classes else {}
+        return {"x": fit_image(record["image"], self.size, self.channels), "cond": cond}
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.example(index)["x"]

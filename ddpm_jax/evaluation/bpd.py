@@ -59,11 +59,12 @@ def example_noise(seed: int, indices, t: int, shape: tuple) -> jax.Array:
 
 
 def bpd_terms(apply_fn: Callable, params: Any, process: diffusion.GaussianDiffusion, x0: jnp.ndarray,
-              keys: jax.Array, *, labels: jnp.ndarray | None = None) -> dict:
+              keys: jax.Array, *, cond: dict | None = None) -> dict:
     """Every term of the bound for a batch x0 [B, ...]; one ``lax.scan`` over t = T−1 … 0.
 
-    ``labels`` [B]: a class-conditional model's bound given those classes, −log p(x_0 | y)
-    (apply_fn(params, x_t, t, labels)); None: the network called without labels.
+    ``cond`` (rows aligned with x0, ``conditioning.py``): a conditional model's bound given those
+    conditions, −log p(x_0 | c), the network called as apply_fn(params, x_t, t, cond); None or {}:
+    the unconditional network.
 
     x̂_0 is clipped as `process.clip_x0` says. Returns dict(total=[B], prior=[B], terms=[B, T]
     (column t: L_t, the decoder NLL at t = 0), mse=[B, T] (mean (x̂_0 − x_0)² at each t)), all
@@ -75,7 +76,7 @@ def bpd_terms(apply_fn: Callable, params: Any, process: diffusion.GaussianDiffus
     def one_timestep(carry, t):
         t_b = jnp.full((B,), t, jnp.int32)
         x_t = process.q_sample(x0, t_b, sampling.image_noise(keys, t, x0.shape[1:]))
-        net = apply_fn(params, x_t, t_b) if labels is None else apply_fn(params, x_t, t_b, labels)
+        net = apply_fn(params, x_t, t_b, {} if cond is None else cond)
         out = process.vlb_terms_bpd(net.astype(jnp.float32), x0, x_t, t_b)
         return carry, (out["kl_bpd"], out["mse"])
 
@@ -87,19 +88,19 @@ def bpd_terms(apply_fn: Callable, params: Any, process: diffusion.GaussianDiffus
 
 
 def make_bpd_fn(apply_fn: Callable, process: diffusion.GaussianDiffusion, mesh, *, seed: int) -> Callable:
-    """``fn(params, x, indices, labels=None) -> bpd_terms(...)``, jit-compiled over the ('data',) mesh.
+    """``fn(params, x, indices, cond=None) -> bpd_terms(...)``, jit-compiled over the ('data',) mesh.
 
-    ``x`` [B, ...], ``indices`` [B] (the examples' global indices) and ``labels`` [B] (a
-    conditional model's classes, or None) are global arrays sharded on the batch axis, params
+    ``x`` [B, ...], ``indices`` [B] (the examples' global indices) and ``cond`` (a conditional
+    model's condition rows [B, ...], or None) are global arrays sharded on the batch axis, params
     replicated; the outputs are sharded on the batch.
     """
     rep, shard = parallel.replicated(mesh), parallel.data_sharded(mesh)
 
-    def fn(params, process, x, indices, labels):
-        return bpd_terms(apply_fn, params, process, x, example_keys(seed, indices), labels=labels)
+    def fn(params, process, x, indices, cond):
+        return bpd_terms(apply_fn, params, process, x, example_keys(seed, indices), cond=cond)
 
     jitted = jax.jit(fn, in_shardings=(rep, rep, shard, shard, shard), out_shardings=shard)
-    return lambda params, x, indices, labels=None: jitted(params, process, x, indices, labels)
+    return lambda params, x, indices, cond=None: jitted(params, process, x, indices, cond)
 
 
 class BpdAccumulator:
@@ -138,9 +139,11 @@ class BpdAccumulator:
 
 def bpd_over_batches(bpd_fn: Callable, params: Any, batches: Iterable[dict], mesh, *,
                      num_timesteps: int, global_batch: int, limit: int, process_index: int = 0,
-                     process_count: int = 1, progress: bool = False, cond_key: str | None = None) -> dict:
-    """Averages ``bpd_fn`` over an eval iterator's host batches (dicts ``x``, ``mask``; the true
-    conditioning, ``batch[cond_key]``: labels ``y`` or caption ``tokens``, given to ``bpd_fn``).
+                     process_count: int = 1, progress: bool = False,
+                     select: Callable[[dict], dict] | None = None) -> dict:
+    """Averages ``bpd_fn`` over an eval iterator's host batches (dicts ``x``, ``mask``, ``cond``; the
+    true condition ``select(batch["cond"])``, the run's entries of it, is given to ``bpd_fn``;
+    ``select`` None: the unconditional bound).
 
     Global batch k holds examples [k·global_batch, (k+1)·global_batch), host p its p-th
     block (``data.create_eval_iterator``'s layout); examples with index ≥ ``limit`` and
@@ -162,8 +165,8 @@ def bpd_over_batches(bpd_fn: Callable, params: Any, batches: Iterable[dict], mes
             idx_global = parallel.host_to_global(host_idx.astype(np.int32), mesh)
             x_global = parallel.host_to_global(x, mesh)
             mask_global = parallel.to_host(parallel.host_to_global(host_mask & (host_idx < limit), mesh))
-            labels = parallel.host_to_global(np.asarray(batch[cond_key], np.int32), mesh) if cond_key else None
-            out = parallel.to_host(bpd_fn(params, x_global, idx_global, labels))
+            cond = None if select is None else parallel.host_to_global(select(batch["cond"]), mesh)
+            out = parallel.to_host(bpd_fn(params, x_global, idx_global, cond))
             acc.update(out, mask_global)
             bar.update(int(min(lo + global_batch, limit) - lo))
     return acc.result()
@@ -197,14 +200,14 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, model, sched: S
     bpd_fn = make_bpd_fn(apply_fn or setup.model_apply_fn(model), process, mesh, seed=int(config.seed))
     it = data.create_eval_iterator(config.data, split, batch_size=global_batch,
                                    process_index=jax.process_index(), process_count=jax.process_count())
-    cond_key = "tokens" if setup.text_conditioned(config) else "y" if setup.num_classes(config) else None
+    conds = setup.create_conditioning(config)
     start = time.time()
     result = bpd_over_batches(bpd_fn, params, it, mesh, num_timesteps=sched.num_timesteps,
                               global_batch=global_batch, limit=limit,
                               process_index=jax.process_index(), process_count=jax.process_count(),
-                              progress=progress, cond_key=cond_key)
-    if cond_key:  # the bound of -log p(x | c), each image given its true class or caption
-        result["given"] = "true labels" if cond_key == "y" else "true captions"
+                              progress=progress, select=conds.select if conds else None)
+    if conds:  # the bound of -log p(x | c), each image given its true condition
+        result["given"] = "true " + " and ".join(k.noun for k in conds.kinds)
     result.update(split=split, seconds=time.time() - start, num_timesteps=sched.num_timesteps,
                   var_type=process.var_type, clip_denoised=process.clip_x0, seed=int(config.seed))
     return label_latent(result, data.latents_from(config.data))

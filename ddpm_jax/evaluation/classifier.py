@@ -210,7 +210,7 @@ def train(data_cfg: Any, *, steps: int | None = None, batch_size: int = DEFAULT_
     train_set = data.load_arrays(data_cfg, data_cfg.train_split)
     test_set = data.load_arrays(data_cfg, data_cfg.eval_split)
     num_classes = data.num_classes(data_cfg)
-    if "y" not in train_set or num_classes < 2:
+    if "label" not in train_set["cond"] or num_classes < 2:
         raise ValueError(f"data.source={data_cfg.source!r} has no class labels: the classifier "
                          "metrics need a labelled source (digits, mnist, a class folder, cifar10).")
     n, size = len(train_set["x"]), int(data_cfg.image_size)
@@ -218,7 +218,7 @@ def train(data_cfg: Any, *, steps: int | None = None, batch_size: int = DEFAULT_
     max_shift = default_shift(size) if max_shift is None else int(max_shift)
     layers = default_layers(size)
     model = FeatureCNN(num_classes=num_classes, layers=layers)
-    params = _fit(model, imaging.as_float(train_set["x"]), train_set["y"], steps=steps,
+    params = _fit(model, imaging.as_float(train_set["x"]), train_set["cond"]["label"], steps=steps,
                   batch_size=batch_size, lr=lr, max_shift=max_shift, log=log)
     info = {
         "format": FORMAT_VERSION,
@@ -234,8 +234,8 @@ def train(data_cfg: Any, *, steps: int | None = None, batch_size: int = DEFAULT_
     clf = Classifier(params, info)
     clf.info.update(
         test_split=str(data_cfg.eval_split), test_examples=int(len(test_set["x"])),
-        test_accuracy=clf.accuracy(test_set["x"], test_set["y"]),
-        train_accuracy=clf.accuracy(train_set["x"], train_set["y"]),
+        test_accuracy=clf.accuracy(test_set["x"], test_set["cond"]["label"]),
+        train_accuracy=clf.accuracy(train_set["x"], train_set["cond"]["label"]),
         train_seconds=round(time.time() - started, 1),
     )
     return clf

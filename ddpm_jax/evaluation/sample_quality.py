@@ -229,7 +229,7 @@ def evaluate_samples(clf: Any, data_cfg: Any, samples: Any, labels: Any = None) 
     if labels is not None:
         k = generated.logits.shape[1]
         out["conditional"] = {"generated": label_accuracy(generated.logits, labels, k),
-                              "real": label_accuracy(held.logits, held_out["y"], k)}
+                              "real": label_accuracy(held.logits, held_out["cond"]["label"], k)}
     return out
 
 

@@ -26,7 +26,9 @@ GATE_INITS = {"uniform": nn.initializers.uniform(1.0), "ones": nn.initializers.o
 
 
 class GatedMLP(nn.Module):
-    """`apply({"params": p}, x [B, D], t [B] int or scalar, train=False)` -> [B, out_dim]."""
+    """`apply({"params": p}, x [B, D], t [B] int or scalar, cond=None, train=False)` -> [B, out_dim].
+
+    Unconditional: `cond` must be None or {} (the signature matches the UNet's)."""
 
     num_timesteps: int = 100
     hidden: int = 128
@@ -37,8 +39,11 @@ class GatedMLP(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, cond: dict | None = None, train: bool = False) -> jnp.ndarray:
         del train  # No dropout: the signature matches the UNet so trainers treat both alike.
+        if cond:
+            raise ValueError(f"GatedMLP is unconditional, got cond entries {sorted(cond)}; "
+                             "set model.num_classes=0 and data.captions=False.")
         if self.gate_init not in GATE_INITS:
             raise ValueError(f"GatedMLP gate_init={self.gate_init!r} is unknown; "
                              f"use one of {sorted(GATE_INITS)}.")

@@ -43,6 +43,9 @@ from ddpm_jax.models.layers import (ATTENTION_IMPLS, NUM_GROUPS, AttnBlock, Clas
 from ddpm_jax.models.text import NULL_ID, TextEncoder
 
 Dtype = Any
+# The condition entries the network reads: a class index, caption tokens, or a precomputed
+# cross-attention context with its mask.
+COND_KEYS = ("label", "tokens", "context", "context_mask")
 
 
 def _resnet_cls(remat: bool) -> type[nn.Module]:
@@ -157,11 +160,13 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM U-Net: `apply({"params": p}, x [B,H,W,C], t [B] or scalar, y=None, train=False)` -> [B,H,W,out_ch].
+    """The DDPM U-Net: `apply({"params": p}, x [B,H,W,C], t [B] or scalar, cond=None, train=False)` -> [B,H,W,out_ch].
 
-    `num_classes > 0` makes it class-conditional: `y` int [B] (or a scalar) in 0..num_classes,
-    where `y = num_classes` is the null (unconditional) class; `y=None` means the null class.
-    With `num_classes = 0` (the default), `y` must be None.
+    `cond` is the condition pytree (a dict, `conditioning.py`; None or {}: unconditional) and the
+    network decides what each entry means (`COND_KEYS`). `num_classes > 0` makes it
+    class-conditional: `cond["label"]` int [B] (or a scalar) in 0..num_classes, where
+    `num_classes` is the null (unconditional) class, as is a missing label. With
+    `num_classes = 0` (the default) a label is an error.
 
     `dtype` is the compute dtype (float32 or bfloat16); parameters are `param_dtype`. GroupNorm
     statistics, the attention softmax, the output norm/conv and the returned array are float32.
@@ -173,9 +178,10 @@ class UNet(nn.Module):
     Context conditioning (see the module docstring): `context_dim > 0` adds SpatialTransformers
     (`transformer_heads` heads, `transformer_depth` blocks each) at `transformer_resolutions` and in
     the middle block. `vocab_size > 0` adds the jointly trained `text_encoder` (`text_layers`
-    blocks of `text_heads` heads, position table of `context_length`): call with `tokens` int32
-    [B, L <= context_length] (`text.Tokenizer.encode`). Otherwise `context` [B, L, context_dim]
-    with an optional bool `context_mask` [B, L]. Neither: the fully masked (null) context.
+    blocks of `text_heads` heads, position table of `context_length`): `cond["tokens"]` int32
+    [B, L <= context_length] (`text.Tokenizer.encode`). Otherwise `cond["context"]` [B, L,
+    context_dim] with an optional bool `cond["context_mask"]` [B, L]. Neither: the fully masked
+    (null) context.
     """
 
     ch: int = 128
@@ -257,11 +263,16 @@ class UNet(nn.Module):
         return context, context_mask
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray | None = None,
-                 train: bool = False, tokens: jnp.ndarray | None = None, context: jnp.ndarray | None = None,
-                 context_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, cond: dict | None = None,
+                 train: bool = False) -> jnp.ndarray:
         dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
         self._check(x, dtype)
+        cond = {} if cond is None else dict(cond)
+        unknown = sorted(set(cond) - set(COND_KEYS))
+        if unknown:
+            raise ValueError(f"cond[{unknown[0]!r}] is not read by the UNet; its entries are {COND_KEYS}.")
+        y, tokens = cond.get("label"), cond.get("tokens")
+        context, context_mask = cond.get("context"), cond.get("context_mask")
         batch = x.shape[0]
         t = jnp.asarray(t)
         if t.ndim == 0:
@@ -276,8 +287,8 @@ class UNet(nn.Module):
         if self.num_classes:
             temb = temb + ClassEmbedding(self.num_classes, 4 * self.ch, name="class_embedding", **kw)(y, batch)
         elif y is not None:
-            raise ValueError("labels y were given to an unconditional UNet (num_classes=0); "
-                             "set model.num_classes > 0 or pass y=None.")
+            raise ValueError("cond['label'] was given to an unconditional UNet (num_classes=0); "
+                             "set model.num_classes > 0 or leave the label out.")
         ctx = self._context(tokens, context, context_mask, batch, dtype, param_dtype)
         if self.context_dim:
             blk.update(transformer_heads=self.transformer_heads, transformer_depth=self.transformer_depth,

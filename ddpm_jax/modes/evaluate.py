@@ -87,11 +87,7 @@ def _generate(config: ml_collections.ConfigDict, loaded: setup.LoadedRun, step_d
     ev, shape, seed = config.eval, loaded.sample_shape, int(config.sampling.seed)  # decoded, on latents
     out_dir = os.path.join(step_dir, "samples")
     meta = dict(step=loaded.step, sampling_seed=seed, shape=list(shape), chunk_size=int(ev.chunk_size),
-                sampler=_sampler_record(config))
-    if setup.num_classes(config):  # which class each image was asked for
-        meta["labels"] = setup.sampler_labels(config)
-    if setup.text_conditioned(config):  # which captions (the spec names them, with the data)
-        meta["captions"] = str(config.sampling.get("captions", "")).strip()
+                sampler=_sampler_record(config), **setup.sampled_meta(config))
     chunked_generation.check_samples_meta(out_dir, meta)
     local_mesh = parallel.make_mesh(jax.local_devices())  # each process samples its own chunks
     gen = chunked_generation.generate_samples(

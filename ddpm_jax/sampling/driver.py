@@ -59,11 +59,11 @@ class SampleOutput(NamedTuple):
 def sample(apply_fn: Callable, params, process: GaussianDiffusion, *, shape: tuple, indices: jnp.ndarray,
            seed, method: str = "ddpm", num_steps: int | None = None, eta: float | None = None,
            spacing: str | None = None, x_start=None, start_step: int | None = None,
-           trajectory_every: int = 0, labels: jnp.ndarray | None = None, guidance_scale: float = 0.0,
-           null_label: int | tuple[int, ...] | None = None) -> SampleOutput:
+           trajectory_every: int = 0, cond: dict | None = None, guidance_scale: float = 0.0,
+           null_cond: dict | None = None) -> SampleOutput:
     """Draws len(indices) samples with one `lax.scan` over the reverse steps of `method`.
 
-    apply_fn(params, x_t, t) → model output, t an int32 [B]. `shape` is ONE example's shape,
+    apply_fn(params, x_t, t, cond) → model output, t an int32 [B]. `shape` is ONE example's shape,
     (H, W, C) or (2,). Image i's noise depends only on (seed, indices[i]): x_T from
     fold_in(key_i, T), the noise of the step at timestep t from fold_in(key_i, t).
     method: a `registry.METHODS` entry, with `num_steps`, `spacing` and `eta` (None: the
@@ -72,11 +72,12 @@ def sample(apply_fn: Callable, params, process: GaussianDiffusion, *, shape: tup
     plan over the k timesteps left runs; k = 0 returns x_start. x_start without start_step is x_T.
     trajectory_every=n > 0 keeps x and x̂_0 after every n-th step (an outer scan over chunks of
     n steps, so only those frames are stored).
-    labels int [B] (aligned with indices) conditions a class-conditional network, called as
-    apply_fn(params, x_t, t, labels), or int [B, L] a text-conditional one (caption tokens);
-    guidance_scale w > 0 is classifier-free guidance (1 + w) ε(x, c) − w ε(x, ∅) with ∅ =
-    null_label (the null class, or the null caption's row [L]), both in one batched call (`guidance.py`).
-    Every argument but params, process, indices, x_start, labels (and seed) must be static under jit.
+    cond (a pytree of rows aligned with indices, `conditioning.py`; None: unconditional) conditions
+    the network, called as apply_fn(params, x_t, t, cond); guidance_scale w > 0 is classifier-free
+    guidance (1 + w) ε(x, c) − w ε(x, ∅) with ∅ = null_cond (aligned with cond), both in one
+    batched call (`guidance.py`).
+    Every argument but params, process, indices, x_start, cond, null_cond (and seed) must be static
+    under jit.
     """
     T = process.num_timesteps
     entry, num_steps, spacing, eta = registry.resolve(method, T, num_steps, spacing, eta)
@@ -87,12 +88,13 @@ def sample(apply_fn: Callable, params, process: GaussianDiffusion, *, shape: tup
     k = _start(x_start, start_step, T, (B,) + shape)
     if trajectory_every < 0:
         raise ValueError(f"trajectory_every={trajectory_every} must be >= 0 (0 keeps no trajectory).")
-    if labels is not None and (jnp.ndim(labels) not in (1, 2) or jnp.shape(labels)[0] != B):
-        raise ValueError(f"labels must be an int array [len(indices)] = [{B}] (or caption tokens [{B}, L]), "
-                         f"got shape {jnp.shape(labels)}.")
-    # The network as model_fn(x_t, t), labels and guidance applied: every method's steps call this.
-    guided = guidance.model_fn(apply_fn, params, labels=labels, guidance_scale=guidance_scale,
-                               null_label=null_label, process=process)
+    for name, tree in (("cond", cond), ("null_cond", null_cond)):
+        bad = [jnp.shape(rows) for rows in jax.tree.leaves(tree) if jnp.shape(rows)[:1] != (B,)]
+        if bad:
+            raise ValueError(f"{name} must hold rows aligned with indices, [{B}, ...] each, got shape {bad[0]}.")
+    # The network as model_fn(x_t, t), condition and guidance applied: every method's steps call this.
+    guided = guidance.model_fn(apply_fn, params, cond=cond, guidance_scale=guidance_scale,
+                               null_cond=null_cond, process=process)
     keys = image_keys(seed, indices)
     x = image_noise(keys, T, shape) if x_start is None else jnp.asarray(x_start, jnp.float32)
     if k == 0:  # nothing to denoise: x_start is returned
