@@ -28,14 +28,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpointing, data, parallel, sampler, schedules, solvers, timestep_sampler
+from ddpm_jax import checkpointing, data, parallel, rng, sampler, schedules, solvers, timestep_sampler
 from ddpm_jax.data import captions, latents
 from ddpm_jax.models import build_model, text
 from ddpm_jax.run_meta import RunMeta, model_spec, schedule_spec
 from ddpm_jax.train_state import TrainState, create_optimizer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_INIT_STREAM = 0x1417  # the init key: disjoint from the per-step keys' base
 
 
 # ---- model and schedule -------------------------------------------------------------------------
@@ -93,7 +92,7 @@ def _init_fn(model: nn.Module, shape: tuple, key: jax.Array) -> Callable[[], Any
 
 def init_params(model: nn.Module, shape: tuple, seed: int, mesh: Mesh) -> Any:
     """Initial params, replicated on the mesh (every process computes the same values)."""
-    key = jax.random.fold_in(jax.random.key(seed), _INIT_STREAM)
+    key = jax.random.fold_in(jax.random.key(seed), rng.INIT)
     return jax.jit(_init_fn(model, shape, key), out_shardings=parallel.replicated(mesh))()
 
 

@@ -26,15 +26,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax import (checks, data, diffusion, guidance, imaging, loop, metrics, parallel, sampler, schedules, setup,
-                      timestep_sampler)
+from ddpm_jax import (checks, data, diffusion, guidance, imaging, loop, metrics, parallel, rng, sampler, schedules,
+                      setup, timestep_sampler)
 from ddpm_jax.data import captions
 from ddpm_jax.evaluation import bpd
 from ddpm_jax.run_meta import RunMeta
 from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
 
 DISPATCH_LOOPS = ("auto", "scan", "unroll")
-_LABEL_STREAM = 0x1ABE  # label dropout's key: fold_in(step key, this), the step's other keys unchanged
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -70,7 +69,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         dropout_key, loss_key = jax.random.split(step_key)
         cond = {}
         if null is not None:  # conditional: the batch's labels / captions, some replaced by the null one
-            cond[cond_key] = guidance.drop_labels(batch[cond_key], jax.random.fold_in(step_key, _LABEL_STREAM),
+            cond[cond_key] = guidance.drop_labels(batch[cond_key], jax.random.fold_in(step_key, rng.LABEL_DROPOUT),
                                                   label_dropout, null_label=null)
         # t (uniform, or importance-sampled with weights) and ε: loss_simple's draws from loss_key.
         t_key, noise_key = jax.random.split(loss_key)

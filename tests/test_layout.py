@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ddpm_jax"
 
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = (
-    ("core", ("schedules", "diffusion", "sampling", "solvers", "guidance", "models", "timestep_sampler")),
+    ("core", ("rng", "schedules", "diffusion", "sampling", "solvers", "guidance", "models", "timestep_sampler")),
     ("infrastructure", ("files", "parallel", "imaging", "data", "train_state", "checkpointing", "run_meta",
                         "metrics", "sampler", "preemption", "workdir_lock", "config_loading")),
     ("setup", ("setup",)),

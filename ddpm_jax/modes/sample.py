@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import files, imaging, sampler, sampling, schedules, setup
+from ddpm_jax import files, imaging, rng, sampler, sampling, schedules, setup
 from ddpm_jax.data.sources import load_picture
 from ddpm_jax.evaluation import toy2d
 from ddpm_jax.run_meta import schedule_spec
@@ -213,8 +213,7 @@ def _partial_denoising(config, loaded: setup.LoadedRun, out_dir: str) -> dict[st
     original = load_picture(str(s.init_image), shape[0], shape[2])
     x0 = imaging.from_uint8(original)
     n, every = int(s.num_samples), int(s.trajectory_every)
-    # The noise of x_k, apart from the chain's keys.
-    base = jax.random.fold_in(jax.random.key(int(s.seed)), 0x6E6F)
+    base = jax.random.fold_in(jax.random.key(int(s.seed)), rng.NOISED_START)
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), shape))(jnp.arange(n))
     x_k = np.asarray(sampling.noised_start(sched, jnp.broadcast_to(x0, (n, *shape)), k, noise))
     sampler_fn = setup.make_sampler(loaded, config, start_step=k, trajectory_every=every)
