@@ -1,10 +1,15 @@
-"""Setup: a config becomes the objects a run needs; the one bridge from ml_collections to the core.
+"""Setup: a DDPM config becomes the objects a run needs.
 
-Every mode starts here, and nothing below this module sees a ConfigDict whole:
+The DDPM modes (train, sample, eval, bpd, figures) build what they run here:
 
-    run = setup.create_run(config)            # mesh, example shape, model, schedule, RunMeta
-    loaded = setup.load_run(config, workdir)  # the same, plus the newest valid EMA params
-    sampler = setup.make_sampler(run, config.sampling)   # a latent run's decodes to images
+    run = setup.create_run(config)             # mesh, example shape, model, schedule, RunMeta, codec
+    loaded = setup.load_run(config, workdir)   # the same, plus the newest valid EMA params and their step
+    sample = setup.make_sampler(loaded, config)  # the sharded sampler of config.sampling (decodes latents)
+
+The modules below this one are given sections of the config (`config.data`, `config.optim`) or
+plain values; only `config_loading` (which builds the config), `run_meta` (which records the
+model and schedule it names) and `metrics.write_config` (which saves it) take a whole ConfigDict.
+The autoencoder mode builds its own model.
 
 `load_run` is how every read-only mode (sample, eval, bpd, figures) gets the params of a
 trained or converted run: the checkpoint's `RunMeta` is compared with the config's, and

@@ -32,10 +32,6 @@ IS_LOGITS = "logits"   # the graph's softmax/logits (with the fc bias), as TF-GA
 
 # ---- Inception over images -----------------------------------------------------------------------
 
-def _local_mesh():
-    return parallel.make_mesh(jax.local_devices())
-
-
 _RUNNERS: dict[tuple, Callable] = {}
 
 

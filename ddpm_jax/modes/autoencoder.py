@@ -44,8 +44,7 @@ import numpy as np
 import optax
 
 from ddpm_jax import checks, data, files, imaging, loop, metrics, parallel, rng
-# load_autoencoder lives below the modes (data/latents.py); named here too for callers of part 1.
-from ddpm_jax.data.latents import INFO_FILE, MODEL_NAME, check_autoencoder_meta, load_autoencoder  # noqa: F401
+from ddpm_jax.data.latents import INFO_FILE, MODEL_NAME, check_autoencoder_meta
 from ddpm_jax.evaluation import classifier, sample_quality
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.modes import require_images, say
