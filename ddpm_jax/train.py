@@ -129,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """
     parallel.initialize(config.get("distributed"))
     mesh = parallel.make_mesh()
-    checks.validate_config(config, mesh)
+    checks.check_config(config, "train", mesh)
     if setup.text_conditioned(config):  # a workdir of another caption vocabulary: refused before any write
         captions.check_saved_tokenizer(workdir, captions.tokenizer_for(config.data))
     run = setup.create_run(config, mesh)  # warns if abar_T > 1e-2

@@ -82,7 +82,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"autoencoder.{name}={ae[name]} must be >= 0.")
     if float(ae.ema_decay) >= 1:
         raise ValueError(f"autoencoder.ema_decay={ae.ema_decay} must be < 1 (0 = no EMA, as LDM).")
-    checks.check_loop(ae, "autoencoder")
+    checks.check_config(config, "train_autoencoder")
     for name in ("eval_batch_size", "layers_per_block", "latent_channels", "norm_num_groups"):
         if int(ae[name]) < 1:
             raise ValueError(f"autoencoder.{name}={ae[name]} must be >= 1.")

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import data, files, imaging, rng, sampling, setup
+from ddpm_jax import checks, data, files, imaging, rng, sampling, setup
 from ddpm_jax.evaluation import bpd
 from ddpm_jax.modes import require_images, say
 
@@ -139,6 +139,7 @@ def _scale(shape: tuple) -> int:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Writes the figure of ``figures.kind``; returns {"png": path, ...}."""
+    checks.check_config(config, "figures")
     kind = str(config.figures.kind)
     if kind not in KINDS:
         raise ValueError(f"figures.kind={kind!r} is unknown; use one of {', '.join(KINDS)}.")
