@@ -93,7 +93,7 @@ def model_fn(apply_fn: Callable, params, *, labels=None, guidance_scale=0.0,
              null_label=None, var_type: str = "fixedlarge") -> Callable:
     """The network as `fn(x_t, t) -> output`, conditioned on `labels` and guided with w = guidance_scale.
 
-    apply_fn(params, x, t) (labels None: the unconditional network, called as before) or
+    apply_fn(params, x, t) (labels None: the unconditional network, called with x and t alone) or
     apply_fn(params, x, t, y) with y int32 [B] (classes) or [B, L] (caption tokens; `null_label`
     is then the null caption's row [L]). With w = 0 (a Python number) one plain
     conditional call is made. With w ≠ 0 (or a traced w) the batch is doubled: labels

@@ -33,7 +33,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpointing, data, parallel, rng, sampler, schedules, solvers, timestep_sampler
+from ddpm_jax import (checkpoint_recovery, checkpointing, data, parallel, rng, sampler, schedules, solvers,
+                      timestep_sampler)
 from ddpm_jax.data import captions, latents
 from ddpm_jax.models import build_model, text
 from ddpm_jax.run_meta import RunMeta, model_spec, schedule_spec
@@ -214,8 +215,8 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None 
     template = abstract_params(run.model, run.shape, run.mesh)
     check = lambda stored: run.meta.check_matches(RunMeta.from_dict(stored, str(workdir)), str(workdir))  # noqa: E731
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
-        step, params = ckpt.restore_newest_valid_ema(
-            template, check_meta=check, step=int(config.get("checkpoint_step", checkpointing.NEWEST)))
+        step, params = checkpoint_recovery.newest_valid_ema(
+            ckpt, template, check_meta=check, step=int(config.get("checkpoint_step", checkpoint_recovery.NEWEST)))
     return LoadedRun(**{f.name: getattr(run, f.name) for f in dataclasses.fields(Run)},
                      params=params, step=int(step))
 
@@ -270,7 +271,7 @@ def null_condition(config: ml_collections.ConfigDict) -> int | tuple[int, ...] |
 
 def guidance_options(config: ml_collections.ConfigDict) -> dict:
     """`sampling.sample`'s guidance_scale and null_label for a conditional model; {} otherwise
-    (so an unconditional run's options, and the eval meta that stores them, stay as before)."""
+    (so an unconditional run's options, and the eval meta that stores them, hold no guidance fields)."""
     if null_condition(config) is None:
         return {}
     return dict(guidance_scale=float(config.sampling.get("guidance_scale", 0.0)), null_label=null_condition(config))

@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ddpm_jax"
 LAYERS = (
     ("core", ("rng", "schedules", "diffusion", "sampling", "solvers", "guidance", "models", "timestep_sampler")),
     ("infrastructure", ("files", "parallel", "imaging", "data", "train_state", "checkpointing", "run_meta",
-                        "metrics", "sampler", "preemption", "workdir_lock", "config_loading")),
+                        "metrics", "sampler", "preemption", "workdir_lock", "config_loading", "checkpoint_recovery")),
     ("setup", ("setup",)),
     ("library", ("checks", "evaluation", "loop")),
     ("modes", ("train", "modes", "convert")),
