@@ -15,17 +15,20 @@ what it is for, not on the order in which a run happened to draw it:
   `AUTOENCODER_SCALE`), the noise of an `init_image`'s x_k (`NOISED_START`, then per image i)
   and Fig. 8's x_t (`FIGURE_MIX`).
 
-Why the streams are disjoint. Two draws share a key only if the same value is folded into the same
+Where streams could meet. Two draws share a key only if the same value is folded into the same
 parent key. The constants are pairwise distinct. `LABEL_DROPOUT` is the only value folded into a
 step key. `BPD` and `ODE` are folded into per-image keys next to the timesteps t ≤ T, and they are
 larger than any T a config uses. Into `key(seed)` itself go the step numbers, the image indices and
 the one-off streams: `FIGURE_MIX` is larger than any step count or sample count a config uses, but
-`INIT`, `AUTOENCODER_INIT`, `AUTOENCODER_SCALE` and `NOISED_START` are not (0x1417 = 5143 is also
-train step 5143's key when the training seed equals it, and image 5143's sampler key when the
-sampling seed does). Those parents agree, but what is drawn from them does not: the init key is
-consumed through `model.init`'s per-module folding, a step key through `split`, an image key
-through another `fold_in` with t. Their values stay as they are because the released runs and
-their recorded numbers depend on them. `tests/test_rng.py` checks the distinctness and these bounds against every config.
+`INIT`, `AUTOENCODER_INIT`, `AUTOENCODER_SCALE` and `NOISED_START` are not. So under one seed the
+init key (0x1417 = 5143) is also train step 5143's key, yet what is drawn differs: `model.init`
+folds the module paths into it, the step splits it. The autoencoder's init and scale keys are its
+steps 44545 and 44546's in the same way (init vs. a posterior sample of the key itself, and the
+scale estimate folds in the batch index). `NOISED_START`'s image i noise does equal the noise of
+sampler image 28271 at timestep t = i: the two meet only across runs (partial denoising of a few
+images vs. a sampling run of over 28,271 images with the same seed). The values stay as they are
+because the released runs and their recorded numbers depend on them. `tests/test_rng.py` checks the
+distinctness and these bounds against every config.
 """
 
 from __future__ import annotations
