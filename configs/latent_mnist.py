@@ -17,7 +17,7 @@ Model: a small U-Net for 7x7: one level (ch_mult (1,): 7 is odd, so the stride-2
 of a second level cannot be undone by the x2 upsampling; checks.py refuses (1, 2) on 7x7 latents),
 ch 64, two res blocks, self-attention at 7x7 and in the middle block. Everything else
 (schedule, optimiser, batch, steps, eval) is configs/mnist.py's, so the pixel and the latent
-DDPM can be compared at matched settings (issue 17, part 4).
+DDPM can be compared at matched settings (the same training wall-clock budget).
 Measured (docs/latent.md, "Pixel vs latent DDPM"; the idle 2-core CPU): 8.3 steps/s (configs/mnist.py:
 2.1). Given the pixel model's 1,510 s of training (its 3,200 steps), this model ran 12,486 steps
 (--config.training.num_steps=1000000 and a SIGTERM at the budget); 500 decoded samples, DDPM (200 steps):

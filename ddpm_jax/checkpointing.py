@@ -1,4 +1,4 @@
-"""Checkpoints: the only module that talks to Orbax.
+"""Checkpoints: the only module that talks to Orbax (`checkpoint_recovery` picks among them).
 
 Layout (one Orbax `CheckpointManager` under `<workdir>/checkpoints`):
 
@@ -20,8 +20,8 @@ What can go wrong, and what happens:
 * NaN/Inf in the state: `save` refuses (`NonFiniteCheckpointError`), nothing is written.
 * A damaged checkpoint (a truncated, missing or altered file): every array item's
   checksum (a sum of its bit patterns, exact and independent of the sharding) is
-  checked on restore; `restore_newest_valid` then falls back to the newest good
-  checkpoint and moves the damaged ones to `<workdir>/corrupt_checkpoints/`.
+  checked on restore (`CorruptCheckpointError`); `checkpoint_recovery` then falls back to the
+  newest good checkpoint (training moves the damaged ones to `<workdir>/corrupt_checkpoints/`).
 * Disk full: `DiskFullError`, naming the newest complete checkpoint (still intact).
 """
 
@@ -32,8 +32,7 @@ import dataclasses
 import errno
 import json
 import os
-import time
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -44,7 +43,6 @@ from etils import epath
 from ddpm_jax import parallel
 
 CHECKPOINT_DIR = "checkpoints"
-CORRUPT_DIR = "corrupt_checkpoints"
 NEWEST = -1  # `checkpoint_step` meaning the newest checkpoint that reads back intact
 TRAIN, EMA, DATA, META, INFO = "train", "ema_params", "data", "meta", "info"
 _ARRAY_ITEMS = (TRAIN, EMA)
@@ -72,7 +70,7 @@ class Restored(NamedTuple):
     extra: dict  # loop counters saved with it (`save(..., extra=)`)
 
 
-def _join(workdir: str, name: str) -> str:
+def workdir_path(workdir: str, name: str) -> str:
     """`workdir/name`, made absolute for local paths (Orbax wants absolute ones); gs:// kept."""
     path = os.path.join(str(workdir), name)
     return path if "://" in path else os.path.abspath(path)
@@ -126,15 +124,6 @@ def _gather_process_states(data_state: dict | None) -> list:
     ]
 
 
-def _all_processes(ok: bool) -> bool:
-    """True only if `ok` on every process (so all take the same branch)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
-
-
 # ---- integrity: finiteness and checksums ------------------------------------------------------
 
 
@@ -171,7 +160,8 @@ def _parts(state: Any) -> dict:
     return {**_state_fields(state), EMA: state.ema_params}
 
 
-def _first_line(err: BaseException, limit: int = 240) -> str:
+def first_line(err: BaseException, limit: int = 240) -> str:
+    """`err` as one line of at most `limit` characters (its type's name if it has no text)."""
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -198,7 +188,7 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, keep_every: int = 0, async_save: bool = True,
                  cleanup_tmp: bool = False):
         self.workdir = str(workdir)
-        self.directory = _join(workdir, CHECKPOINT_DIR)
+        self.directory = workdir_path(workdir, CHECKPOINT_DIR)
         policies = [ocp.checkpoint_managers.LatestN(n=max(int(keep), 1))]
         if keep_every and int(keep_every) > 0:
             policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=int(keep_every)))
@@ -243,6 +233,10 @@ class Checkpointer:
             return None
         restored = self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
         return dict(restored[item])
+
+    def reload(self) -> None:
+        """Lists the steps on disk afresh (after checkpoints were moved away)."""
+        self._manager.reload()
 
     def read_meta(self, step: int | None = None) -> dict | None:
         """The JSON meta (model, data shape, schedule) of a checkpoint, or None."""
@@ -298,7 +292,7 @@ class Checkpointer:
             step, self._writing = self._writing, None
             raise DiskFullError(
                 f"disk full while writing checkpoint step {step} under {self.directory} "
-                f"({_first_line(err, 120)}); {self._newest_other(step)}: free space (or lower "
+                f"({first_line(err, 120)}); {self._newest_other(step)}: free space (or lower "
                 "training.keep_checkpoints, or move --workdir to a larger disk), then rerun the same "
                 "command to resume from it."
             ) from err
@@ -366,111 +360,6 @@ class Checkpointer:
         """
         restored = self.restore_train(state_template, step)
         return restored.state, restored.data_state
-
-    def restore_newest_valid(self, state_template: Any,
-                             check_meta: Callable[[dict | None], None] | None = None) -> Restored | None:
-        """The newest checkpoint that reads back intact (None if the workdir has none).
-
-        `check_meta(meta)` may refuse a checkpoint of another model (its error propagates).
-        A checkpoint that cannot be read, or whose checksums differ, is skipped with a
-        warning and moved to `<workdir>/corrupt_checkpoints/` (so that the run can write
-        that step again); if none is readable, CorruptCheckpointError lists why and
-        nothing is moved.
-        """
-        problems: list[tuple[int, str]] = []
-        for step in reversed(self.all_steps()):
-            try:
-                meta = self.read_meta(step)
-            except Exception as err:  # noqa: BLE001 - any read failure means a damaged checkpoint
-                problems.append((step, _first_line(err)))
-                continue
-            if check_meta is not None:
-                check_meta(meta)
-            restored, error = None, None
-            try:
-                restored = self.restore_train(state_template, step)
-            except FileNotFoundError as err:
-                if "only EMA params" in str(err):
-                    raise
-                error = err
-            except Exception as err:  # noqa: BLE001
-                error = err
-            if not _all_processes(error is None):
-                problems.append((step, _first_line(error) if error else "unreadable on another process"))
-                continue
-            for bad_step, why in problems:
-                moved = self._quarantine(bad_step)
-                logging.warning("checkpoint %d is unreadable (%s); moved it to %s and resumed from step %d.",
-                                bad_step, why, moved, step)
-            if problems:
-                self._manager.reload()
-            return restored
-        if problems:
-            listing = "; ".join(f"step {s}: {why}" for s, why in problems)
-            raise CorruptCheckpointError(
-                f"no readable checkpoint under {self.directory} ({listing}); move that directory "
-                "aside to start afresh (or restore it from a backup)."
-            )
-        return None
-
-    def _quarantine(self, step: int) -> str:
-        """Moves checkpoint `step` to `<workdir>/corrupt_checkpoints/<step>[-<time>]`."""
-        target_dir = epath.Path(_join(self.workdir, CORRUPT_DIR))
-        target = target_dir / str(step)
-        if target.exists():
-            target = target_dir / f"{step}-{int(time.time())}"
-        if jax.process_index() == 0:
-            target_dir.mkdir(parents=True, exist_ok=True)
-            (epath.Path(self.directory) / str(step)).rename(target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"ddpm_jax_quarantine_{step}")
-        return str(target)
-
-    def restore_newest_valid_ema(self, params_template: Any,
-                                 check_meta: Callable[[dict | None], None] | None = None,
-                                 step: int = NEWEST) -> tuple[int, Any]:
-        """(step, EMA params) of the newest checkpoint whose params read back intact, or of `step`.
-
-        The rule of the read-only modes (sample, eval, bpd): a damaged checkpoint is skipped
-        with a warning naming it and the step used instead, and left where it is (a training
-        run may be writing this workdir; only training quarantines). `check_meta(meta)` may
-        refuse a checkpoint of another model (its error propagates). FileNotFoundError if the
-        workdir has no checkpoint; CorruptCheckpointError if none reads back. A chosen `step`
-        (`checkpoint_step`, for comparing two points of one run) is the only one tried:
-        ValueError naming the steps there are if the workdir does not hold it.
-        """
-        steps = self.all_steps()
-        if not steps:
-            raise FileNotFoundError(
-                f"no checkpoint in {self.directory}; train first (--mode=train) or convert a "
-                "released checkpoint (python -m ddpm_jax.convert) into this workdir.")
-        if int(step) != NEWEST:
-            if int(step) not in steps:
-                raise ValueError(f"checkpoint_step={step}: {self.directory} holds steps "
-                                 f"{', '.join(map(str, steps))}; choose one of them ({NEWEST}: the newest).")
-            steps = [int(step)]
-        problems: list[tuple[int, str]] = []
-        for step in reversed(steps):
-            try:
-                meta = self.read_meta(step)
-            except Exception as err:  # noqa: BLE001 - any read failure means a damaged checkpoint
-                problems.append((step, _first_line(err)))
-                continue
-            if meta is not None and check_meta is not None:
-                check_meta(meta)
-            try:
-                params = self.restore_ema_params(params_template, step)
-            except Exception as err:  # noqa: BLE001
-                problems.append((step, _first_line(err)))
-                continue
-            for bad_step, why in problems:
-                logging.warning("checkpoint %d is unreadable (%s); skipped it and used step %d.",
-                                bad_step, why, step)
-            return step, params
-        listing = "; ".join(f"step {s}: {why}" for s, why in problems)
-        raise CorruptCheckpointError(f"no readable checkpoint under {self.directory} ({listing}).")
 
     def restore_ema_params(self, params_template: Any, step: int | None = None) -> Any:
         """Restores only the EMA params (for sampling / evaluation) onto the template's shardings."""

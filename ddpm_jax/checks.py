@@ -2,7 +2,7 @@
 
 Each failure is one line naming the field and the fix (a `ValueError`), raised
 before any file is written or anything is compiled. One entry point per mode,
-`check_config(config, mode, mesh)`, runs the checks of each concern that mode uses:
+`check_config(config, mode, mesh)`, called first by every mode, runs the checks that mode uses:
 
     train      validate_config: the training loop, the schedule, the sampler of the grids
     sample     the schedule, the sampler, the partial-denoising picture
@@ -10,6 +10,7 @@ before any file is written or anything is compiled. One entry point per mode,
     bpd        the schedule, the bits/dim sizes
     fid_stats  eval's files (no model is involved)
     figures    the schedule, the figure's sizes
+    train_autoencoder  the autoencoder's loop settings
 
 Call it after `parallel.initialize` (the schedule tables are built with jax.numpy).
 """
@@ -26,12 +27,13 @@ import numpy as np
 from PIL import Image
 
 from ddpm_jax import data, diffusion, parallel, sampling, schedules, setup, timestep_sampler
+from ddpm_jax.config_loading import MODES
 from ddpm_jax.data import captions
 from ddpm_jax.data.sources import SKIMAGE_PICTURES
 from ddpm_jax.evaluation import fid, inception
+from ddpm_jax.models import unet
 
 NONFINITE_POLICIES = ("error", "skip")
-MODES = ("train", "sample", "eval", "bpd", "fid_stats", "figures")
 EVAL_METRICS = ("inception", "classifier")  # eval.metric
 # The β fields each schedule reads (cosine and jsd have neither), with the paper's values.
 _BETA_FIELDS = {"linear": ("beta_start", "beta_end"), "quadratic": ("beta_start", "beta_end"),
@@ -49,9 +51,8 @@ def check_config(config: ml_collections.ConfigDict, mode: str, mesh=None) -> Non
     """Every check of `mode` that can run before work (see the module docstring); `mesh` for train."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}.")
-    if mode == "train":
-        validate_config(config, mesh)
-        return
+    if mode in ("train", "train_autoencoder"):  # the autoencoder's other fields: modes/autoencoder.check_config
+        return validate_config(config, mesh) if mode == "train" else check_loop(config.autoencoder, "autoencoder")
     check_latent_mode(config, mode)
     if mode != "fid_stats":
         check_schedule(config.diffusion)
@@ -134,7 +135,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
                          f"{config.data.source!r}; use --config.model.name=unet.")
     if str(config.model.name) == "unet":
         levels, size = len(config.model.ch_mult), int(data.example_shape(config.data)[0])
-        factor = 2 ** (levels - 1)
+        factor = unet.size_multiple(config.model.ch_mult)
         if size % factor and data.latents_from(config.data):  # the network sees the latents
             raise ValueError(
                 f"the {size}x{size} latents of data.latents_from={config.data.latents_from!r} cannot go "

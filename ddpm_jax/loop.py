@@ -6,7 +6,7 @@ init, the meta its checkpoints carry and optional hooks. The loop owns the rest,
 every trainer:
 
 * Restore or init: the newest checkpoint that reads back intact and whose meta the trainer
-  accepts (`checkpointing.restore_newest_valid`; damaged ones are quarantined), with its
+  accepts (`checkpoint_recovery.newest_valid`; damaged ones are quarantined), with its
   data-iterator state and unlogged metrics; else the trainer's init.
 * Exact resume: a run killed at any moment and restarted with the same command ends with
   bitwise the same state as an uninterrupted one. The step's keys are the trainer's
@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpointing, checks, data, files, metrics, parallel, preemption, workdir_lock
+from ddpm_jax import (checkpoint_recovery, checkpointing, checks, data, files, metrics, parallel, preemption,
+                      workdir_lock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +180,8 @@ class _Loop:
             raise
 
     def _restore_or_init(self) -> tuple[Any, metrics.MetricBuffer]:
-        restored = self.ckpt.restore_newest_valid(self.trainer.template, check_meta=self.trainer.check_meta)
+        restored = checkpoint_recovery.newest_valid(self.ckpt, self.trainer.template,
+                                                    check_meta=self.trainer.check_meta)
         s = self.s
         fix = (f"lower {self.trainer.lr_field}, check the data, or set --config.{s.section}.nonfinite=skip "
                "to skip such updates")

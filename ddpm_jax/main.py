@@ -3,8 +3,9 @@
 Any config field can be overridden: `--config.training.batch_size=64`. The resolved
 config is written to the workdir: `config.json` by training once its checks pass
 (a refused run leaves the old one), `config_<mode>.json` after another mode succeeds.
-The modes are listed in `ddpm_jax/modes/__init__.py`; this module parses the command line,
-picks the mode and turns the errors a user can fix into one line.
+The modes are `config_loading.MODES` (what each runs: `ddpm_jax/modes/__init__.py`); this module
+parses the command line, runs the mode's function (which checks the config first, with
+`checks.check_config`) and turns the errors a user can fix into one line.
 
 A bad override (unknown key, wrong type) or bad input (a full disk, an unwritable
 workdir, ...) stops with one line naming the problem and a non-zero exit status
@@ -26,13 +27,12 @@ from ddpm_jax import config_loading
 
 config_loading.ensure_configs_importable()
 
-MODES = ("train", "sample", "eval", "fid_stats", "bpd", "figures", "train_autoencoder")
 _USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
                 errno.EISDIR)
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/digits.py.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples (resumes from it).")
-flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+flags.DEFINE_enum("mode", "train", config_loading.MODES, "What to run.")
 flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
 flags.DEFINE_bool("print_config", False, "Print every config field with its value and comment, then exit.")
 FLAGS = flags.FLAGS
@@ -98,12 +98,10 @@ def _quiet_library_info() -> None:
 
 
 def run_mode(config, workdir: str, mode: str):
-    """Checks the config for `mode`, then runs it (imported only now: `--help` needs no JAX)."""
-    from ddpm_jax import checks, train
+    """Runs `mode`'s function `(config, workdir)`, which starts with `checks.check_config(config, mode)`
+    (the modes are imported only now: `--help` needs no JAX)."""
+    from ddpm_jax import train
     from ddpm_jax.modes import autoencoder, bpd, evaluate, figures, sample
-
-    if mode not in ("train", "train_autoencoder"):  # the training loops check their configs themselves
-        checks.check_config(config, mode)
 
     modes = {"train": train.train_and_evaluate, "sample": sample.run, "eval": evaluate.run_eval,
              "fid_stats": evaluate.run_fid_stats, "bpd": bpd.run, "figures": figures.run,

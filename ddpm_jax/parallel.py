@@ -94,11 +94,6 @@ def check_batch_size(global_batch: int, mesh: Mesh, what: str = "training.batch_
         )
 
 
-def per_host_batch_size(global_batch: int) -> int:
-    """Examples each process loads: global batch / process count."""
-    return global_batch // jax.process_count()
-
-
 def host_to_global(batch: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
     """Assembles host-local numpy arrays into global arrays sharded along `batch_axis`.
 

@@ -112,11 +112,7 @@ class PreemptionWatcher:
             return INTERRUPT_REASON
         if self._signal is not None:
             return signal.Signals(self._signal).name
-        return "preemption notice" if self._multihost else "request"
-
-    def request(self) -> None:
-        """Asks the loop to checkpoint and stop, as a signal would (single process)."""
-        self._event.set()
+        return "preemption notice"
 
     def reached(self, prev_step: int, step: int) -> bool:
         """True if the loop should checkpoint `step` and stop (the same answer on every host)."""

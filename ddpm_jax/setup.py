@@ -1,10 +1,15 @@
-"""Setup: a config becomes the objects a run needs; the one bridge from ml_collections to the core.
+"""Setup: a DDPM config becomes the objects a run needs.
 
-Every mode starts here, and nothing below this module sees a ConfigDict whole:
+The DDPM modes (train, sample, eval, bpd, figures) build what they run here:
 
-    run = setup.create_run(config)            # mesh, example shape, model, process, RunMeta
-    loaded = setup.load_run(config, workdir)  # the same, plus the newest valid EMA params
-    sampler = setup.make_sampler(run, config.sampling)   # a latent run's decodes to images
+    run = setup.create_run(config)             # mesh, example shape, model, process, RunMeta, codec
+    loaded = setup.load_run(config, workdir)   # the same, plus the newest valid EMA params and their step
+    sample = setup.make_sampler(loaded, config)  # the sharded sampler of config.sampling (decodes latents)
+
+The modules below this one are given sections of the config (`config.data`, `config.optim`) or
+plain values; only `config_loading` (which builds the config), `run_meta` (which records the
+model and schedule it names) and `metrics.write_config` (which saves it) take a whole ConfigDict.
+The autoencoder mode builds its own model.
 
 `load_run` is how every read-only mode (sample, eval, bpd, figures) gets the params of a
 trained or converted run: the checkpoint's `RunMeta` is compared with the config's, and
@@ -28,14 +33,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpointing, conditioning, data, diffusion, parallel, sampler, sampling, schedules, timestep_sampler
+from ddpm_jax import (checkpoint_recovery, checkpointing, conditioning, data, diffusion, parallel, rng, sampler,
+                      sampling, schedules, timestep_sampler)
 from ddpm_jax.data import captions, latents
 from ddpm_jax.models import build_model, text
 from ddpm_jax.run_meta import RunMeta, model_spec, schedule_spec
 from ddpm_jax.train_state import TrainState, create_optimizer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_INIT_STREAM = 0x1417  # the init key: disjoint from the per-step keys' base
 
 
 # ---- model and schedule -------------------------------------------------------------------------
@@ -114,7 +119,7 @@ def _init_fn(model: nn.Module, shape: tuple, key: jax.Array) -> Callable[[], Any
 
 def init_params(model: nn.Module, shape: tuple, seed: int, mesh: Mesh) -> Any:
     """Initial params, replicated on the mesh (every process computes the same values)."""
-    key = jax.random.fold_in(jax.random.key(seed), _INIT_STREAM)
+    key = jax.random.fold_in(jax.random.key(seed), rng.INIT)
     return jax.jit(_init_fn(model, shape, key), out_shardings=parallel.replicated(mesh))()
 
 
@@ -235,8 +240,8 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None 
     template = abstract_params(run.model, run.shape, run.mesh)
     check = lambda stored: run.meta.check_matches(RunMeta.from_dict(stored, str(workdir)), str(workdir))  # noqa: E731
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
-        step, params = ckpt.restore_newest_valid_ema(
-            template, check_meta=check, step=int(config.get("checkpoint_step", checkpointing.NEWEST)))
+        step, params = checkpoint_recovery.newest_valid_ema(
+            ckpt, template, check_meta=check, step=int(config.get("checkpoint_step", checkpoint_recovery.NEWEST)))
     return LoadedRun(**{f.name: getattr(run, f.name) for f in dataclasses.fields(Run)},
                      params=params, step=int(step))
 

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax import (checks, conditioning, data, imaging, loop, metrics, parallel, sampler, schedules, setup,
+from ddpm_jax import (checks, conditioning, data, imaging, loop, metrics, parallel, rng, sampler, schedules, setup,
                       timestep_sampler)
 from ddpm_jax.data import captions
 from ddpm_jax.evaluation import bpd
@@ -34,7 +34,6 @@ from ddpm_jax.run_meta import RunMeta
 from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
 
 DISPATCH_LOOPS = ("auto", "scan", "unroll")
-_COND_DROPOUT_STREAM = 0x1ABE  # condition dropout's key: fold_in(step key, this), the step's other keys unchanged
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -66,7 +65,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         step_key = jax.random.fold_in(base_key, state.step)
         dropout_key, loss_key = jax.random.split(step_key)
         cond = conds.select(batch.get("cond", {}))
-        cond = conditioning.dropout(cond, conds.null_like(cond), jax.random.fold_in(step_key, _COND_DROPOUT_STREAM),
+        cond = conditioning.dropout(cond, conds.null_like(cond), jax.random.fold_in(step_key, rng.LABEL_DROPOUT),
                                     cond_dropout)
         # t (uniform, or importance-sampled with weights) and ε: loss_simple's draws from loss_key.
         t_key, noise_key = jax.random.split(loss_key)
@@ -124,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """
     parallel.initialize(config.get("distributed"))
     mesh = parallel.make_mesh()
-    checks.validate_config(config, mesh)
+    checks.check_config(config, "train", mesh)
     if setup.text_conditioned(config):  # a workdir of another caption vocabulary: refused before any write
         captions.check_saved_tokenizer(workdir, captions.tokenizer_for(config.data))
     run = setup.create_run(config, mesh)  # warns if abar_T > 1e-2

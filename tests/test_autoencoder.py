@@ -20,6 +20,7 @@ from ddpm_jax import checkpointing, data, imaging
 from ddpm_jax.convert.__main__ import main as cli_main
 from ddpm_jax.convert.autoencoder_kl import convert_autoencoder_kl, load_diffusers_autoencoder
 from ddpm_jax.convert.diffusers import ConversionError
+from ddpm_jax.data import latents
 from ddpm_jax.evaluation import classifier
 from ddpm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from ddpm_jax.modes import autoencoder as ae_mode
@@ -184,12 +185,12 @@ def test_converted_workdir_and_missing_weight(tmp_path):
     reference.save_pretrained(str(tmp_path / "vae"))
     info = convert_autoencoder_kl(str(tmp_path / "vae"), str(tmp_path / "out"))
     assert info["scale_factor"] == 0.5 and info["latent_shape"] == [8, 8, 4]
-    assert json.load(open(tmp_path / "out" / ae_mode.INFO_FILE))["image_shape"] == [16, 16, 3]
-    assert checkpointing.read_meta(str(tmp_path / "out"))["model"] == ae_mode.MODEL_NAME
+    assert json.load(open(tmp_path / "out" / latents.INFO_FILE))["image_shape"] == [16, 16, 3]
+    assert checkpointing.read_meta(str(tmp_path / "out"))["model"] == latents.MODEL_NAME
     assert cli_main(["--autoencoder-kl", str(tmp_path / "vae"), "--out", str(tmp_path / "cli")]) == 0
-    assert json.load(open(tmp_path / "cli" / ae_mode.INFO_FILE))["latent_shape"] == [8, 8, 4]
+    assert json.load(open(tmp_path / "cli" / latents.INFO_FILE))["latent_shape"] == [8, 8, 4]
     assert cli_main(["--autoencoder-kl", str(tmp_path / "vae"), "--out", str(tmp_path / "cli")]) == 1  # not empty
-    model, params, loaded_info = ae_mode.load_autoencoder(str(tmp_path / "out"))
+    model, params, loaded_info = latents.load_autoencoder(str(tmp_path / "out"))
     _, converted, _ = load_diffusers_autoencoder(str(tmp_path / "vae"))
     jax.tree.map(np.testing.assert_array_equal, params, converted)
     assert loaded_info == info and model.latent_channels == 4
@@ -253,7 +254,7 @@ def test_train_mode_writes_checkpoint_scale_factor_metrics_and_resumes(tmp_path,
     workdir = str(tmp_path / "ae")
     out = ae_mode.run(config, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
-    info = json.load(open(os.path.join(workdir, ae_mode.INFO_FILE)))
+    info = json.load(open(os.path.join(workdir, latents.INFO_FILE)))
     assert info["step"] == 6 and info["latent_shape"] == [4, 4, 2] and info["image_shape"] == [8, 8, 1]
     assert info["model_kwargs"] == ae_mode.model_kwargs(config)
     assert np.isfinite(info["scale_factor"]) and info["scale_factor"] > 0
@@ -264,7 +265,7 @@ def test_train_mode_writes_checkpoint_scale_factor_metrics_and_resumes(tmp_path,
     assert metrics["metrics"]["fd"] > 0 and metrics["floor"]["fd"] > 0 and "ratio" in metrics
     assert out["metrics"]["psnr"] == metrics["psnr"]
     assert os.path.getsize(os.path.join(workdir, ae_mode.PICTURE_FILE)) > 0
-    model, params, loaded_info = ae_mode.load_autoencoder(workdir)
+    model, params, loaded_info = latents.load_autoencoder(workdir)
     assert loaded_info == info and model.downsampling_factor == 2
     assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]))

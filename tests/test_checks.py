@@ -78,7 +78,7 @@ def test_batch_size_below_one_is_refused_as_such(batch_size, mesh):
     config.training.batch_size = batch_size
     message = _refused(config, "train", mesh, "batch_size")
     assert f"training.batch_size={batch_size} " in message and ">= 1" in message  # field, value, the fix
-    with pytest.raises(ValueError, match="must be >= 1"):  # the training-mode entry, as train.py calls it
+    with pytest.raises(ValueError, match="must be >= 1"):  # validate_config, the training mode's checks alone
         checks.validate_config(config, mesh)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import digits_cond
-from ddpm_jax import checks, guidance, imaging, parallel, sampler, sampling, schedules, setup, train
+from ddpm_jax import checks, imaging, parallel, sampler, sampling, schedules, setup, train
 from ddpm_jax.evaluation import bpd, classifier, sample_quality
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.diffusion import GaussianDiffusion

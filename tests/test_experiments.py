@@ -190,7 +190,7 @@ def test_doc_commands_name_real_configs_and_keys(path):
                         node = node[key]
                 mode = re.match(r"--mode=(\w+)", arg)
                 if mode:
-                    assert mode.group(1) in main.MODES, f"{path}: unknown {arg}"
+                    assert mode.group(1) in config_loading.MODES, f"{path}: unknown {arg}"
 
 
 def test_doc_figures_exist_and_are_small():

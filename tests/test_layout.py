@@ -1,4 +1,4 @@
-"""The package's layers (DESIGN §2): no module imports one above it, no import cycle, no mode another.
+"""The package's layers (LAYERS below): no module imports one above it, no import cycle, no mode another.
 
 Read from the source with `ast` (every import statement, also inside functions), so a new
 upward edge or cycle fails here before a reader trips over it.
@@ -11,9 +11,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ddpm_jax"
 
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = (
-    ("core", ("schedules", "diffusion", "sampling", "guidance", "conditioning", "models", "timestep_sampler")),
+    ("core", ("rng", "schedules", "diffusion", "sampling", "guidance", "conditioning", "models", "timestep_sampler")),
     ("infrastructure", ("files", "parallel", "imaging", "data", "train_state", "checkpointing", "run_meta",
-                        "metrics", "sampler", "preemption", "workdir_lock", "config_loading")),
+                        "metrics", "sampler", "preemption", "workdir_lock", "config_loading", "checkpoint_recovery")),
     ("setup", ("setup",)),
     ("library", ("checks", "evaluation", "loop")),
     ("modes", ("train", "modes", "convert")),

@@ -24,7 +24,7 @@ import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `c
 import ddpm_jax.workdir_lock
 from bench import kill_resume as kr
 from configs import toy2d
-from ddpm_jax import checkpointing, data, files, loop, metrics, parallel, setup, train
+from ddpm_jax import checkpoint_recovery, checkpointing, data, files, loop, metrics, parallel, setup, train
 
 STEPS, EVERY = 12, 4
 VALUES = kr.overrides(STEPS, EVERY)  # log every 2 steps, keep 2 checkpoints
@@ -492,7 +492,7 @@ def test_damaged_checkpoints_fall_back_and_all_damaged_is_an_error(tmp_path, cap
     model = setup.create_model(config)
     template = setup.abstract_train_state(config, model, (2,), parallel.make_mesh())
     with checkpointing.Checkpointer(workdir) as ckpt, caplog.at_level("WARNING"):
-        restored = ckpt.restore_newest_valid(template)
+        restored = checkpoint_recovery.newest_valid(ckpt, template)
         assert restored.step == 2 and ckpt.all_steps() == [2]
     assert sorted(os.listdir(os.path.join(workdir, "corrupt_checkpoints"))) == ["4", "6"]
     assert sum("is unreadable" in r.getMessage() and "resumed from step 2" in r.getMessage()
@@ -501,7 +501,7 @@ def test_damaged_checkpoints_fall_back_and_all_damaged_is_an_error(tmp_path, cap
     shutil.rmtree(os.path.join(workdir, "checkpoints", "2", "ema_params"))
     with checkpointing.Checkpointer(workdir) as ckpt:
         with pytest.raises(checkpointing.CorruptCheckpointError, match=r"no readable checkpoint under .*step 2: "):
-            ckpt.restore_newest_valid(template)
+            checkpoint_recovery.newest_valid(ckpt, template)
     assert kr.finished_checkpoints(workdir) == [2]
 
 

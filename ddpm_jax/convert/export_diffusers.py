@@ -28,7 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import checkpointing, files, parallel, schedules, setup
+from ddpm_jax import checkpoint_recovery, checkpointing, files, parallel, schedules, setup
 from ddpm_jax.convert.diffusers import CONFIG_NAME, REQUIRED, SCHEDULER_NAME, ConversionError, _torch_key
 from ddpm_jax.models.layers import NORM_EPS
 from ddpm_jax.run_meta import RunMeta
@@ -121,7 +121,7 @@ def export_params(params: Any, meta: RunMeta, out: str, *, var_type: str | None 
 
 
 def export_workdir(workdir: str, out: str, *, var_type: str | None = None,
-                   step: int = checkpointing.NEWEST) -> tuple[int, RunMeta]:
+                   step: int = checkpoint_recovery.NEWEST) -> tuple[int, RunMeta]:
     """Exports the EMA params of the workdir's newest valid checkpoint (or of `step`); returns (step, meta)."""
     stored = checkpointing.read_meta(workdir)
     if stored is None:
@@ -138,7 +138,7 @@ def export_workdir(workdir: str, out: str, *, var_type: str | None = None,
     model = setup.build_from_spec(meta.model_name, meta.model_kwargs)
     template = setup.abstract_params(model, meta.data_shape, parallel.make_mesh(jax.local_devices()[:1]))
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
-        step, params = ckpt.restore_newest_valid_ema(template, step=step)
+        step, params = checkpoint_recovery.newest_valid_ema(ckpt, template, step=step)
     export_params(parallel.to_host(params), meta, out, var_type=var_type, clip_sample=clip)
     return int(step), meta
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import checkpointing, files, imaging
+from ddpm_jax import checkpoint_recovery, checkpointing, files, imaging
 from ddpm_jax.data.base import Source
 from ddpm_jax.models.autoencoder import AutoencoderKL
 
@@ -93,7 +93,8 @@ def load_autoencoder(workdir: str) -> tuple[AutoencoderKL, Any, dict]:
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape), jnp.float32)))["params"]
     check = check_autoencoder_meta({k: info[k] for k in _META_KEYS}, str(workdir))
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
-        _, params = ckpt.restore_newest_valid_ema(template, check_meta=lambda m: check({k: m.get(k) for k in _META_KEYS}))
+        _, params = checkpoint_recovery.newest_valid_ema(
+            ckpt, template, check_meta=lambda m: check({k: m.get(k) for k in _META_KEYS}))
     return model, params, info
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from ddpm_jax import imaging
 from ddpm_jax.data import sources
+from ddpm_jax.data.base import Source
 
 STATE_VERSION = 1
 
@@ -234,7 +235,7 @@ def create_train_iterator(
 class _Examples:
     """A source's examples as dicts with ``mask`` True (the eval pass's real rows)."""
 
-    def __init__(self, source: sources.Source):
+    def __init__(self, source: Source):
         self._source = source
 
     def __len__(self) -> int:

@@ -42,9 +42,7 @@ from PIL import Image
 
 from ddpm_jax.data import folder as folder_lib
 from ddpm_jax.data import captions, latents, mnist, tfds_source
-# Names defined in base / folder / imagefit, importable from here as before they moved.
 from ddpm_jax.data.base import ArraySource, RepeatedSource, Source
-from ddpm_jax.data.folder import IMAGE_EXTENSIONS, FolderSource, list_images  # noqa: F401
 from ddpm_jax.data.imagefit import fit_image, fit_pil
 
 SOURCE_NAMES = ("digits", "mnist", "toy2d", "image", "folder", "tfds")

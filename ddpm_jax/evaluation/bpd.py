@@ -14,7 +14,7 @@ timestep, the predicted x_0 clipped to [−1, 1] by default (``eval.bpd_clip_den
 and the per-timestep MSE of the predicted x_0. Here the T timesteps are one
 ``lax.scan`` inside one jit-compiled program per batch, the batch is sharded over the
 ``('data',)`` mesh, and example i's noise at timestep t comes from its own key
-``fold_in(fold_in(key(seed), i), BPD_STREAM)`` folded with t, so a result depends neither
+``fold_in(fold_in(key(seed), i), rng.BPD)`` folded with t, so a result depends neither
 on the batch size nor on the device count. Data are images on the 256-level grid in
 [−1, 1] (``x / 127.5 − 1`` of the uint8 image); padding rows (mask False) are left out
 of every average.
@@ -40,17 +40,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import data, diffusion, files, imaging, metrics, parallel, sampling, setup
+from ddpm_jax import data, diffusion, files, imaging, metrics, parallel, rng, sampling, setup
 from ddpm_jax.sampler import padded_batch_size
 from ddpm_jax.schedules import Schedule
 
-BPD_STREAM = 0x627064  # "bpd": keeps the likelihood noise apart from the samplers' per-image noise
-
 
 def example_keys(seed: int, indices) -> jax.Array:
-    """Example i's key: fold_in(fold_in(key(seed), i), BPD_STREAM)."""
+    """Example i's key: fold_in(fold_in(key(seed), i), rng.BPD)."""
     keys = sampling.image_keys(seed, indices)
-    return jax.vmap(lambda k: jax.random.fold_in(k, BPD_STREAM))(keys)
+    return jax.vmap(lambda k: jax.random.fold_in(k, rng.BPD))(keys)
 
 
 def example_noise(seed: int, indices, t: int, shape: tuple) -> jax.Array:

@@ -16,7 +16,7 @@ in inference mode with eps = 1e-3, ReLU.
 Input convention. pytorch-fid takes images in [0, 1], resizes them to 299 × 299
 with ``F.interpolate(mode='bilinear', align_corners=False)`` (no antialiasing,
 up- or downsampling) and then maps them to [-1, 1] (``2x - 1``). Our images are
-already in [-1, 1] (DESIGN.md §3), so the network here takes [-1, 1] images of
+already in [-1, 1] (``imaging.from_uint8``), so the network here takes [-1, 1] images of
 any size and only resizes; since bilinear weights sum to one,
 ``resize(2x - 1) = 2 resize(x) - 1``, i.e. identical to pytorch-fid fed ``(x + 1) / 2``.
 Grayscale (C = 1) images are repeated to RGB, as PIL's ``convert('RGB')`` does.
@@ -285,13 +285,8 @@ class FIDInceptionV3(nn.Module):
 
 # ----------------------------------------------------------------------------- weights
 
-def flatten_variables(variables) -> dict[str, np.ndarray]:
-    """{'params': {...}, 'batch_stats': {...}} → {'params/Mixed_5b/branch1x1/conv/kernel': array}."""
-    flat = jax.tree_util.tree_flatten_with_path(variables)[0]
-    return {"/".join(k.key for k in path): np.asarray(v) for path, v in flat}
-
-
 def unflatten_variables(flat: dict[str, np.ndarray]) -> dict:
+    """{'params/Mixed_5b/branch1x1/conv/kernel': array} → {'params': {'Mixed_5b': {...}}}."""
     out: dict = {}
     for key, value in flat.items():
         node = out

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import files, imaging, parallel
+from ddpm_jax import files, imaging
 from ddpm_jax.evaluation import chunked_generation, fid, inception
 
 IS_SPLITS = 10
@@ -31,10 +31,6 @@ IS_LOGITS = "logits"   # the graph's softmax/logits (with the fc bias), as TF-GA
 
 
 # ---- Inception over images -----------------------------------------------------------------------
-
-def _local_mesh():
-    return parallel.make_mesh(jax.local_devices())
-
 
 _RUNNERS: dict[tuple, Callable] = {}
 

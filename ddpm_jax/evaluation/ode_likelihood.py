@@ -47,12 +47,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import data, diffusion, parallel, sampling, setup
+from ddpm_jax import data, diffusion, parallel, rng, sampling, setup
 from ddpm_jax.sampling.base import log_sigma_table, t_from_log_sigma
 from ddpm_jax.sampler import padded_batch_size
 from ddpm_jax.schedules import Schedule
 
-ODE_STREAM = 0x6F6465  # "ode": the dequantisation and probe noise, apart from other streams
 TRACES = ("hutchinson", "exact")
 
 
@@ -152,7 +151,7 @@ def make_ode_bpd_fn(apply_fn: Callable, process: diffusion.GaussianDiffusion, me
     rep, shard = parallel.replicated(mesh), parallel.data_sharded(mesh)
 
     def fn(params, process, images, indices):
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, ODE_STREAM))(sampling.image_keys(seed, indices))
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, rng.ODE))(sampling.image_keys(seed, indices))
         y, probe = dequantize(images, keys)
         out = ode_log_likelihood(apply_fn, params, process, y, probe, **options)
         d = int(np.prod(images.shape[1:]))

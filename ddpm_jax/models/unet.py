@@ -48,6 +48,11 @@ Dtype = Any
 COND_KEYS = ("label", "tokens", "context", "context_mask")
 
 
+def size_multiple(ch_mult) -> int:
+    """What H and W must be multiples of: each of the len(ch_mult) - 1 downsamplings halves them."""
+    return 2 ** (len(ch_mult) - 1)
+
+
 def _resnet_cls(remat: bool) -> type[nn.Module]:
     # static_argnums counts `self` as 0: (self, x, temb, train) -> `train` is static.
     return nn.remat(ResnetBlock, static_argnums=(3,)) if remat else ResnetBlock
@@ -209,7 +214,7 @@ class UNet(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"UNet expects NHWC images [B, H, W, C], got shape {x.shape}; "
                              "add the batch axis / move channels last.")
-        factor = 2 ** (len(self.ch_mult) - 1)
+        factor = size_multiple(self.ch_mult)
         height, width = x.shape[1], x.shape[2]
         if height % factor or width % factor:
             raise ValueError(

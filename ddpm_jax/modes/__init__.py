@@ -1,5 +1,7 @@
 """What `--mode=` runs: each mode is one module on top of `setup`, and none imports another.
 
+Each mode's function takes `(config, workdir)` and first checks the config with `checks.check_config(config, mode)`:
+
     train      ddpm_jax.train.train_and_evaluate       (the DDPM on loop.py; resumes by itself)
     sample     ddpm_jax.modes.sample.run               grids, arrays, GIFs, partial denoising
     eval       ddpm_jax.modes.evaluate.run_eval         samples -> FID / IS

@@ -43,9 +43,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax import checks, data, files, imaging, loop, metrics, parallel
-# load_autoencoder lives below the modes (data/latents.py); named here too for callers of part 1.
-from ddpm_jax.data.latents import INFO_FILE, MODEL_NAME, check_autoencoder_meta, load_autoencoder  # noqa: F401
+from ddpm_jax import checks, data, files, imaging, loop, metrics, parallel, rng
+from ddpm_jax.data.latents import INFO_FILE, MODEL_NAME, check_autoencoder_meta
 from ddpm_jax.evaluation import classifier, sample_quality
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.modes import require_images, say
@@ -54,7 +53,6 @@ from ddpm_jax.train_state import TrainState, create_optimizer, ema_update
 METRICS_FILE = "autoencoder_metrics.json"
 PICTURE_FILE = "reconstructions.png"
 LOSSES = ("l1", "l2")
-_INIT_STREAM, _SCALE_STREAM = 0xAE01, 0xAE02  # keys disjoint from the per-step fold_in(base, step)
 
 
 # ---- config -> model --------------------------------------------------------------------------
@@ -84,7 +82,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"autoencoder.{name}={ae[name]} must be >= 0.")
     if float(ae.ema_decay) >= 1:
         raise ValueError(f"autoencoder.ema_decay={ae.ema_decay} must be < 1 (0 = no EMA, as LDM).")
-    checks.check_loop(ae, "autoencoder")
+    checks.check_config(config, "train_autoencoder")
     for name in ("eval_batch_size", "layers_per_block", "latent_channels", "norm_num_groups"):
         if int(ae[name]) < 1:
             raise ValueError(f"autoencoder.{name}={ae[name]} must be >= 1.")
@@ -121,7 +119,7 @@ def _optimizer(ae: ml_collections.ConfigDict) -> optax.GradientTransformation:
 
 def _init_state(model: AutoencoderKL, shape: tuple, seed: int, tx) -> Callable[[], TrainState]:
     def init() -> TrainState:
-        key = jax.random.fold_in(jax.random.key(seed), _INIT_STREAM)
+        key = jax.random.fold_in(jax.random.key(seed), rng.AUTOENCODER_INIT)
         params = model.init(key, jnp.zeros((1, *shape), jnp.float32))["params"]
         return TrainState.create(params, tx)
 
@@ -221,7 +219,7 @@ def _eval_batches(data_cfg, split: str, batch_size: int):
 def latent_statistics(model: AutoencoderKL, params: Any, data_cfg, batch_size: int, seed: int) -> dict:
     """1 / std of posterior samples z ~ q(z|x) over the training split (LDM's scale_factor), and moments."""
     encode = jax.jit(lambda p, x, k: model.apply({"params": p}, x, method="encode").sample(k))
-    key = jax.random.fold_in(jax.random.key(seed), _SCALE_STREAM)
+    key = jax.random.fold_in(jax.random.key(seed), rng.AUTOENCODER_SCALE)
     total = total_sq = None
     count = 0
     for i, (x, mask) in enumerate(_eval_batches(data_cfg, data_cfg.train_split, batch_size)):

@@ -22,7 +22,7 @@ import os
 import jax
 import ml_collections
 
-from ddpm_jax import data, files, metrics, setup
+from ddpm_jax import checks, data, files, metrics, setup
 from ddpm_jax.evaluation import bpd, ode_likelihood
 from ddpm_jax.modes import require_images
 
@@ -31,6 +31,7 @@ BPD_METHODS = ("vlb", "ode", "both")
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates `eval.bpd_method`; returns the bound's terms (``bpd.evaluate_bpd``) and/or ``ode``."""
+    checks.check_config(config, "bpd")
     require_images(data.example_shape(config.data), config.data.source, "bpd")
     method = str(config.eval.get("bpd_method", "vlb"))
     if method not in BPD_METHODS:

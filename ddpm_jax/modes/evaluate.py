@@ -49,7 +49,7 @@ from ddpm_jax.modes import require_images, say
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """``--mode=eval``: samples, then FID / IS or the classifier metrics (see the module docstring)."""
     require_images(data.example_shape(config.data), config.data.source, "eval")
-    checks.check_eval_inputs(config, "eval")
+    checks.check_config(config, "eval")
     metric = str(config.eval.metric)
     if metric == "classifier":  # found (or trained, once) before any sample is made
         clf = classifier.load_or_train(config.data, classifier.resolve_path(config), log=say)
@@ -154,7 +154,7 @@ def run_fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
     """``--mode=fid_stats``: reference mu, sigma of a split; returns the written path."""
     shape = tuple(data.example_shape(config.data))
     require_images(shape, config.data.source, "fid_stats")
-    checks.check_eval_inputs(config, "fid_stats")
+    checks.check_config(config, "fid_stats")
     ev = config.eval
     split = str(ev.get("fid_stats_split", "") or config.data.train_split)
     out = str(ev.get("fid_stats_out", "") or

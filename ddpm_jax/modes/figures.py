@@ -29,12 +29,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import data, files, imaging, sampling, setup
+from ddpm_jax import checks, data, files, imaging, rng, sampling, setup
 from ddpm_jax.evaluation import bpd
 from ddpm_jax.modes import require_images, say
 
 KINDS = ("rate_distortion", "progressive", "shared_latents", "interpolation")
-_MIX_STREAM = 0x6D6978  # "mix": the noise of Fig. 8's x_t, apart from the samplers' keys
 
 
 def rate_distortion(result: dict) -> dict:
@@ -117,7 +116,7 @@ def _interpolation(config, loaded: setup.LoadedRun) -> np.ndarray:
         raise ValueError(f"figures.kind=interpolation needs two images in data.eval_split="
                          f"{config.data.eval_split!r}; use a split with at least two.")
     lam = np.linspace(0.0, 1.0, 11, dtype=np.float32).reshape((-1,) + (1,) * len(loaded.shape))
-    noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), _MIX_STREAM), loaded.shape)
+    noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), rng.FIGURE_MIX), loaded.shape)
     rows = []
     for frac in (0.25, 0.5, 0.75):
         k = max(1, int(round(frac * T)))
@@ -138,6 +137,7 @@ def _scale(shape: tuple) -> int:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Writes the figure of ``figures.kind``; returns {"png": path, ...}."""
+    checks.check_config(config, "figures")
     kind = str(config.figures.kind)
     if kind not in KINDS:
         raise ValueError(f"figures.kind={kind!r} is unknown; use one of {', '.join(KINDS)}.")

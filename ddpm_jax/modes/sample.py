@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import files, imaging, sampler, sampling, schedules, setup
+from ddpm_jax import checks, files, imaging, rng, sampler, sampling, schedules, setup
 from ddpm_jax.data.sources import load_picture
 from ddpm_jax.evaluation import toy2d
 from ddpm_jax.run_meta import schedule_spec
@@ -100,9 +100,8 @@ def _write_npz(path: str, **arrays: np.ndarray) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Samples (and optionally animates / partially denoises); returns the written paths by kind."""
+    checks.check_config(config, "sample")
     s = config.sampling
-    if int(s.num_samples) < 1:
-        raise ValueError(f"sampling.num_samples={s.num_samples} must be >= 1.")
     loaded = setup.load_run(config, workdir)
     out_dir = os.path.join(workdir, "samples")
     if not s.init_image:
@@ -205,14 +204,11 @@ def _partial_denoising(config, loaded: setup.LoadedRun, out_dir: str) -> dict[st
     if not imaging.is_image_shape(shape):
         raise ValueError("sampling.init_image needs an image model; toy2d points cannot be "
                          "partially denoised.")
-    k, T = int(s.start_step), sched.num_timesteps
-    if not 1 <= k <= T:
-        raise ValueError(f"sampling.start_step={k} must be in 1..T={T} when sampling.init_image is set.")
+    k = int(s.start_step)  # in 1..T: checks.check_init_image
     original = load_picture(str(s.init_image), shape[0], shape[2])
     x0 = imaging.from_uint8(original)
     n, every = int(s.num_samples), int(s.trajectory_every)
-    # The noise of x_k, apart from the chain's keys.
-    base = jax.random.fold_in(jax.random.key(int(s.seed)), 0x6E6F)
+    base = jax.random.fold_in(jax.random.key(int(s.seed)), rng.NOISED_START)
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), shape))(jnp.arange(n))
     x_k = np.asarray(sampling.noised_start(sched, jnp.broadcast_to(x0, (n, *shape)), k, noise))
     sampler_fn = setup.make_sampler(loaded, config, start_step=k, trajectory_every=every)
