@@ -52,11 +52,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
     process = setup.create_diffusion(config, sched)
     skip = str(config.training.nonfinite) == "skip"
     lr_fn = learning_rate_schedule(config.optim)
-    loop = str(config.training.get("dispatch_loop", "auto"))
-    if loop not in DISPATCH_LOOPS:
-        raise ValueError(f"training.dispatch_loop={loop!r} is unknown; use one of {DISPATCH_LOOPS}.")
-    # XLA:CPU runs convolution gradients inside a while loop (scan) ~25x slower than outside it.
-    use_scan = loop == "scan" or (loop == "auto" and jax.default_backend() != "cpu")
+    dispatch_loop = str(config.training.get("dispatch_loop", "auto"))
+    if dispatch_loop not in DISPATCH_LOOPS:
+        raise ValueError(f"training.dispatch_loop={dispatch_loop!r} is unknown; use one of {DISPATCH_LOOPS}.")
     # The run's condition entries of each batch, some replaced by their null ∅ (classifier-free guidance).
     conds = setup.create_conditioning(config)
     cond_dropout = float(config.training.get("label_dropout", 0.0))
@@ -89,28 +87,16 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         ema = ema_update(state.ema_params, params, decay)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip:  # a non-finite step leaves params, EMA and optimiser state untouched
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-            params, ema = keep(params, state.params), keep(ema, state.ema_params)
-            opt_state, t_history = keep(opt_state, state.opt_state), keep(t_history, state.t_history)
+            params, ema, opt_state, t_history = loop.keep_if_finite(
+                finite, (params, ema, opt_state, t_history),
+                (state.params, state.ema_params, state.opt_state, state.t_history))
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                                   t_history=t_history)
         step_metrics = dict(loss=loss, grad_norm=grad_norm, lr=jnp.asarray(lr_fn(state.step), jnp.float32),
                             finite=finite)
         return new_state, step_metrics
 
-    def multi_step(state, batches):
-        n = jax.tree.leaves(batches)[0].shape[0]
-        if n > 1 and use_scan:
-            return jax.lax.scan(one_step, state, batches)
-        step_metrics = []
-        for i in range(n):
-            state, m = one_step(state, jax.tree.map(lambda b: b[i], batches))
-            step_metrics.append(m)
-        return state, jax.tree.map(lambda *ms: jnp.stack(ms), *step_metrics)
-
-    rep = parallel.replicated(mesh)
-    return jax.jit(multi_step, in_shardings=(rep, parallel.data_sharded(mesh, batch_axis=1)),
-                   out_shardings=(rep, rep), donate_argnums=(0,))
+    return loop.compile_step(one_step, mesh, use_scan=None if dispatch_loop == "auto" else dispatch_loop == "scan")
 
 
 # ---- the trainer on the loop -----------------------------------------------------------------------

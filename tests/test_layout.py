@@ -125,7 +125,8 @@ def test_the_checker_sees_an_upward_import(tmp_path):
 
 # The code between the data and the network that must handle any condition pytree (a class label,
 # caption tokens, an image): `(file, function)`, the function None for the whole module.
-COND_AGNOSTIC = (("guidance.py", None), ("sampler.py", None), ("sampling.py", None),
+COND_AGNOSTIC = (("guidance.py", None), ("sampler.py", None),
+                 *((f"sampling/{p.name}", None) for p in sorted((PACKAGE / "sampling").glob("*.py"))),
                  ("evaluation/bpd.py", None), ("train.py", "make_train_step"))
 COND_KEYS = {"label", "y", "tokens", "context", "context_mask"}
 KIND_NAMES = {"labels", "tokens", "vocab_size", "text_conditioned", "cond_key", "null_label",
