@@ -6,7 +6,7 @@ init, the meta its checkpoints carry and optional hooks. The loop owns the rest,
 every trainer:
 
 * Restore or init: the newest checkpoint that reads back intact and whose meta the trainer
-  accepts (`checkpointing.restore_newest_valid`; damaged ones are quarantined), with its
+  accepts (`checkpointing.Checkpointer.restore_newest_valid`; damaged ones are quarantined), with its
   data-iterator state and unlogged metrics; else the trainer's init.
 * Exact resume: a run killed at any moment and restarted with the same command ends with
   bitwise the same state as an uninterrupted one. The step's keys are the trainer's

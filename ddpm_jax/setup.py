@@ -4,7 +4,7 @@ Every mode starts here, and nothing below this module sees a ConfigDict whole:
 
     run = setup.create_run(config)            # mesh, example shape, model, process, RunMeta
     loaded = setup.load_run(config, workdir)  # the same, plus the newest valid EMA params
-    sampler = setup.make_sampler(run, config.sampling)   # a latent run's decodes to images
+    sampler = setup.make_sampler(run, config)  # config.sampling's sampler; a latent run's decodes to images
 
 `load_run` is how every read-only mode (sample, eval, bpd, figures) gets the params of a
 trained or converted run: the checkpoint's `RunMeta` is compared with the config's, and

@@ -249,7 +249,7 @@ def _tanh_cdf(z):
 def _vlb_bpd_reference(x0, x_t, eps_hat, t, var_type, cdf=_tanh_cdf):
     """L_t of eq. (5) per example in bits/dim, in float64 from the β's alone (no package code).
 
-    0-based t (DESIGN.md §1): betas[t] is the paper's β_{t+1}, ᾱ_{−1} = 1. For t > 0:
+    0-based t (as `diffusion.py`): betas[t] is the paper's β_{t+1}, ᾱ_{−1} = 1. For t > 0:
     KL(q(x_{t−1}|x_t, x_0) ‖ p_θ(x_{t−1}|x_t)), both Gaussian, p's mean the posterior mean at
     x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t, p's variance β_t (fixedlarge) or β̃_t (fixedsmall). For
     t = 0: −log p_θ(x_0|x_1) of eq. (13), each pixel's bin [x − 1/255, x + 1/255] (open at ±1)

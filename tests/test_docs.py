@@ -75,6 +75,8 @@ def _spans() -> list[str]:
 def _problem(name: str, classes: dict) -> str | None:
     """Why the dotted `name` does not resolve in the package; None when it does, or names no module."""
     parts = name.split(".")
+    if _module_file(parts) is not None:  # a module itself
+        return None
     if parts[0] in classes:  # Class.member
         if not any(parts[1] in _members(c) for c in classes[parts[0]]):
             return f"{name}: class {parts[0]} has no member {parts[1]}"

@@ -16,7 +16,7 @@ in inference mode with eps = 1e-3, ReLU.
 Input convention. pytorch-fid takes images in [0, 1], resizes them to 299 × 299
 with ``F.interpolate(mode='bilinear', align_corners=False)`` (no antialiasing,
 up- or downsampling) and then maps them to [-1, 1] (``2x - 1``). Our images are
-already in [-1, 1] (DESIGN.md §3), so the network here takes [-1, 1] images of
+already in [-1, 1] (the data pipeline's scale), so the network here takes [-1, 1] images of
 any size and only resizes; since bilinear weights sum to one,
 ``resize(2x - 1) = 2 resize(x) - 1``, i.e. identical to pytorch-fid fed ``(x + 1) / 2``.
 Grayscale (C = 1) images are repeated to RGB, as PIL's ``convert('RGB')`` does.
