@@ -3,8 +3,9 @@
 One data-parallel step, `jax.jit` over the ('data',) mesh: params replicated, the
 global batch sharded on its batch axis, the train state donated. Optimiser: Adam
 with linear warmup, global-norm clipping and an EMA of the params (Ho et al. 2020,
-App. B). The loss is `diffusion.loss`: L_simple (eq. (14)), the bound (kl) or L_hybrid, with t
-uniform or loss-aware (`diffusion.t_sampler`, its history in the state). The step's key is
+App. B). The loss is the process's (`GaussianDiffusion.losses`, `config.diffusion.loss`): L_simple
+(eq. (14)), the bound (kl) or L_hybrid, with t uniform or loss-aware (`timestep_sampler.sample`,
+`config.diffusion.t_sampler`, its history in the state). The step's key is
 `fold_in(base_key, step)`, so a resumed run draws exactly what an uninterrupted one
 would; together with the checkpointed data-iterator state it sees the same batches.
 

@@ -1,4 +1,4 @@
-"""The package's layers (LAYERS below): no module imports one above it, no import cycle, no mode another.
+"""The package's layers (docs/architecture.md §1): no module imports one above it, no import cycle, no mode another.
 
 Read from the source with `ast` (every import statement, also inside functions), so a new
 upward edge or cycle fails here before a reader trips over it.

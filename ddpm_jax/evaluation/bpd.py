@@ -7,7 +7,7 @@ with, in the code's 0-based timesteps (``t`` indexes the schedule tables),
 * the prior term L_T = KL(q(x_T | x_0) ‖ N(0, I))           (``diffusion.prior_bpd``);
 * for t ≥ 1, KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)) at one draw x_t ~ q(x_t | x_0);
 * at t = 0 the decoder NLL −log p_θ(x_0 | x_1) of the discretised Gaussian (eq. (13))
-  (both ``diffusion.vlb_terms_bpd``; its fixedlarge variance uses β̃_1 at t = 0, as released).
+  (both ``GaussianDiffusion.vlb_terms_bpd``; its fixedlarge variance uses β̃_1 at t = 0, as released).
 
 This is the official ``calc_bpd_loop`` (``diffusion_utils_2.py``): one fresh x_t per
 timestep, the predicted x_0 clipped to [−1, 1] by default (``eval.bpd_clip_denoised``; pixels only),
