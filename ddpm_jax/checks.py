@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ddpm_jax import data, diffusion, parallel, sampling, schedules, setup, timestep_sampler
+from ddpm_jax import conditioning, data, diffusion, guidance, parallel, sampling, schedules, setup, timestep_sampler
 from ddpm_jax.config_loading import MODES
 from ddpm_jax.data import captions
 from ddpm_jax.data.sources import SKIMAGE_PICTURES
@@ -163,9 +163,7 @@ def check_labels(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"model.num_classes={n} needs model.name='unet' (the MLP takes no labels); "
                          "set --config.model.num_classes=0.")
     labels, w = setup.sampler_labels(config), float(s.get("guidance_scale", 0.0))
-    if not math.isfinite(w) or w < 0:
-        raise ValueError(f"sampling.guidance_scale={w:g} must be a finite number >= 0 (0 = no guidance; "
-                         "diffusers' scale s is w = s - 1).")
+    guidance.check_scale(w, "sampling.guidance_scale")
     if not n:
         if labels is not None:
             raise ValueError(f"sampling.labels={s.labels!r} needs a class-conditional model, but "
@@ -197,8 +195,7 @@ def check_captions(config: ml_collections.ConfigDict) -> None:
     if str(s.get("labels", "")).strip():
         raise ValueError(f"sampling.labels={s.labels!r} is for class-conditional models; a captioned run takes "
                          "--config.sampling.captions (e.g. 'a thick seven|a thin one').")
-    if not math.isfinite(w) or w < 0:
-        raise ValueError(f"sampling.guidance_scale={w:g} must be a finite number >= 0 (0 = no guidance).")
+    guidance.check_scale(w, "sampling.guidance_scale")
     if w and not str(s.get("captions", "")).strip():
         raise ValueError(f"sampling.guidance_scale={w:g} guides towards a caption, but sampling.captions is '' "
                          "(the null caption); give captions, e.g. --config.sampling.captions='a thick seven'.")
@@ -207,9 +204,8 @@ def check_captions(config: ml_collections.ConfigDict) -> None:
 
 def check_conditional_training(config: ml_collections.ConfigDict) -> None:
     """training.label_dropout in [0, 1]; a conditional model needs the data's own class count."""
-    n, p = setup.num_classes(config), float(config.training.get("label_dropout", 0.0))
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"training.label_dropout={p:g} must lie in [0, 1] (0.1 as Ho & Salimans 2022).")
+    n = setup.num_classes(config)
+    conditioning.check_dropout(config.training.get("label_dropout", 0.0))
     if setup.text_conditioned(config):
         length = int(config.model.context_length)
         train, tokenizer = captions.split_captions(config.data, str(config.data.train_split)), captions.tokenizer_for(config.data)

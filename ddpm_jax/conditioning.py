@@ -160,6 +160,14 @@ def batch_size(cond: Cond) -> int | None:
     return None if not leaves else int(np.shape(leaves[0])[0])
 
 
+def check_dropout(probability: float) -> float:
+    """`training.label_dropout` as a float, or a one-line ValueError unless it lies in [0, 1]."""
+    p = float(probability)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"training.label_dropout={p:g} must lie in [0, 1] (0.1 as Ho & Salimans 2022).")
+    return p
+
+
 def dropout(cond: Cond, null_cond: Cond, key: jax.Array, probability: float) -> Cond:
     """Training's condition dropout: each example's whole condition becomes ∅ with `probability`.
 
@@ -168,9 +176,7 @@ def dropout(cond: Cond, null_cond: Cond, key: jax.Array, probability: float) -> 
     `null_cond` is ∅ aligned with `cond` (`Conditioning.null_like`). The train step only:
     sampling and evaluation use the condition as given.
     """
-    p = float(probability)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"training.label_dropout={p:g} must lie in [0, 1] (0.1 as the paper).")
+    p = check_dropout(probability)
     if p == 0.0 or not jax.tree.leaves(cond):
         return cond
     drop = jax.random.uniform(key, (batch_size(cond),)) < p

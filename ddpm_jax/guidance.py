@@ -31,6 +31,7 @@ GLIDE's guided sampler does.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -45,15 +46,21 @@ def combine(out_cond: jnp.ndarray, out_uncond: jnp.ndarray, guidance_scale) -> j
     return (1.0 + w) * out_cond - w * out_uncond
 
 
+def check_scale(w: float, field: str = "guidance_scale") -> None:
+    """One-line ValueError unless the guidance weight w is a finite number >= 0 (named `field`)."""
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"{field}={w:g} must be a finite number >= 0 (0 = no guidance, the plain conditional "
+                         "model; diffusers' scale s is w = s - 1).")
+
+
 def check_guidance(*, cond, guidance_scale, null_cond) -> None:
     """One-line ValueErrors for guidance without a condition / without its null, or w < 0.
 
     A traced w (not a Python number) counts as guidance: it needs the condition and its null."""
     static = isinstance(guidance_scale, (int, float))
     w = float(guidance_scale) if static else float("nan")
-    if static and w < 0:
-        raise ValueError(f"guidance_scale={w:g} must be >= 0 (0 = the plain conditional model; "
-                         "diffusers' s corresponds to w = s - 1).")
+    if static:
+        check_scale(w)
     if w and not jax.tree.leaves(cond):
         raise ValueError(f"guidance_scale={w:g} needs a condition to guide towards (cond is empty) and a "
                          "conditional model; give the condition, or set guidance_scale=0.")

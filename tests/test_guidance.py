@@ -165,7 +165,7 @@ def test_drop_labels_replaces_the_intended_fraction():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(guidance_scale=-1.0, **_cond([0, 0])), "guidance_scale=-1 must be >= 0"),
+    (dict(guidance_scale=-1.0, **_cond([0, 0])), "guidance_scale=-1 must be a finite number >= 0"),
     (dict(guidance_scale=2.0), "guidance_scale=2 needs a condition"),
     (dict(guidance_scale=2.0, cond={"label": jnp.zeros(2, jnp.int32)}), "needs null_cond"),
 ])
