@@ -52,6 +52,8 @@ def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
         # Only a conditional model names it: unconditional checkpoints keep their stored meta.
         if int(m.get("num_classes", 0)):
             kwargs["num_classes"] = int(m.num_classes)
+        if int(config.data.get("low_res_factor", 0)):  # super-resolution: the low-res image beside x_t
+            kwargs["low_res_channels"] = int(channels)
         if config.data.get("captions", False):  # text-conditional: the vocabulary is the training captions'
             kwargs.update(text_model_kwargs(config))
         return "unet", kwargs

@@ -262,12 +262,17 @@ def text_conditioned(config: ml_collections.ConfigDict) -> bool:
 
 def create_conditioning(config: ml_collections.ConfigDict) -> conditioning.Conditioning:
     """The condition kinds of the config's model: caption tokens (`data.captions`; ∅ the null
-    caption's row [context_length]), class labels (`model.num_classes` > 0), or none."""
-    if text_conditioned(config):
-        null = text.null_tokens(1, int(config.model.context_length))[0]
-        return conditioning.Conditioning((conditioning.CaptionTokens(tuple(int(i) for i in null)),))
-    n = num_classes(config)
-    return conditioning.Conditioning((conditioning.ClassLabel(n),) if n else ())
+    caption's row [context_length]), class labels (`model.num_classes` > 0), or none; with
+    `data.low_res_factor` f > 0 also the low-res image (its size the data's / f) and its level."""
+    null = text.null_tokens(1, int(config.model.context_length))[0] if text_conditioned(config) else None
+    kinds = ((conditioning.CaptionTokens(tuple(int(i) for i in null)),) if null is not None
+             else (conditioning.ClassLabel(num_classes(config)),) if num_classes(config) else ())
+    f = int(config.data.get("low_res_factor", 0))
+    if f:  # box_downsample checks that f divides the image size
+        shape = conditioning.box_downsample(np.zeros(data.example_shape(config.data)), f).shape
+        abar = np.cumprod(1.0 - create_betas(config))[:int(config.training.get("low_res_max_level", 0))]
+        kinds += (conditioning.LowResImage(shape, f, tuple(float(a) for a in abar)), conditioning.AugmentationLevel())
+    return conditioning.Conditioning(kinds)
 
 
 def guidance_options(config: ml_collections.ConfigDict) -> dict:
@@ -353,8 +358,30 @@ class _SampledCaptions:
         return None if None in named else np.asarray(named, np.int32)
 
 
+class _SampledLowRes:
+    """`sampling.cond_images` of a super-resolution run: that split's first images box-downsampled and
+    noised to `sampling.low_res_level` (`LowResImage.at_level`), '' the null image; the level's table is s."""
+
+    @staticmethod
+    def table(config: ml_collections.ConfigDict) -> np.ndarray | None:
+        s, kind = config.sampling, next(k for k in create_conditioning(config).kinds if k.key == "low_res")
+        images = s.cond_images and data.low_res_images(config.data, str(s.cond_images), int(s.num_samples))
+        return kind.at_level(images, int(s.low_res_level), int(s.seed))[kind.key] if s.cond_images else None
+
+    tag = staticmethod(lambda c: f"_sr{c.sampling.cond_images}_s{c.sampling.low_res_level}" if c.sampling.cond_images
+                       else "_srnull")
+    meta = staticmethod(lambda c: {"cond_images": c.sampling.cond_images, "low_res_level": c.sampling.low_res_level})
+    captions = classes = staticmethod(lambda config, indices: None)
+
+
+class _SampledLevel(_SampledLowRes):
+    table = staticmethod(lambda config: np.asarray([int(config.sampling.low_res_level)], np.int32))
+    tag, meta = staticmethod(lambda config: ""), staticmethod(lambda config: {})
+
+
 # How `config.sampling` asks each condition kind for its samples.
-_SAMPLED = {conditioning.ClassLabel: _SampledLabels, conditioning.CaptionTokens: _SampledCaptions}
+_SAMPLED = {conditioning.ClassLabel: _SampledLabels, conditioning.CaptionTokens: _SampledCaptions,
+            conditioning.LowResImage: _SampledLowRes, conditioning.AugmentationLevel: _SampledLevel}
 
 
 def _sampled(config: ml_collections.ConfigDict) -> list:

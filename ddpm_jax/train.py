@@ -35,6 +35,7 @@ from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learn
 
 DISPATCH_LOOPS = ("auto", "scan", "unroll")
 _COND_DROPOUT_STREAM = 0x1ABE  # condition dropout's key: fold_in(step key, this), the step's other keys unchanged
+_COND_AUGMENT_STREAM = 0xA06E  # the kinds' training augmentation: fold_in(step key, this), likewise apart
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -65,7 +66,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
     def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step_key = jax.random.fold_in(base_key, state.step)
         dropout_key, loss_key = jax.random.split(step_key)
-        cond = conds.select(batch.get("cond", {}))
+        cond = conds.augment(batch.get("cond", {}), jax.random.fold_in(step_key, _COND_AUGMENT_STREAM))
+        cond = conds.select(cond)
         cond = conditioning.dropout(cond, conds.null_like(cond), jax.random.fold_in(step_key, _COND_DROPOUT_STREAM),
                                     cond_dropout)
         # t (uniform, or importance-sampled with weights) and ε: loss_simple's draws from loss_key.

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ddpm_jax import conditioning, imaging
+
 from ddpm_jax.data.latents import latents_from
 from ddpm_jax.data.pipeline import TrainIterator, create_eval_iterator, create_train_iterator
 from ddpm_jax.data.sources import (
@@ -55,6 +57,7 @@ __all__ = [
     "latents_from",
     "load_arrays",
     "load_pixel_source",
+    "low_res_images",
     "load_source",
     "num_classes",
     "num_examples",
@@ -80,3 +83,10 @@ def load_arrays(data_cfg: Any, split: str, limit: int | None = None) -> dict[str
     if n < 1:
         raise ValueError(f"No examples to load from split {split!r} of data.source={data_cfg.source!r}.")
     return src.read(np.arange(n))
+
+
+def low_res_images(data_cfg: Any, split: str, limit: int | None = None) -> np.ndarray:
+    """The first ``limit`` images of ``split`` as the super-resolution view sees them: float32 in
+    [-1, 1], box-downsampled by ``data.low_res_factor`` (``conditioning.box_downsample``)."""
+    images = imaging.as_float(load_arrays(data_cfg, split, limit)["x"])
+    return conditioning.box_downsample(images, int(data_cfg.low_res_factor)).astype(np.float32)
