@@ -127,7 +127,7 @@ def test_the_checker_sees_an_upward_import(tmp_path):
 # caption tokens, an image): `(file, function)`, the function None for the whole module.
 COND_AGNOSTIC = (("guidance.py", None), ("sampler.py", None), ("sampling.py", None),
                  ("evaluation/bpd.py", None), ("train.py", "make_train_step"))
-COND_KEYS = {"label", "y", "tokens", "context", "context_mask"}
+COND_KEYS = {"label", "y", "tokens", "context", "context_mask", "low_res", "low_res_level"}
 KIND_NAMES = {"labels", "tokens", "vocab_size", "text_conditioned", "cond_key", "null_label",
               "num_classes", "captions"}
 
