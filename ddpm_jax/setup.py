@@ -261,9 +261,8 @@ def text_conditioned(config: ml_collections.ConfigDict) -> bool:
 
 
 def create_conditioning(config: ml_collections.ConfigDict) -> conditioning.Conditioning:
-    """The condition kinds of the config's model: caption tokens (`data.captions`; ∅ the null
-    caption's row [context_length]), class labels (`model.num_classes` > 0), or none; with
-    `data.low_res_factor` f > 0 also the low-res image (its size the data's / f) and its level."""
+    """The condition kinds of the config's model: caption tokens (`data.captions`), class labels (`model.num_classes`
+    > 0) or none; with `data.low_res_factor` > 0 also the low-res image and its level."""
     null = text.null_tokens(1, int(config.model.context_length))[0] if text_conditioned(config) else None
     kinds = ((conditioning.CaptionTokens(tuple(int(i) for i in null)),) if null is not None
              else (conditioning.ClassLabel(num_classes(config)),) if num_classes(config) else ())
@@ -364,9 +363,10 @@ class _SampledLowRes:
 
     @staticmethod
     def table(config: ml_collections.ConfigDict) -> np.ndarray | None:
-        s, kind = config.sampling, next(k for k in create_conditioning(config).kinds if k.key == "low_res")
-        images = s.cond_images and data.low_res_images(config.data, str(s.cond_images), int(s.num_samples))
-        return kind.at_level(images, int(s.low_res_level), int(s.seed))[kind.key] if s.cond_images else None
+        s = config.sampling
+        kind = next(k for k in create_conditioning(config).kinds if isinstance(k, conditioning.LowResImage))
+        images = data.low_res_images(config.data, str(s.cond_images), int(s.num_samples)) if s.cond_images else None
+        return None if images is None else kind.at_level(images, int(s.low_res_level), int(s.seed))[kind.key]
 
     tag = staticmethod(lambda c: f"_sr{c.sampling.cond_images}_s{c.sampling.low_res_level}" if c.sampling.cond_images
                        else "_srnull")

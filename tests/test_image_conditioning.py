@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import digits_sr
-from ddpm_jax import conditioning, data, parallel, sampler, sampling, setup, train
+from ddpm_jax import conditioning, data, imaging, parallel, sampler, sampling, setup, train
+from ddpm_jax.modes import sample as sample_mode
 from ddpm_jax.models.unet import UNet
 
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, out_ch=1)
@@ -101,7 +102,8 @@ def test_the_low_res_image_reaches_the_network_and_zeros_are_the_null():
     x, t = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, 8, 1)), jnp.float32), jnp.array([3, 7])
     params = _randomize(model.init(jax.random.key(0), x, t)["params"])
     plain_params = plain.init(jax.random.key(0), x, t)["params"]
-    assert params["conv_in"]["kernel"].shape == (3, 3, 2, 32) and plain_params["conv_in"]["kernel"].shape == (3, 3, 1, 32)
+    assert params["conv_in"]["kernel"].shape == (3, 3, 2, 32)
+    assert plain_params["conv_in"]["kernel"].shape == (3, 3, 1, 32)
     assert "low_res_level_embedding" in params and "low_res_level_embedding" not in plain_params
     y = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (2, 4, 4, 1)), jnp.float32)
     grad = jax.grad(lambda y: model.apply({"params": params}, x, t, {"low_res": y}).sum())(y)
@@ -154,3 +156,18 @@ def test_guided_super_resolution_depends_on_the_low_res_input(method):
     flipped = dict(common, cond={**cond, "low_res": -cond["low_res"]})
     other = sampling.sample(run.apply_fn, params, run.process, **flipped)
     assert np.abs(np.asarray(other.samples) - np.asarray(ref.samples)).max() > 1e-3
+
+
+def test_the_sample_picture_puts_input_output_and_bicubic_side_by_side():
+    config = _tiny_config()
+    samples = np.random.default_rng(4).uniform(-1, 1, (5, 8, 8, 1)).astype(np.float32)
+    views = sample_mode.super_resolution_views(config, samples)
+    low = data.low_res_images(config.data, "test", 5)
+    np.testing.assert_array_equal(views["low_res"], low)
+    assert views["bicubic"].shape == samples.shape and np.abs(views["bicubic"]).max() <= 1.0
+    np.testing.assert_allclose(conditioning.box_downsample(views["bicubic"], 2), low, atol=0.35)
+    grid = imaging.make_grid(np.stack([np.repeat(np.repeat(low, 2, 1), 2, 2), samples, views["bicubic"]], 1)
+                             .reshape(-1, 8, 8, 1), ncol=15)
+    picture = views["picture"]
+    scale = picture.shape[0] // grid.shape[0]
+    np.testing.assert_array_equal(picture[::scale, ::scale], grid)
