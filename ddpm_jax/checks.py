@@ -169,7 +169,7 @@ def check_labels(config: ml_collections.ConfigDict) -> None:
         if labels is not None:
             raise ValueError(f"sampling.labels={s.labels!r} needs a class-conditional model, but "
                              "model.num_classes=0; set --config.sampling.labels=''.")
-        if w:
+        if w and not setup.create_conditioning(config):  # an image-conditioned model guides on its image
             raise ValueError(f"sampling.guidance_scale={w:g} needs a class-conditional model "
                              "(model.num_classes > 0); set --config.sampling.guidance_scale=0.")
         return

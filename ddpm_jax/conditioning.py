@@ -136,7 +136,10 @@ def box_downsample(x: Any, factor: int) -> Any:
     constant blocks, and nearest upsampling of its output downsamples back to it.
     """
     f, shape = int(factor), np.shape(x)
-    h, w = shape[-3] // f, shape[-2] // f
+    if len(shape) < 3:
+        raise ValueError(f"data.low_res_factor={factor} needs images [H, W, C], but the examples have shape "
+                         f"{shape}; set --config.data.low_res_factor=0.")
+    h, w = shape[-3] // max(f, 1), shape[-2] // max(f, 1)
     if f < 1 or h * f != shape[-3] or w * f != shape[-2]:
         raise ValueError(f"data.low_res_factor={factor} must be >= 1 and divide the image size "
                          f"{shape[-3]}x{shape[-2]}; pick a divisor (2 for 8x8 digits, 2 for 28x28 MNIST).")
