@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     # captions made from the digit's label and pixels; folder: img.txt beside img.png), the U-Net gets a
     # text encoder (its vocabulary: the training captions' words) and cross-attention (model.context_dim).
     data.captions = False
+    # Super-resolution (conditioning.LowResImage): each example's cond also holds its image box-downsampled
+    # by this factor; the U-Net upsamples it and concatenates it to x_t (0 = off; 2: 8x8 digits from 4x4).
+    data.low_res_factor = 0
 
     # ---- Model ------------------------------------------------------------------------------
     config.model = model = ml_collections.ConfigDict()
@@ -119,6 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
     # caption "" (Ho & Salimans 2022: 0.1-0.2; 0 = purely conditional, no guidance possible). Never
     # applied outside training.
     training.label_dropout = 0.1
+    # Noise-conditioning augmentation of the low-res image (data.low_res_factor > 0; cascaded diffusion
+    # §4.3): each example's low-res input is noised to a level s ~ U{0..this} of the run's schedule (0 = off).
+    training.low_res_max_level = 0
 
     # ---- Sampling (--mode=sample, sample grids) ---------------------------------------------
     config.sampling = sampling = ml_collections.ConfigDict()
@@ -152,6 +158,10 @@ def get_config() -> ml_collections.ConfigDict:
     # samples), 'a thin seven|a thick one' = these captions cycled over i, 'eval_split' = the captions of
     # data.eval_split's examples in order (image i gets example i's caption; for scoring against real data).
     sampling.captions = ""
+    # Super-resolution models (data.low_res_factor > 0): the fixed augmentation level s of the low-res
+    # inputs at sampling (0 = the images as given; at most training.low_res_max_level).
+    sampling.low_res_level = 0
+    sampling.cond_images = ""  # ... of this split's first images, box-downsampled ('' = the null image).
 
     # ---- Evaluation (--mode=eval, --mode=fid_stats) -----------------------------------------
     config.eval = evaluation = ml_collections.ConfigDict()

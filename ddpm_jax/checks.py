@@ -26,7 +26,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ddpm_jax import conditioning, data, diffusion, guidance, parallel, sampling, schedules, setup, timestep_sampler
+from ddpm_jax import (condition_config, conditioning, data, diffusion, guidance, parallel, sampling, schedules,
+                      timestep_sampler)
 from ddpm_jax.config_loading import MODES
 from ddpm_jax.data import captions
 from ddpm_jax.data.sources import SKIMAGE_PICTURES
@@ -153,22 +154,22 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
 def check_labels(config: ml_collections.ConfigDict) -> None:
     """model.num_classes >= 0 (a UNet only), and sampling.labels / guidance_scale that it can honour
     (a captioned run's sampling.captions: `check_captions`)."""
-    if setup.text_conditioned(config) or str(config.sampling.get("captions", "")).strip():
+    if condition_config.text_conditioned(config) or str(config.sampling.get("captions", "")).strip():
         check_captions(config)
         return
-    n, s = setup.num_classes(config), config.sampling
+    n, s = condition_config.num_classes(config), config.sampling
     if n < 0:
         raise ValueError(f"model.num_classes={n} must be >= 0 (0 = unconditional).")
     if n and str(config.model.name) != "unet":
         raise ValueError(f"model.num_classes={n} needs model.name='unet' (the MLP takes no labels); "
                          "set --config.model.num_classes=0.")
-    labels, w = setup.sampler_labels(config), float(s.get("guidance_scale", 0.0))
+    labels, w = condition_config.sampler_labels(config), float(s.get("guidance_scale", 0.0))
     guidance.check_scale(w, "sampling.guidance_scale")
     if not n:
         if labels is not None:
             raise ValueError(f"sampling.labels={s.labels!r} needs a class-conditional model, but "
                              "model.num_classes=0; set --config.sampling.labels=''.")
-        if w:
+        if w and not condition_config.create_conditioning(config):  # an image-conditioned model guides on its image
             raise ValueError(f"sampling.guidance_scale={w:g} needs a class-conditional model "
                              "(model.num_classes > 0); set --config.sampling.guidance_scale=0.")
         return
@@ -186,10 +187,10 @@ def check_captions(config: ml_collections.ConfigDict) -> None:
     """A captioned run (data.captions, a U-Net without class labels) and sampling.captions / guidance it
     can honour: each caption fits model.context_length (checked by encoding them)."""
     s, w = config.sampling, float(config.sampling.get("guidance_scale", 0.0))
-    if not setup.text_conditioned(config):
+    if not condition_config.text_conditioned(config):
         raise ValueError(f"sampling.captions={s.captions!r} needs a text-conditional model, but "
                          "data.captions=False; set --config.sampling.captions=''.")
-    if str(config.model.name) != "unet" or setup.num_classes(config):
+    if str(config.model.name) != "unet" or condition_config.num_classes(config):
         raise ValueError("data.captions needs model.name='unet' without class labels (model.num_classes=0): "
                          "a caption can name the class.")
     if str(s.get("labels", "")).strip():
@@ -199,14 +200,14 @@ def check_captions(config: ml_collections.ConfigDict) -> None:
     if w and not str(s.get("captions", "")).strip():
         raise ValueError(f"sampling.guidance_scale={w:g} guides towards a caption, but sampling.captions is '' "
                          "(the null caption); give captions, e.g. --config.sampling.captions='a thick seven'.")
-    setup.sampler_conditions(config)  # a caption longer than model.context_length: one line naming it
+    condition_config.sampler_conditions(config)  # a caption longer than model.context_length: one line naming it
 
 
 def check_conditional_training(config: ml_collections.ConfigDict) -> None:
     """training.label_dropout in [0, 1]; a conditional model needs the data's own class count."""
-    n = setup.num_classes(config)
+    n = condition_config.num_classes(config)
     conditioning.check_dropout(config.training.get("label_dropout", 0.0))
-    if setup.text_conditioned(config):
+    if condition_config.text_conditioned(config):
         length = int(config.model.context_length)
         train, tokenizer = captions.split_captions(config.data, str(config.data.train_split)), captions.tokenizer_for(config.data)
         too_long = [c for c in train if len(tokenizer.ids(c)) > length]

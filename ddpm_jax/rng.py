@@ -5,7 +5,9 @@ All randomness is a function of `config.seed` (or `sampling.seed` / `evaluation.
 what it is for, not on the order in which a run happened to draw it:
 
 - a train step's key is `fold_in(key(seed), step)` (the DDPM trainer and the autoencoder's), split
-  into the dropout and loss keys; label dropout draws from `fold_in(step key, LABEL_DROPOUT)`;
+  into the dropout and loss keys; label dropout draws from `fold_in(step key, LABEL_DROPOUT)` and the
+  condition kinds' training augmentation (a low-res image's noise level) from
+  `fold_in(step key, COND_AUGMENT)`;
 - image i of a sampler has `key_i = fold_in(key(seed), i)` and the noise of its step at timestep t
   is `fold_in(key_i, t)`, so an image does not depend on the batch it was drawn in;
 - the likelihood bounds give example i `fold_in(key_i, BPD)` (bits/dim, then folded with t) or
@@ -16,8 +18,8 @@ what it is for, not on the order in which a run happened to draw it:
   and Fig. 8's x_t (`FIGURE_MIX`).
 
 Where streams could meet. Two draws share a key only if the same value is folded into the same
-parent key. The constants are pairwise distinct. `LABEL_DROPOUT` is the only value folded into a
-step key. `BPD` and `ODE` are folded into per-image keys next to the timesteps t ≤ T, and they are
+parent key. The constants are pairwise distinct. `LABEL_DROPOUT` and `COND_AUGMENT` are the only values
+folded into a step key. `BPD` and `ODE` are folded into per-image keys next to the timesteps t ≤ T, and they are
 larger than any T a config uses. Into `key(seed)` itself go the step numbers, the image indices and
 the one-off streams: `FIGURE_MIX` is larger than any step count or sample count a config uses, but
 `INIT`, `AUTOENCODER_INIT`, `AUTOENCODER_SCALE` and `NOISED_START` are not. So under one seed the
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 INIT = 0x1417  # the network's initial params: fold_in(key(config.seed), INIT)
 LABEL_DROPOUT = 0x1ABE  # classifier-free guidance's label dropout: fold_in(step key, LABEL_DROPOUT)
+COND_AUGMENT = 0xA06E  # the condition kinds' augmentation (noise-conditioning level): fold_in(step key, ·)
 BPD = 0x627064  # "bpd": the bound's x_t noise and t draws, fold_in(key_i, BPD)
 ODE = 0x6F6465  # "ode": the probability-flow likelihood's dequantisation and probe noise, fold_in(key_i, ODE)
 FIGURE_MIX = 0x6D6978  # "mix": the noise of Fig. 8's x_t, fold_in(key(seed), FIGURE_MIX)
@@ -42,6 +45,6 @@ NOISED_START = 0x6E6F  # "no": the noise of an init_image's x_k, then fold_in(·
 AUTOENCODER_INIT = 0xAE01  # the autoencoder's initial params
 AUTOENCODER_SCALE = 0xAE02  # the autoencoder's latent-scale estimate, then fold_in(·, batch) per batch
 
-STREAMS = {"INIT": INIT, "LABEL_DROPOUT": LABEL_DROPOUT, "BPD": BPD, "ODE": ODE, "FIGURE_MIX": FIGURE_MIX,
-           "NOISED_START": NOISED_START, "AUTOENCODER_INIT": AUTOENCODER_INIT,
+STREAMS = {"INIT": INIT, "LABEL_DROPOUT": LABEL_DROPOUT, "COND_AUGMENT": COND_AUGMENT, "BPD": BPD, "ODE": ODE,
+           "FIGURE_MIX": FIGURE_MIX, "NOISED_START": NOISED_START, "AUTOENCODER_INIT": AUTOENCODER_INIT,
            "AUTOENCODER_SCALE": AUTOENCODER_SCALE}

@@ -17,8 +17,9 @@ import json
 from typing import Any
 
 import ml_collections
+import numpy as np
 
-from ddpm_jax import data, diffusion
+from ddpm_jax import data, diffusion, schedules
 from ddpm_jax.data import captions
 from ddpm_jax.data import latents as latent_data
 
@@ -52,6 +53,8 @@ def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
         # Only a conditional model names it: unconditional checkpoints keep their stored meta.
         if int(m.get("num_classes", 0)):
             kwargs["num_classes"] = int(m.num_classes)
+        if int(config.data.get("low_res_factor", 0)):  # super-resolution: the low-res image beside x_t
+            kwargs["low_res_channels"] = int(channels)
         if config.data.get("captions", False):  # text-conditional: the vocabulary is the training captions'
             kwargs.update(text_model_kwargs(config))
         return "unet", kwargs
@@ -79,6 +82,12 @@ def schedule_spec(config: ml_collections.ConfigDict) -> dict:
     d = config.diffusion
     return dict(name=str(d.schedule), num_timesteps=int(d.num_timesteps),
                 beta_start=float(d.beta_start), beta_end=float(d.beta_end))
+
+
+def schedule_betas(config: ml_collections.ConfigDict) -> np.ndarray:
+    """The float64 β_1..β_T of `config.diffusion` (its `schedule_spec`): the one config → β path."""
+    spec = schedule_spec(config)
+    return schedules.get_betas(spec.pop("name"), spec.pop("num_timesteps"), **spec)
 
 
 def _plain(value: Any) -> Any:

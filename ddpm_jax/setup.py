@@ -22,22 +22,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import zlib
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ddpm_jax import (checkpoint_recovery, checkpointing, conditioning, data, diffusion, parallel, rng, sampler,
+from ddpm_jax import (checkpoint_recovery, checkpointing, condition_config, data, diffusion, parallel, rng, sampler,
                       sampling, schedules, timestep_sampler)
 from ddpm_jax.data import captions, latents
-from ddpm_jax.models import build_model, text
-from ddpm_jax.run_meta import RunMeta, model_spec, schedule_spec
+from ddpm_jax.models import build_model
+from ddpm_jax.run_meta import RunMeta, model_spec, schedule_betas
 from ddpm_jax.train_state import TrainState, create_optimizer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -62,15 +60,9 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
     return build_from_spec(*model_spec(config))
 
 
-def create_betas(config: ml_collections.ConfigDict) -> np.ndarray:
-    """The float64 β_1..β_T of `config.diffusion` (its `schedule_spec`)."""
-    spec = schedule_spec(config)
-    return schedules.get_betas(spec.pop("name"), spec.pop("num_timesteps"), **spec)
-
-
 def create_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
     """The float32 Schedule tables of `config.diffusion` (computed in float64)."""
-    betas = create_betas(config)
+    betas = schedule_betas(config)
     schedules.warn_if_not_noise(betas)
     return schedules.Schedule.from_betas(betas)
 
@@ -235,7 +227,7 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None 
         raise FileNotFoundError(
             f"no checkpoint in {workdir}; train first (--mode=train) or convert a released "
             "checkpoint (python -m ddpm_jax.convert) into this workdir.")
-    if text_conditioned(config):  # the captions must be encoded with the vocabulary it was trained on
+    if condition_config.text_conditioned(config):  # the captions must be encoded with the vocabulary it was trained on
         captions.check_saved_tokenizer(str(workdir), captions.tokenizer_for(config.data))
     template = abstract_params(run.model, run.shape, run.mesh)
     check = lambda stored: run.meta.check_matches(RunMeta.from_dict(stored, str(workdir)), str(workdir))  # noqa: E731
@@ -252,146 +244,7 @@ def sampler_options(config: ml_collections.ConfigDict) -> dict:
     s = config.sampling
     _, steps, spacing, eta = sampling.resolve(str(s.method), int(config.diffusion.num_timesteps),
                                               int(s.steps), str(s.spacing), s.get("eta"))
-    return dict(method=str(s.method), num_steps=steps, eta=eta, spacing=spacing, **guidance_options(config))
-
-
-def num_classes(config: ml_collections.ConfigDict) -> int:
-    """`model.num_classes`: 0 for an unconditional model."""
-    return int(config.model.get("num_classes", 0))
-
-
-def text_conditioned(config: ml_collections.ConfigDict) -> bool:
-    """A captioned run (`data.captions`): the U-Net reads caption tokens through its text encoder."""
-    return bool(config.data.get("captions", False))
-
-
-def create_conditioning(config: ml_collections.ConfigDict) -> conditioning.Conditioning:
-    """The condition kinds of the config's model: caption tokens (`data.captions`; ∅ the null
-    caption's row [context_length]), class labels (`model.num_classes` > 0), or none."""
-    if text_conditioned(config):
-        null = text.null_tokens(1, int(config.model.context_length))[0]
-        return conditioning.Conditioning((conditioning.CaptionTokens(tuple(int(i) for i in null)),))
-    n = num_classes(config)
-    return conditioning.Conditioning((conditioning.ClassLabel(n),) if n else ())
-
-
-def guidance_options(config: ml_collections.ConfigDict) -> dict:
-    """`sampling.sample`'s guidance_scale and null_cond (one example's ∅, JSON-able: the eval meta
-    stores it) for a conditional model; {} otherwise."""
-    conds = create_conditioning(config)
-    if not conds:
-        return {}
-    null = {key: np.asarray(value).tolist() for key, value in conds.null().items()}
-    return dict(guidance_scale=float(config.sampling.get("guidance_scale", 0.0)), null_cond=null)
-
-
-def sampler_labels(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
-    """The classes cycled over image indices from `sampling.labels`: '' -> None (the null class:
-    unconditional samples), 'all' -> 0..num_classes-1, '3,5' -> (3, 5).
-    Ranges are checked by `checks.check_labels`."""
-    spec = str(config.sampling.get("labels", "")).strip()
-    if not spec:
-        return None
-    if spec == "all":
-        return tuple(range(num_classes(config)))
-    try:
-        return tuple(int(c) for c in spec.split(","))
-    except ValueError:
-        raise ValueError(f"sampling.labels={spec!r} is not 'all' or a comma-separated list of class "
-                         "indices; use e.g. --config.sampling.labels=3,5") from None
-
-
-class _SampledLabels:
-    """`sampling.labels` of a class-conditional run: its table, tag part, meta and classes."""
-
-    @staticmethod
-    def table(config: ml_collections.ConfigDict) -> np.ndarray | None:
-        labels = sampler_labels(config)
-        return None if labels is None else np.asarray(labels, np.int32)
-
-    @staticmethod
-    def tag(config: ml_collections.ConfigDict) -> str:
-        labels = str(config.sampling.get("labels", "")).strip()
-        return "_null" if not labels else "_y" + labels.replace(",", "-").replace(" ", "")
-
-    @staticmethod
-    def meta(config: ml_collections.ConfigDict) -> dict:
-        return {"labels": sampler_labels(config)}
-
-    @staticmethod
-    def captions(config: ml_collections.ConfigDict, indices: np.ndarray) -> None:
-        return None
-
-    @staticmethod
-    def classes(config: ml_collections.ConfigDict, indices: np.ndarray) -> np.ndarray | None:
-        table = _SampledLabels.table(config)
-        return None if table is None else conditioning.cycle({"label": table}, indices)["label"]
-
-
-class _SampledCaptions:
-    """`sampling.captions` of a captioned run: its token table, tag part, meta and named classes."""
-
-    @staticmethod
-    def table(config: ml_collections.ConfigDict) -> np.ndarray:
-        spec = captions.sampling_captions(config.sampling.get("captions", ""), config.data)
-        return captions.tokenizer_for(config.data).encode(spec, int(config.model.context_length))[0]
-
-    @staticmethod
-    def tag(config: ml_collections.ConfigDict) -> str:  # literal captions by a checksum: a short file name
-        spec = str(config.sampling.get("captions", "")).strip()
-        if not spec:
-            return "_cnull"
-        return "_cevalsplit" if spec == captions.EVAL_SPLIT_CAPTIONS else f"_c{zlib.crc32(spec.encode()):08x}"
-
-    @staticmethod
-    def meta(config: ml_collections.ConfigDict) -> dict:  # the spec names them, with the data
-        return {"captions": str(config.sampling.get("captions", "")).strip()}
-
-    @staticmethod
-    def captions(config: ml_collections.ConfigDict, indices: np.ndarray) -> list[str]:
-        spec = captions.sampling_captions(config.sampling.get("captions", ""), config.data)
-        return [spec[int(i) % len(spec)] for i in indices]
-
-    @staticmethod
-    def classes(config: ml_collections.ConfigDict, indices: np.ndarray) -> np.ndarray | None:
-        named = [captions.named_class(c) for c in _SampledCaptions.captions(config, indices)]
-        return None if None in named else np.asarray(named, np.int32)
-
-
-# How `config.sampling` asks each condition kind for its samples.
-_SAMPLED = {conditioning.ClassLabel: _SampledLabels, conditioning.CaptionTokens: _SampledCaptions}
-
-
-def _sampled(config: ml_collections.ConfigDict) -> list:
-    return [_SAMPLED[type(kind)] for kind in create_conditioning(config).kinds]
-
-
-def sampler_conditions(config: ml_collections.ConfigDict) -> dict | None:
-    """What the sampler cycles over image indices: {kind key: table [K, ...]} (classes of
-    `sampling.labels`, a captioned run's `sampling.captions` as tokens int32 [K, context_length]:
-    a caption longer than the context is a one-line error); None: unconditional samples (an
-    unconditional model, or `sampling.labels` '': the null class)."""
-    kinds = create_conditioning(config).kinds
-    tables = {kind.key: _SAMPLED[type(kind)].table(config) for kind in kinds}
-    return None if not tables or any(t is None for t in tables.values()) else tables
-
-
-def sampled_captions(config: ml_collections.ConfigDict, indices: np.ndarray) -> list[str] | None:
-    """The caption of each image `indices` of a captioned run (`sampling.captions` cycled); None otherwise."""
-    found = [c for c in (s.captions(config, indices) for s in _sampled(config)) if c is not None]
-    return found[0] if found else None
-
-
-def asked_classes(config: ml_collections.ConfigDict, indices: np.ndarray) -> np.ndarray | None:
-    """The class each image `indices` was asked for: its label, or the digit its caption names
-    (MNIST captions); None when unconditional or when a caption names no single digit."""
-    found = [c for c in (s.classes(config, indices) for s in _sampled(config)) if c is not None]
-    return found[0] if found else None
-
-
-def sampled_meta(config: ml_collections.ConfigDict) -> dict:
-    """What the samples were asked for, as a samples directory records it ({}: unconditional)."""
-    return {key: value for s in _sampled(config) for key, value in s.meta(config).items()}
+    return dict(method=str(s.method), num_steps=steps, eta=eta, spacing=spacing, **condition_config.guidance_options(config))
 
 
 def sampler_tag(config: ml_collections.ConfigDict) -> str:
@@ -407,8 +260,8 @@ def sampler_tag(config: ml_collections.ConfigDict) -> str:
     tag += f"eta{eta:g}" if eta is not None and eta != entry.eta else ""
     tag += f"-{spacing}" if not entry.tag_spacing and spacing != entry.default_spacing else ""
     tag = tag if clips_x0(config) else tag + "_noclip"
-    tag += "".join(sampled.tag(config) for sampled in _sampled(config))
-    if create_conditioning(config) and float(s.get("guidance_scale", 0.0)):
+    tag += "".join(sampled.tag(config) for sampled in condition_config._sampled(config))
+    if condition_config.create_conditioning(config) and float(s.get("guidance_scale", 0.0)):
         tag += f"_w{float(s.guidance_scale):g}"
     return tag
 
@@ -421,7 +274,7 @@ def make_sampler(run: Run, config: ml_collections.ConfigDict, *, mesh: Mesh | No
 
     `overrides` replace the config's options (e.g. `trajectory_every=10`, `start_step=k`).
     """
-    options = dict(seed=int(config.sampling.seed), cond=sampler_conditions(config), **sampler_options(config))
+    options = dict(seed=int(config.sampling.seed), cond=condition_config.sampler_conditions(config), **sampler_options(config))
     options.update(overrides)
     decode = None if run.codec is None else (run.codec.decode_fn, run.codec.params)
     return sampler.Sampler(run.apply_fn, run.process, run.mesh if mesh is None else mesh, shape=run.shape,

@@ -27,8 +27,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax import (checks, conditioning, data, imaging, loop, metrics, parallel, rng, sampler, schedules, setup,
-                      timestep_sampler)
+from ddpm_jax import (checks, condition_config, conditioning, data, imaging, loop, metrics, parallel, rng, sampler,
+                      schedules, setup, timestep_sampler)
 from ddpm_jax.data import captions
 from ddpm_jax.evaluation import bpd
 from ddpm_jax.run_meta import RunMeta
@@ -57,13 +57,14 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
     if dispatch_loop not in DISPATCH_LOOPS:
         raise ValueError(f"training.dispatch_loop={dispatch_loop!r} is unknown; use one of {DISPATCH_LOOPS}.")
     # The run's condition entries of each batch, some replaced by their null ∅ (classifier-free guidance).
-    conds = setup.create_conditioning(config)
+    conds = condition_config.create_conditioning(config)
     cond_dropout = float(config.training.get("label_dropout", 0.0))
 
     def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step_key = jax.random.fold_in(base_key, state.step)
         dropout_key, loss_key = jax.random.split(step_key)
-        cond = conds.select(batch.get("cond", {}))
+        cond = conds.augment(batch.get("cond", {}), jax.random.fold_in(step_key, rng.COND_AUGMENT))
+        cond = conds.select(cond)
         cond = conditioning.dropout(cond, conds.null_like(cond), jax.random.fold_in(step_key, rng.LABEL_DROPOUT),
                                     cond_dropout)
         # t (uniform, or importance-sampled with weights) and ε: loss_simple's draws from loss_key.
@@ -111,7 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     parallel.initialize(config.get("distributed"))
     mesh = parallel.make_mesh()
     checks.check_config(config, "train", mesh)
-    if setup.text_conditioned(config):  # a workdir of another caption vocabulary: refused before any write
+    if condition_config.text_conditioned(config):  # a workdir of another caption vocabulary: refused before any write
         captions.check_saved_tokenizer(workdir, captions.tokenizer_for(config.data))
     run = setup.create_run(config, mesh)  # warns if abar_T > 1e-2
     template = setup.abstract_train_state(config, run.model, run.shape, mesh)
@@ -119,7 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     def started() -> None:
         metrics.write_config(config, workdir)
-        if setup.text_conditioned(config):  # sampling encodes captions with this vocabulary
+        if condition_config.text_conditioned(config):  # sampling encodes captions with this vocabulary
             captions.check_saved_tokenizer(workdir, captions.tokenizer_for(config.data),
                                            save=jax.process_index() == 0)
 
@@ -170,7 +171,7 @@ class _SampleGrids:
 
     def write(self, state: TrainState, step: int, writer: metrics.MetricWriter) -> None:
         out = sampler.generate(self.sampler, state.ema_params, num_samples=self.num, batch_size=self.batch)
-        labels = setup.asked_classes(self.config, np.arange(self.num))  # conditional: one row per class
+        labels = condition_config.asked_classes(self.config, np.arange(self.num))  # conditional: one row per class
         picture = (imaging.grid_image(out.samples, self.reference, title=f"EMA samples, step {step}")
                    if labels is None else imaging.class_grid(out.samples, labels))
         if jax.process_index() == 0:

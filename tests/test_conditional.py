@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import digits_cond
-from ddpm_jax import checks, imaging, parallel, sampler, sampling, schedules, setup, train
+from ddpm_jax import checks, condition_config, imaging, parallel, sampler, sampling, schedules, setup, train
 from ddpm_jax.evaluation import bpd, classifier, sample_quality
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.diffusion import GaussianDiffusion
@@ -146,13 +146,13 @@ def test_per_image_seeds_with_labels_for_any_batch_split_and_device_count(cond_m
 
 def test_sampling_labels_option_and_tag():
     config = digits_cond.get_config()
-    assert setup.sampler_labels(config) == tuple(range(10))
+    assert condition_config.sampler_labels(config) == tuple(range(10))
     config.sampling.labels, config.sampling.guidance_scale = "3,5", 2.0
-    assert setup.sampler_labels(config) == (3, 5)
+    assert condition_config.sampler_labels(config) == (3, 5)
     assert setup.sampler_tag(config) == "ddpm_y3-5_w2"
     assert setup.sampler_options(config)["guidance_scale"] == 2.0
     config.sampling.labels, config.sampling.guidance_scale = "", 0.0
-    assert setup.sampler_labels(config) is None and setup.sampler_tag(config) == "ddpm_null"
+    assert condition_config.sampler_labels(config) is None and setup.sampler_tag(config) == "ddpm_null"
     plain = digits_cond.get_config()
     plain.model.num_classes, plain.sampling.labels = 0, ""
     assert setup.sampler_tag(plain) == "ddpm" and "guidance_scale" not in setup.sampler_options(plain)

@@ -14,7 +14,7 @@ LAYERS = (
     ("core", ("rng", "schedules", "diffusion", "sampling", "guidance", "conditioning", "models", "timestep_sampler")),
     ("infrastructure", ("files", "parallel", "imaging", "data", "train_state", "checkpointing", "run_meta",
                         "metrics", "sampler", "preemption", "workdir_lock", "config_loading", "checkpoint_recovery")),
-    ("setup", ("setup",)),
+    ("setup", ("setup", "condition_config")),
     ("library", ("checks", "evaluation", "loop")),
     ("modes", ("train", "modes", "convert")),
     ("entry point", ("main",)),
@@ -128,7 +128,7 @@ def test_the_checker_sees_an_upward_import(tmp_path):
 COND_AGNOSTIC = (("guidance.py", None), ("sampler.py", None),
                  *((f"sampling/{p.name}", None) for p in sorted((PACKAGE / "sampling").glob("*.py"))),
                  ("evaluation/bpd.py", None), ("train.py", "make_train_step"))
-COND_KEYS = {"label", "y", "tokens", "context", "context_mask"}
+COND_KEYS = {"label", "y", "tokens", "context", "context_mask", "low_res", "low_res_level"}
 KIND_NAMES = {"labels", "tokens", "vocab_size", "text_conditioned", "cond_key", "null_label",
               "num_classes", "captions"}
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import mnist_text
-from ddpm_jax import checks, data, guidance, imaging, parallel, sampler, sampling, setup, train
+from ddpm_jax import checks, condition_config, data, guidance, imaging, parallel, sampler, sampling, setup, train
 from ddpm_jax.data import captions
 from ddpm_jax.models import text
 from ddpm_jax.modes import evaluate, sample
@@ -137,7 +137,7 @@ def test_sampler_cycles_the_captions_and_guides_with_the_null_caption(trained):
     ids = captions.tokenizer_for(config.data).encode(["a thick seven", "a thin one"] * 2, 8)[0]
     apply = setup.model_apply_fn(loaded.model)
     cond = {"tokens": jnp.asarray(ids)}
-    null_cond = setup.create_conditioning(config).null_like(cond)
+    null_cond = condition_config.create_conditioning(config).null_like(cond)
     ref = sampling.sample(apply, params, loaded.process, shape=loaded.shape, indices=jnp.arange(4), seed=0,
                           method="ddim", num_steps=3, cond=cond, guidance_scale=2.0, null_cond=null_cond)
     np.testing.assert_allclose(out.samples, np.asarray(ref.samples), atol=1e-4)
@@ -158,16 +158,16 @@ def test_sampler_cycles_the_captions_and_guides_with_the_null_caption(trained):
 def test_null_caption_default_tags_and_asked_classes():
     config = tiny_config()
     config.sampling.captions = ""
-    assert setup.sampler_conditions(config)["tokens"].tolist() == text.null_tokens(1, 8).tolist()
+    assert condition_config.sampler_conditions(config)["tokens"].tolist() == text.null_tokens(1, 8).tolist()
     assert setup.sampler_tag(config) == "ddim3_cnull"
     config.sampling.update(captions="eval_split", guidance_scale=3.0)
     assert setup.sampler_tag(config) == "ddim3_cevalsplit_w3"
     test_labels = data.load_pixel_source(config.data, "test").read(range(5))["cond"]["label"]
-    np.testing.assert_array_equal(setup.asked_classes(config, np.arange(5)), test_labels)
+    np.testing.assert_array_equal(condition_config.asked_classes(config, np.arange(5)), test_labels)
     config.sampling.captions = "a thick seven|a thin one|a large thin nine"
-    np.testing.assert_array_equal(setup.asked_classes(config, np.arange(5)), [7, 1, 9, 7, 1])
+    np.testing.assert_array_equal(condition_config.asked_classes(config, np.arange(5)), [7, 1, 9, 7, 1])
     config.sampling.captions = "a thick seven|something thin"  # no digit named: no accuracy to score
-    assert setup.asked_classes(config, np.arange(2)) is None
+    assert condition_config.asked_classes(config, np.arange(2)) is None
     assert captions.named_class("a seven or a one") is None
 
 

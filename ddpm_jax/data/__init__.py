@@ -7,13 +7,15 @@ it = data.create_train_iterator(config.data, global_batch_size=128, seed=0,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
 batch = next(it)                                    # {"x": float32 [128 // P, H, W, C] in [-1, 1],
-                                                    #  "cond": {"label": int32 [128 // P]} (labelled)}
+                                                    #  "cond": {"label": int32 [128 // P]} (labelled),
+                                                    #  + "low_res" [128 // P, H/f, W/f, C] with f > 0}
 state = it.get_state()                              # JSON-able; it.set_state(state) resumes exactly
 for batch in data.create_eval_iterator(config.data, "test", batch_size=256):
     ...                                             # {"x": ..., "mask": bool [256 // P], "cond": ...}
 data.num_classes(config.data)                       # 10 for digits / mnist / CIFAR-10; 0 = no labels
 data.latents_from(config.data)                      # AE workdir: batches are its latents (latents.py)
 arrays = data.load_arrays(config.data, "test")      # {"x": uint8 [N, H, W, C], "cond": {"label": [N]}}
+low = data.low_res_images(config.data, "test", 64)  # float32 [64, H/f, W/f, C]: data.low_res_factor's view
 ```
 
 Sources (``config.data.source``): ``digits`` (scikit-learn, 8×8), ``mnist``
@@ -27,6 +29,8 @@ See ``sources.py`` for the splits and the labels.
 from typing import Any
 
 import numpy as np
+
+from ddpm_jax import conditioning, imaging
 
 from ddpm_jax.data.latents import latents_from
 from ddpm_jax.data.pipeline import TrainIterator, create_eval_iterator, create_train_iterator
@@ -55,6 +59,7 @@ __all__ = [
     "latents_from",
     "load_arrays",
     "load_pixel_source",
+    "low_res_images",
     "load_source",
     "num_classes",
     "num_examples",
@@ -80,3 +85,10 @@ def load_arrays(data_cfg: Any, split: str, limit: int | None = None) -> dict[str
     if n < 1:
         raise ValueError(f"No examples to load from split {split!r} of data.source={data_cfg.source!r}.")
     return src.read(np.arange(n))
+
+
+def low_res_images(data_cfg: Any, split: str, limit: int | None = None) -> np.ndarray:
+    """The first ``limit`` images of ``split`` as the super-resolution view sees them: float32 in
+    [-1, 1], box-downsampled by ``data.low_res_factor`` (``conditioning.box_downsample``)."""
+    images = imaging.as_float(load_arrays(data_cfg, split, limit)["x"])
+    return conditioning.box_downsample(images, int(data_cfg.low_res_factor)).astype(np.float32)

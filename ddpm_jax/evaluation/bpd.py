@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import data, diffusion, files, imaging, metrics, parallel, rng, sampling, setup
+from ddpm_jax import condition_config, data, diffusion, files, imaging, metrics, parallel, rng, sampling, setup
 from ddpm_jax.sampler import padded_batch_size
 from ddpm_jax.schedules import Schedule
 
@@ -198,7 +198,7 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, model, sched: S
     bpd_fn = make_bpd_fn(apply_fn or setup.model_apply_fn(model), process, mesh, seed=int(config.seed))
     it = data.create_eval_iterator(config.data, split, batch_size=global_batch,
                                    process_index=jax.process_index(), process_count=jax.process_count())
-    conds = setup.create_conditioning(config)
+    conds = condition_config.create_conditioning(config)
     start = time.time()
     result = bpd_over_batches(bpd_fn, params, it, mesh, num_timesteps=sched.num_timesteps,
                               global_batch=global_batch, limit=limit,

@@ -28,6 +28,17 @@ width context_dim, trained jointly, `models/text.py`) applied to `tokens` int32 
 and no context is the fully masked context: every cross-attention adds exactly zero. With the
 defaults (`context_dim = 0`, `transformer_resolutions = ()`) nothing of this exists: the
 parameter tree and the outputs are exactly those of the network above.
+
+Image conditioning (`low_res_channels > 0`; super-resolution, SR3, Saharia et al. 2021):
+`cond["low_res"]` [B, h, w, low_res_channels], H and W multiples of h and w, is upsampled to
+x_t's size by nearest neighbour (pixel repetition) and concatenated to x_t before `conv_in`,
+whose input channels grow by low_res_channels. SR3 upsamples bicubically; nearest is chosen
+because it is the exact right inverse of the data's box downsampling (downsampling the
+upsampled image gives the input back), adds no ringing outside [−1, 1], and the first
+convolution can learn any interpolation from it. Its noise-conditioning level
+`cond["low_res_level"]` int [B] (cascaded diffusion, Ho et al. 2021 §4.3) is embedded like t
+(`low_res_level_embedding`, a `TimestepEmbedding`) and added to temb. Missing entries are the
+null condition (a zero image at level 0). With the default 0 none of this exists.
 """
 
 from __future__ import annotations
@@ -44,8 +55,8 @@ from ddpm_jax.models.text import NULL_ID, TextEncoder
 
 Dtype = Any
 # The condition entries the network reads: a class index, caption tokens, or a precomputed
-# cross-attention context with its mask.
-COND_KEYS = ("label", "tokens", "context", "context_mask")
+# cross-attention context with its mask, a low-resolution image with its augmentation level.
+COND_KEYS = ("label", "tokens", "context", "context_mask", "low_res", "low_res_level")
 
 
 def size_multiple(ch_mult) -> int:
@@ -209,6 +220,7 @@ class UNet(nn.Module):
     context_length: int = 16
     text_layers: int = 2
     text_heads: int = 4
+    low_res_channels: int = 0
 
     def _check(self, x: jnp.ndarray, dtype: jnp.dtype) -> None:
         if x.ndim != 4:
@@ -267,6 +279,20 @@ class UNet(nn.Module):
                         self.text_heads, dtype=dtype, param_dtype=param_dtype, name="text_encoder")(null)
         return context, context_mask
 
+    def _with_low_res(self, x: jnp.ndarray, low_res, level) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """(x_t with the nearest-upsampled low-res image concatenated, its level [B]); None: ∅."""
+        batch, height, width = x.shape[:3]
+        if low_res is None:
+            low_res = jnp.zeros((batch, height, width, self.low_res_channels), x.dtype)
+        low_res = jnp.asarray(low_res)
+        h, w = low_res.shape[1:3] if low_res.ndim == 4 else (0, 0)
+        if (low_res.shape[0], low_res.shape[-1]) != (batch, self.low_res_channels) or not h or height % h or width % w:
+            raise ValueError(f"cond['low_res'] has shape {low_res.shape}, x_t {x.shape}: it must be [{batch}, h, w, "
+                             f"{self.low_res_channels}] with h, w dividing {height}, {width}.")
+        up = jnp.repeat(jnp.repeat(low_res, height // h, axis=1), width // w, axis=2)
+        level = jnp.zeros((batch,), jnp.int32) if level is None else jnp.broadcast_to(jnp.asarray(level), (batch,))
+        return jnp.concatenate([x, up.astype(x.dtype)], axis=-1), level
+
     @nn.compact
     def __call__(self, x: jnp.ndarray, t: jnp.ndarray, cond: dict | None = None,
                  train: bool = False) -> jnp.ndarray:
@@ -295,6 +321,12 @@ class UNet(nn.Module):
             raise ValueError("cond['label'] was given to an unconditional UNet (num_classes=0); "
                              "set model.num_classes > 0 or leave the label out.")
         ctx = self._context(tokens, context, context_mask, batch, dtype, param_dtype)
+        if self.low_res_channels:
+            x, level = self._with_low_res(x, cond.get("low_res"), cond.get("low_res_level"))
+            temb = temb + TimestepEmbedding(self.ch, name="low_res_level_embedding", **kw)(level)
+        elif cond.get("low_res") is not None:
+            raise ValueError("cond['low_res'] was given to a UNet without image conditioning "
+                             "(low_res_channels=0); set data.low_res_factor > 0 or leave it out.")
         if self.context_dim:
             blk.update(transformer_heads=self.transformer_heads, transformer_depth=self.transformer_depth,
                        context_dim=self.context_dim)

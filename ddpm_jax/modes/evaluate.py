@@ -40,7 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import checks, data, files, metrics, parallel, setup
+from ddpm_jax import checks, condition_config, data, files, metrics, parallel, setup
 from ddpm_jax.evaluation import chunked_generation, classifier, fid, sample_quality
 from ddpm_jax.evaluation import inception_metrics as im
 from ddpm_jax.modes import require_images, say
@@ -68,7 +68,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
             chunk_size=int(config.eval.chunk_size)))
         images = np.concatenate([im for _, im in chunks])
         # A conditional model's samples are scored against the class each was asked for (its caption's digit).
-        asked = setup.asked_classes(config, np.concatenate([i for i, _ in chunks]))
+        asked = condition_config.asked_classes(config, np.concatenate([i for i, _ in chunks]))
         results["classifier"] = dict(path=classifier.resolve_path(config), **clf.info)
         results.update(sample_quality.evaluate_samples(clf, config.data, images, labels=asked))
     _write_results(step_dir, loaded.step, results)
@@ -87,7 +87,7 @@ def _generate(config: ml_collections.ConfigDict, loaded: setup.LoadedRun, step_d
     ev, shape, seed = config.eval, loaded.sample_shape, int(config.sampling.seed)  # decoded, on latents
     out_dir = os.path.join(step_dir, "samples")
     meta = dict(step=loaded.step, sampling_seed=seed, shape=list(shape), chunk_size=int(ev.chunk_size),
-                sampler=_sampler_record(config), **setup.sampled_meta(config))
+                sampler=_sampler_record(config), **condition_config.sampled_meta(config))
     chunked_generation.check_samples_meta(out_dir, meta)
     local_mesh = parallel.make_mesh(jax.local_devices())  # each process samples its own chunks
     gen = chunked_generation.generate_samples(

@@ -9,6 +9,10 @@ setting never overwrites an earlier result. Under `<workdir>/samples/`:
                                            grid has one row per class, its labels saved)
   trajectory_<tag>_every<n>.gif            x_t (left) and predicted x0 (right) every
                                            `sampling.trajectory_every` = n steps
+A super-resolution model (`data.low_res_factor`) with `sampling.cond_images` = a split gets
+  sample_<tag>.png                         triples: the low-res input (nearest-upsampled) | the SR
+                                           output | bicubic upsampling of the input; the .npz
+                                           also holds `low_res` and `bicubic`
 2-D toy data (data.source = toy2d) also gets
   chain_<tag>_every<n>.png                 the reverse chain as a row of scatter plots
   scores_<tag>.json                        energy distance and sliced W2 of the samples against
@@ -35,7 +39,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checks, files, imaging, rng, sampler, sampling, schedules, setup
+from ddpm_jax import (checks, condition_config, data, files, imaging, rng, run_meta, sampler, sampling, schedules,
+                      setup)
 from ddpm_jax.data.sources import load_picture
 from ddpm_jax.evaluation import toy2d
 from ddpm_jax.run_meta import schedule_spec
@@ -132,9 +137,12 @@ def _from_noise(config, loaded: setup.LoadedRun, out_dir: str) -> dict[str, str]
         reference = toy2d.fresh_points(config.data, str(config.data.eval_split), out.samples.shape[0])
     stem = os.path.join(out_dir, f"sample_{tag}")
     index = np.arange(out.samples.shape[0])
-    labels = setup.asked_classes(config, index)  # a conditional model's classes (or captions' digits)
-    captions = setup.sampled_captions(config, index)
-    if captions is not None:  # one row per caption, written beside it
+    labels = condition_config.asked_classes(config, index)  # a conditional model's classes (or captions' digits)
+    captions = condition_config.sampled_captions(config, index)
+    sr = super_resolution_views(config, out.samples) if config.sampling.get("cond_images") else None
+    if sr is not None:  # input | SR output | bicubic, side by side
+        picture = sr.pop("picture")
+    elif captions is not None:  # one row per caption, written beside it
         picture = imaging.caption_grid(out.samples, captions)
     elif labels is not None:  # one row per class
         picture = imaging.class_grid(out.samples, labels)
@@ -146,6 +154,7 @@ def _from_noise(config, loaded: setup.LoadedRun, out_dir: str) -> dict[str, str]
         arrays["labels"] = labels
     if captions is not None:
         arrays["captions"] = np.asarray(captions)
+    arrays.update(sr or {})
     if not toy:
         arrays["images"] = imaging.to_uint8(out.samples)
     paths["npz"] = _write_npz(stem + ".npz", **arrays)
@@ -168,6 +177,20 @@ def _from_noise(config, loaded: setup.LoadedRun, out_dir: str) -> dict[str, str]
     return paths
 
 
+def super_resolution_views(config: ml_collections.ConfigDict, samples: np.ndarray) -> dict[str, np.ndarray]:
+    """Sample i's low-res input (`sampling.cond_images`, cycled as the sampler cycles it), its
+    bicubic upsampling, and the picture of triples input (nearest) | SR output | bicubic."""
+    low = data.low_res_images(config.data, str(config.sampling.cond_images), len(samples))
+    low = low[np.arange(len(samples)) % len(low)]
+    f = int(config.data.low_res_factor)
+    bicubic = np.clip(np.asarray(jax.image.resize(low, samples.shape, "bicubic")), -1.0, 1.0)
+    nearest = np.repeat(np.repeat(low, f, axis=1), f, axis=2)
+    triples = np.stack([nearest, samples, bicubic], axis=1).reshape(-1, *samples.shape[1:])
+    grid = imaging.make_grid(triples, ncol=3 * min(8, len(samples)))
+    return {"picture": imaging.upscale(grid, max(1, 512 // max(grid.shape[:2]))), "low_res": low,
+            "bicubic": bicubic.astype(np.float32)}
+
+
 def _toy_chain(out: sampling.SampleOutput, sched, shape: tuple, seed: int, reference) -> np.ndarray:
     """The reverse chain x_T, ..., x_0 as a row of scatter plots (the kept frames, x_T first)."""
     n = out.samples.shape[0]
@@ -182,7 +205,7 @@ def _toy_chain(out: sampling.SampleOutput, sched, shape: tuple, seed: int, refer
 
 
 def _toy_report(config, scores: dict, method: str, step: int) -> dict:
-    betas = setup.create_betas(config)
+    betas = run_meta.schedule_betas(config)
     return dict(scores, step=step, method=method, var_type=str(config.diffusion.var_type),
                 alpha_bar_T=schedules.alpha_bar_final(betas),
                 schedule=schedule_spec(config),
