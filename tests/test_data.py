@@ -320,9 +320,6 @@ def test_data_modules_import_no_cycle():
 
     assert "tfds_source" in graph["sources"] and not reaches("tfds_source", "tfds_source")
     assert not [m for m in graph if m != "__init__" and reaches(m, m)]
-    from ddpm_jax.data import sources as s, tfds_source as t  # Old names still importable.
-
-    assert s.fit_image is t.fit_image and s.fit_pil and s.list_images and s.ArraySource and s.FolderSource
 
 
 # ---- Determinism, epochs, flips ------------------------------------------------------------
