@@ -24,17 +24,18 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 
 def _tree_checksums(root) -> dict:
-    """{relative path: sha256} of every file under `root`: "nothing was written" is an equality."""
+    """{relative path: (mode, sha256)} of every file under `root`: "nothing was written, no mode changed"
+    is an equality."""
     out = {}
     for folder, _, names in os.walk(root):
         for name in names:
             path = os.path.join(folder, name)
             with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+                out[os.path.relpath(path, root)] = (os.stat(path).st_mode, hashlib.sha256(f.read()).hexdigest())
     return out
 
 
 @pytest.fixture
 def checksums():
-    """`checksums(root)`: the sha256 of every file under root, by relative path."""
+    """`checksums(root)`: the mode and sha256 of every file under root, by relative path."""
     return _tree_checksums

@@ -99,17 +99,6 @@ AE_TINY = ["--config.data.source=digits", "--config.data.image_size=8",
            "--config.autoencoder.warmup_steps=0", "--config.autoencoder.eval_classifier=False"]
 
 
-def _tree(root) -> dict:
-    """{relative path: (mode, bytes)} of every file under `root`: what a refused command must not change."""
-    out = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = (os.stat(path).st_mode, f.read())
-    return out
-
-
 @pytest.fixture(scope="module")
 def two_workdirs(tmp_path_factory):
     """A tiny DDPM workdir and a tiny autoencoder workdir, trained through the command line."""
@@ -121,42 +110,42 @@ def two_workdirs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["sample", "train"])
-def test_a_ddpm_command_on_an_autoencoder_workdir_says_what_it_holds(two_workdirs, mode):
+def test_a_ddpm_command_on_an_autoencoder_workdir_says_what_it_holds(two_workdirs, mode, checksums):
     _, ae, _ = two_workdirs
-    before = _tree(ae)
+    before = checksums(ae)
     proc = _run(ae, f"--mode={mode}", *DDPM_TINY)
     assert proc.returncode == 1
     assert _error_line(proc) == (
         f"error: {ae} holds an autoencoder (--mode=train_autoencoder or convert --autoencoder-kl), not a DDPM; "
         f"continue it with --mode=train_autoencoder, or train a DDPM on its latents with "
         f"--config.data.latents_from={ae} and a new --workdir.")
-    assert _tree(ae) == before
+    assert checksums(ae) == before
 
 
-def test_the_autoencoder_mode_on_a_ddpm_workdir_says_what_it_holds(two_workdirs):
+def test_the_autoencoder_mode_on_a_ddpm_workdir_says_what_it_holds(two_workdirs, checksums):
     ddpm, _, _ = two_workdirs
-    before = _tree(ddpm)
+    before = checksums(ddpm)
     proc = _run(ddpm, "--mode=train_autoencoder", *AE_TINY, config="configs/autoencoder_mnist.py")
     assert proc.returncode == 1
     assert _error_line(proc) == (
         f"error: {ddpm} holds a DDPM (unet network), not an autoencoder; sample or evaluate it with --mode=sample "
         "/ eval / bpd and its config, or give --mode=train_autoencoder a new --workdir.")
-    assert _tree(ddpm) == before
+    assert checksums(ddpm) == before
 
 
-def test_a_checkpoint_step_is_chosen_by_one_field_and_a_missing_one_named(two_workdirs, tmp_path):
+def test_a_checkpoint_step_is_chosen_by_one_field_and_a_missing_one_named(two_workdirs, tmp_path, checksums):
     ddpm, _, _ = two_workdirs
     tiny_sample = ["--mode=sample", *DDPM_TINY, "--config.sampling.num_samples=4", "--config.sampling.batch_size=4"]
     proc = _run(ddpm, *tiny_sample, "--config.checkpoint_step=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"sampled step 1 of {ddpm}" in proc.stdout
     assert os.path.isfile(os.path.join(ddpm, "samples", "sample_ddpm_step1_seed0_n4.npz"))
-    before = _tree(ddpm)
+    before = checksums(ddpm)
     proc = _run(ddpm, *tiny_sample, "--config.checkpoint_step=5")
     assert proc.returncode == 1 and _error_line(proc) == (
         f"error: checkpoint_step=5: {os.path.join(ddpm, 'checkpoints')} holds steps 1, 2; choose one of them "
         "(-1: the newest).")
-    assert _tree(ddpm) == before
+    assert checksums(ddpm) == before
     export = subprocess.run([sys.executable, "-m", "ddpm_jax.convert", "--to-diffusers", str(ddpm),
                              "--out", str(tmp_path / "out"), "--checkpoint-step", "1"],
                             cwd=REPO, capture_output=True, text=True, timeout=900)
