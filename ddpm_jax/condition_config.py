@@ -128,8 +128,8 @@ class _SampledCaptions:
 
 
 class _SampledLowRes:
-    """`sampling.cond_images` of a super-resolution run: that split's first images box-downsampled and
-    noised to `sampling.low_res_level` (`LowResImage.at_level`), '' the null image; the level's table is s."""
+    """`sampling.cond_images` of a super-resolution run: that split's first images box-downsampled (or the
+    first low-res images of a folder or an .npz, `data.low_res_images`) and noised to `sampling.low_res_level` (`LowResImage.at_level`), '' the null image; the level's table is s."""
 
     @staticmethod
     def table(config: ml_collections.ConfigDict) -> np.ndarray | None:
@@ -138,8 +138,12 @@ class _SampledLowRes:
         images = data.low_res_images(config.data, str(s.cond_images), int(s.num_samples)) if s.cond_images else None
         return None if images is None else kind.at_level(images, int(s.low_res_level), int(s.seed))[kind.key]
 
-    tag = staticmethod(lambda c: f"_sr{c.sampling.cond_images}_s{c.sampling.low_res_level}" if c.sampling.cond_images
-                       else "_srnull")
+    @staticmethod
+    def tag(config: ml_collections.ConfigDict) -> str:  # files by a checksum of their path: a short file name
+        spec, level = str(config.sampling.cond_images), int(config.sampling.low_res_level)
+        name = f"f{zlib.crc32(spec.encode()):08x}" if data.is_image_files(spec) else spec
+        return f"_sr{name}_s{level}" if spec else "_srnull"
+
     meta = staticmethod(lambda c: {"cond_images": c.sampling.cond_images, "low_res_level": c.sampling.low_res_level})
     captions = classes = staticmethod(lambda config, indices: None)
 

@@ -1,0 +1,117 @@
+"""Super-resolution of given low-res images and the two-stage cascade: `sampling.cond_images` as a folder
+or an .npz (wrong shapes and unreadable files refused in one line), the factor and augmentation recorded
+in RunMeta, MNIST's base-stage resize equal to the SR model's box downsampling, and `--mode=cascade`
+end to end on tiny digits models."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import digits, digits_sr, mnist
+from ddpm_jax import checkpointing, checks, conditioning, data, imaging, run_meta, setup, train
+from ddpm_jax.modes import sample as sample_mode
+
+TINY = dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
+BASE_OVERRIDES = "data.image_size=4 model.ch=32 model.ch_mult=(1,) model.num_res_blocks=1 model.attn_resolutions=() " \
+                 "diffusion.num_timesteps=10"
+
+
+def _tiny(config):
+    config.model.update(TINY)
+    config.diffusion.num_timesteps = 10
+    config.training.update(num_steps=2, batch_size=8, sample_every=0, eval_bpd_after=False, checkpoint_every=2,
+                           log_every=1)
+    config.sampling.update(method="ddim", steps=3, num_samples=3, batch_size=3)
+    return config
+
+
+def _sr_config():
+    config = _tiny(digits_sr.get_config())
+    config.training.low_res_max_level = 4
+    config.sampling.low_res_level = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+    """A tiny digits SR model (8x8 from 4x4) and a tiny 4x4 digits base model, two train steps each."""
+    root = tmp_path_factory.mktemp("cascade")
+    train.train_and_evaluate(_sr_config(), str(root / "sr"))
+    base = _tiny(digits.get_config())
+    base.data.image_size = 4
+    train.train_and_evaluate(base, str(root / "base"))
+    return root / "sr", root / "base"
+
+
+def _pngs(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(imaging.to_uint8(images)):
+        Image.fromarray(image[..., 0]).save(os.path.join(folder, f"{i:02d}.png"))
+    return str(folder)
+
+
+def test_folder_and_npz_inputs_are_the_images_they_hold(tmp_path):
+    cfg = _sr_config().data
+    low = data.low_res_images(cfg, "test", 5)
+    assert low.shape == (5, 4, 4, 1)
+    quantised = imaging.as_float(imaging.to_uint8(low))
+    np.testing.assert_array_equal(data.low_res_images(cfg, _pngs(tmp_path / "low", low), 3), quantised[:3])
+    np.savez(tmp_path / "samples.npz", samples=low, images=imaging.to_uint8(low))  # what --mode=sample writes
+    np.testing.assert_array_equal(data.low_res_images(cfg, str(tmp_path / "samples.npz")), low)
+    np.savez(tmp_path / "uint8.npz", images=imaging.to_uint8(low))
+    np.testing.assert_array_equal(data.low_res_images(cfg, str(tmp_path / "uint8.npz"), 2), quantised[:2])
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 5, 1), (3, 4, 4, 3)])
+def test_a_wrong_size_or_channel_count_names_both_shapes_before_any_work(tmp_path, shape):
+    config = _sr_config()
+    np.savez(tmp_path / "bad.npz", samples=np.zeros(shape, np.float32))
+    config.sampling.cond_images = str(tmp_path / "bad.npz")
+    got = str(tuple(shape[1:])).replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(ValueError, match=rf"bad.npz' has shape {got}, but this model super-resolves \(4, 4, 1\) "
+                                         r"\(data.low_res_factor=2 of \(8, 8, 1\)\); give images of \(4, 4, 1\)\.$"):
+        checks.check_config(config, "sample")
+    _pngs(tmp_path / "folder", np.zeros(shape[:1] + (8, 8, 1), np.float32))
+    config.sampling.cond_images = str(tmp_path / "folder")
+    with pytest.raises(ValueError, match=r"00.png' has shape \(8, 8, 1\), but this model super-resolves \(4, 4, 1\)"):
+        checks.check_config(config, "sample")
+
+
+def test_an_unreadable_file_in_the_folder_is_one_line_naming_it(tmp_path):
+    config = _sr_config()
+    folder = _pngs(tmp_path / "low", np.zeros((2, 4, 4, 1), np.float32))
+    with open(os.path.join(folder, "broken.png"), "wb") as f:
+        f.write(b"not a png")
+    config.sampling.cond_images = folder
+    with pytest.raises(ValueError) as err:
+        checks.check_config(config, "sample")
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"Unreadable image {os.path.join(folder, 'broken.png')!r} in "
+                                                f"sampling.cond_images={folder!r}")
+    assert line.endswith("point sampling.cond_images at a folder of readable images.")
+
+
+def test_cond_images_needs_a_super_resolution_model():
+    config = _tiny(digits.get_config())
+    config.sampling.cond_images = "test"
+    with pytest.raises(ValueError, match=r"sampling.cond_images='test' needs a super-resolution model"):
+        checks.check_config(config, "sample")
+
+
+@pytest.mark.parametrize("field, value", [("data.low_res_factor", 4), ("training.low_res_max_level", 3)])
+def test_run_meta_records_the_factor_and_the_augmentation(workdirs, field, value):
+    sr, _ = workdirs
+    stored = run_meta.RunMeta.from_dict(checkpointing.read_meta(str(sr)))
+    assert stored.condition == {"low_res_factor": 2, "low_res_max_level": 4}
+    other = _sr_config()
+    section, name = field.split(".")
+    other[section][name] = value
+    trained = {"data.low_res_factor": 2, "training.low_res_max_level": 4}[field]
+    with pytest.raises(run_meta.CheckpointMismatchError) as err:
+        setup.load_run(other, str(sr))
+    assert str(err.value) == (f"{sr} holds a checkpoint with condition.{name}={trained}, but the config gives "
+                              f"condition.{name}={value}; use a fresh --workdir or the config it was trained with.")
+    converted = run_meta.RunMeta(stored.model_name, stored.model_kwargs, stored.data_shape, stored.schedule, stored.pred)
+    setup.create_run(_sr_config()).meta.check_matches(converted, "converted")  # records nothing: not compared
