@@ -115,3 +115,62 @@ def test_run_meta_records_the_factor_and_the_augmentation(workdirs, field, value
                               f"condition.{name}={value}; use a fresh --workdir or the config it was trained with.")
     converted = run_meta.RunMeta(stored.model_name, stored.model_kwargs, stored.data_shape, stored.schedule, stored.pred)
     setup.create_run(_sr_config()).meta.check_matches(converted, "converted")  # records nothing: not compared
+
+
+def test_mnist_at_14_is_the_box_downsampled_view_of_the_sr_model():
+    """The cascade's base model sees what its SR stage is conditioned on, within the uint8 rounding
+    of the source (half a uint8 level: 1/255 in [-1, 1])."""
+    sr = mnist.get_config()
+    sr.data.low_res_factor = 2
+    low = data.low_res_images(sr.data, "test", 64)
+    base = mnist.get_config()
+    base.data.image_size = 14
+    x = data.load_arrays(base.data, "test", 64)["x"]
+    assert x.shape == (64, 14, 14, 1) and x.dtype == np.uint8
+    np.testing.assert_allclose(imaging.as_float(x), low, rtol=0, atol=1 / 255 + 1e-6)
+    full = data.load_arrays(sr.data, "test", 64)["x"].astype(np.float64)
+    np.testing.assert_array_equal(x, np.rint(conditioning.box_downsample(full, 2)))
+
+
+@pytest.mark.parametrize("method", ["ddpm", "dpmpp_2m"])
+def test_every_sampler_super_resolves_an_npz(workdirs, tmp_path, method):
+    sr, _ = workdirs
+    config = _sr_config()
+    low = data.low_res_images(config.data, "test", 3)
+    np.savez(tmp_path / "low.npz", samples=low)
+    config.sampling.update(method=method, steps=0 if method == "ddpm" else 3, cond_images=str(tmp_path / "low.npz"))
+    paths = sample_mode.run(config, str(sr))
+    assert f"sample_{method}" in paths["npz"] and "_srf" in paths["npz"]
+    with np.load(paths["npz"]) as out:
+        np.testing.assert_array_equal(out["low_res"], low)
+        assert out["samples"].shape == (3, 8, 8, 1) and np.isfinite(out["samples"]).all()
+    config.sampling.cond_images = "test"  # the same images from the split: the same samples
+    with np.load(sample_mode.run(config, str(sr))["npz"]) as split, np.load(paths["npz"]) as files:
+        np.testing.assert_array_equal(split["samples"], files["samples"])
+
+
+def test_partial_denoising_super_resolves_a_folder(workdirs, tmp_path):
+    sr, _ = workdirs
+    config = _sr_config()
+    config.sampling.update(cond_images=_pngs(tmp_path / "low", data.low_res_images(config.data, "test", 3)),
+                           init_image="camera", start_step=5, method="ddpm", steps=0)
+    paths = sample_mode.run(config, str(sr))
+    with np.load(paths["npz"]) as out:
+        assert out["denoised"].shape == (3, 8, 8, 1) and np.isfinite(out["denoised"]).all()
+
+
+def test_the_cascade_samples_the_base_model_and_super_resolves_its_samples(workdirs, capsys):
+    sr, base = workdirs
+    config = _sr_config()
+    config.cascade.update(base_config="configs/digits.py", base_workdir=str(base), base_overrides=BASE_OVERRIDES)
+    paths = sample_mode.run_cascade(config, str(sr))
+    assert paths["base_npz"].startswith(str(base)) and paths["npz"].startswith(str(sr))
+    assert os.path.isfile(paths["base_grid"]) and os.path.isfile(paths["grid"])
+    with np.load(paths["base_npz"]) as first, np.load(paths["npz"]) as second:
+        assert first["samples"].shape == (3, 4, 4, 1) and second["samples"].shape == (3, 8, 8, 1)
+        np.testing.assert_array_equal(second["low_res"], first["samples"])
+    assert capsys.readouterr().out.count("wrote:") == 2
+    config.cascade.base_overrides = BASE_OVERRIDES.replace("image_size=4", "image_size=8")
+    with pytest.raises(ValueError, match=r"cascade.base_config='configs/digits.py' makes images \(8, 8, 1\), but this "
+                                         r"model super-resolves \(4, 4, 1\); give a base model of the low resolution"):
+        sample_mode.run_cascade(config, str(sr))
