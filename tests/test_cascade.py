@@ -174,3 +174,19 @@ def test_the_cascade_samples_the_base_model_and_super_resolves_its_samples(workd
     with pytest.raises(ValueError, match=r"cascade.base_config='configs/digits.py' makes images \(8, 8, 1\), but this "
                                          r"model super-resolves \(4, 4, 1\); give a base model of the low resolution"):
         sample_mode.run_cascade(config, str(sr))
+
+
+def test_the_bench_scores_fidelity_and_writes_one_table_row_per_record():
+    from bench import super_resolution
+
+    real = np.random.default_rng(5).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
+    low = conditioning.box_downsample(real, 2)
+    exact = super_resolution.fidelity(real, real, low, 2)
+    assert exact["psnr"] == float("inf") and exact["consistency"] < 1e-6
+    shifted = super_resolution.fidelity(np.clip(real + 0.1, -1, 1), real, low, 2)
+    assert 0 < shifted["consistency"] <= 0.1 + 1e-6 and 15 < shifted["psnr"] < 30
+    scores = {"metrics": dict(fd=2.0, precision=0.5, recall=0.6, confident=0.7),
+              "floor": dict(fd=1.0, precision=0.9, recall=0.9, confident=0.9), "ratio": dict(fd=2.0)}
+    text = super_resolution.table([dict(row="bicubic", **shifted, **scores), dict(row="direct", sample_seconds=3, **scores)])
+    lines = text.splitlines()
+    assert len(lines) == 4 and "fd (floor 1)" in lines[0] and lines[3].startswith("| direct |  |  | 2 | 0.5 |")
