@@ -103,18 +103,19 @@ def cascade_rows(config, workdir: str, args, level: int, clf) -> list[dict]:
     rows = []
     if args.base_workdir:
         c = stage_config(config, args.num, low_res_level=int(level))
-        c.cascade.update(base_config=args.base_config, base_workdir=args.base_workdir, base_overrides=args.base_overrides)
+        c.cascade.update(base_config=args.base_config, base_workdir=args.base_workdir,
+                         base_overrides=args.base_overrides)
         paths, seconds = timed(sample.run_cascade, c, workdir)
         with np.load(paths["npz"]) as arrays:
             rows.append(dict(row=f"cascade (s={level})", tag=os.path.basename(paths["npz"]), sample_seconds=seconds,
                              **quality(clf, config, arrays["samples"])))
     if args.direct_workdir:
         direct = common.load_config(args.direct_config, args.direct_overrides.split())  # sampled as the cascade
-        same = {key: config.sampling[key] for key in sample.CASCADE_SAMPLING if key not in ("num_samples", "batch_size")}
+        same = {k: config.sampling[k] for k in sample.CASCADE_SAMPLING if k not in ("num_samples", "batch_size")}
         paths, seconds = timed(sample.run, stage_config(direct, args.num, **same), args.direct_workdir)
         with np.load(paths["npz"]) as arrays:
-            rows.append(dict(row="direct", workdir=args.direct_workdir, tag=os.path.basename(paths["npz"]), sample_seconds=seconds,
-                             **quality(clf, direct, arrays["samples"])))
+            rows.append(dict(row="direct", workdir=args.direct_workdir, tag=os.path.basename(paths["npz"]),
+                             sample_seconds=seconds, **quality(clf, direct, arrays["samples"])))
     return rows
 
 

@@ -38,7 +38,7 @@ def create_conditioning(config: ml_collections.ConfigDict) -> conditioning.Condi
              else (conditioning.ClassLabel(num_classes(config)),) if num_classes(config) else ())
     f = int(config.data.get("low_res_factor", 0))
     if f:  # box_downsample checks that f divides the image size
-        shape = conditioning.box_downsample(np.zeros(data.example_shape(config.data)), f).shape
+        shape = data.low_res_shape(config.data)
         abar = np.cumprod(1.0 - schedule_betas(config))[:int(config.training.get("low_res_max_level", 0))]
         kinds += (conditioning.LowResImage(shape, f, tuple(float(a) for a in abar)), conditioning.AugmentationLevel())
     return conditioning.Conditioning(kinds)
@@ -129,7 +129,8 @@ class _SampledCaptions:
 
 class _SampledLowRes:
     """`sampling.cond_images` of a super-resolution run: that split's first images box-downsampled (or the
-    first low-res images of a folder or an .npz, `data.low_res_images`) and noised to `sampling.low_res_level` (`LowResImage.at_level`), '' the null image; the level's table is s."""
+    first low-res images of a folder or an .npz, `data.low_res_images`) and noised to `sampling.low_res_level`
+    (`LowResImage.at_level`), '' the null image; the level's table is s."""
 
     @staticmethod
     def table(config: ml_collections.ConfigDict) -> np.ndarray | None:

@@ -113,7 +113,8 @@ def test_run_meta_records_the_factor_and_the_augmentation(workdirs, field, value
         setup.load_run(other, str(sr))
     assert str(err.value) == (f"{sr} holds a checkpoint with condition.{name}={trained}, but the config gives "
                               f"condition.{name}={value}; use a fresh --workdir or the config it was trained with.")
-    converted = run_meta.RunMeta(stored.model_name, stored.model_kwargs, stored.data_shape, stored.schedule, stored.pred)
+    converted = run_meta.RunMeta(stored.model_name, stored.model_kwargs, stored.data_shape, stored.schedule,
+                                 stored.pred)
     setup.create_run(_sr_config()).meta.check_matches(converted, "converted")  # records nothing: not compared
 
 
@@ -187,6 +188,7 @@ def test_the_bench_scores_fidelity_and_writes_one_table_row_per_record():
     assert 0 < shifted["consistency"] <= 0.1 + 1e-6 and 15 < shifted["psnr"] < 30
     scores = {"metrics": dict(fd=2.0, precision=0.5, recall=0.6, confident=0.7),
               "floor": dict(fd=1.0, precision=0.9, recall=0.9, confident=0.9), "ratio": dict(fd=2.0)}
-    text = super_resolution.table([dict(row="bicubic", **shifted, **scores), dict(row="direct", sample_seconds=3, **scores)])
+    rows = [dict(row="bicubic", **shifted, **scores), dict(row="direct", sample_seconds=3, **scores)]
+    text = super_resolution.table(rows)
     lines = text.splitlines()
     assert len(lines) == 4 and "fd (floor 1)" in lines[0] and lines[3].startswith("| direct |  |  | 2 | 0.5 |")

@@ -64,6 +64,7 @@ __all__ = [
     "load_arrays",
     "load_pixel_source",
     "low_res_images",
+    "low_res_shape",
     "load_source",
     "num_classes",
     "num_examples",
@@ -99,17 +100,23 @@ def is_image_files(spec: str) -> bool:
     return str(spec).lower().endswith(".npz") or os.sep in str(spec) or os.path.isdir(str(spec))
 
 
+def low_res_shape(data_cfg: Any) -> tuple[int, int, int]:
+    """(H/f, W/f, C): the low-resolution images of ``data.low_res_factor`` f (checked by ``box_downsample``)."""
+    return tuple(conditioning.box_downsample(np.zeros(example_shape(data_cfg)), int(data_cfg.low_res_factor)).shape)
+
+
 def low_res_images(data_cfg: Any, spec: str, limit: int | None = None) -> np.ndarray:
     """The first ``limit`` low-resolution images of ``spec`` (``sampling.cond_images``), float32 in [-1, 1]
     [N, H/f, W/f, C] for ``data.low_res_factor`` f: a split's images box-downsampled by f
     (``conditioning.box_downsample``), or a folder of images or an ``.npz`` (its ``samples`` in [-1, 1],
     else its uint8 ``images``: a ``--mode=sample`` output) already at that size, else a one-line error."""
-    f = int(data_cfg.low_res_factor)
-    want = conditioning.box_downsample(np.zeros(example_shape(data_cfg)), f).shape
+    f, want = int(data_cfg.low_res_factor), low_res_shape(data_cfg)
     if not is_image_files(spec):
-        return conditioning.box_downsample(imaging.as_float(load_arrays(data_cfg, spec, limit)["x"]), f).astype(np.float32)
+        images = imaging.as_float(load_arrays(data_cfg, spec, limit)["x"])
+        return conditioning.box_downsample(images, f).astype(np.float32)
     if not os.path.exists(spec):
-        raise ValueError(f"sampling.cond_images={spec!r} does not exist; give a split, a folder of images or an .npz.")
+        raise ValueError(f"sampling.cond_images={spec!r} does not exist; give a split, a folder of images or "
+                         "an .npz.")
     if os.path.isdir(spec):
         src = folder.load_folder(spec, want[0], want[2], field="sampling.cond_images")
         n = len(src) if limit is None else min(int(limit), len(src))
@@ -120,11 +127,12 @@ def low_res_images(data_cfg: Any, spec: str, limit: int | None = None) -> np.nda
         with np.load(spec) as arrays:
             key = next((k for k in NPZ_IMAGE_KEYS if k in arrays), None)
             if key is None:
-                raise ValueError(f"sampling.cond_images={spec!r} holds {sorted(arrays)}, no {' or '.join(NPZ_IMAGE_KEYS)}; "
-                                 "give an .npz written by --mode=sample or with images [N, h, w, C].")
+                raise ValueError(f"sampling.cond_images={spec!r} holds {sorted(arrays)}, no "
+                                 f"{' or '.join(NPZ_IMAGE_KEYS)}; give an .npz written by --mode=sample or with "
+                                 "images [N, h, w, C].")
             images = arrays[key][:limit]
         path, got = spec, tuple(images.shape[1:])
     if got != want:
-        raise ValueError(f"sampling.cond_images image {path!r} has shape {got}, but this model super-resolves "
-                         f"{want} (data.low_res_factor={f} of {tuple(example_shape(data_cfg))}); give images of {want}.")
+        raise ValueError(f"sampling.cond_images image {path!r} has shape {got}, but this model super-resolves {want} "
+                         f"(data.low_res_factor={f} of {tuple(example_shape(data_cfg))}); give images of {want}.")
     return imaging.as_float(images).astype(np.float32)

@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import (checks, condition_config, conditioning, config_loading, data, files, imaging, rng, run_meta, sampler,
+from ddpm_jax import (checks, condition_config, config_loading, data, files, imaging, rng, run_meta, sampler,
                       sampling, schedules, setup)
 from ddpm_jax.data.sources import load_picture
 from ddpm_jax.evaluation import toy2d
@@ -147,11 +147,10 @@ def check_cascade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
         raise ValueError("--mode=cascade needs a super-resolution config (data.low_res_factor > 0) with "
                          "--config.cascade.base_config and --config.cascade.base_workdir (the base model).")
     base = cascade_base_config(config)
-    want = conditioning.box_downsample(np.zeros(data.example_shape(config.data)), f).shape
-    got = data.example_shape(base.data)
-    if tuple(got) != tuple(want):
-        raise ValueError(f"cascade.base_config={c.base_config!r} makes images {tuple(got)}, but this model "
-                         f"super-resolves {tuple(want)}; give a base model of the low resolution.")
+    want, got = data.low_res_shape(config.data), tuple(data.example_shape(base.data))
+    if got != want:
+        raise ValueError(f"cascade.base_config={c.base_config!r} makes images {got}, but this model "
+                         f"super-resolves {want}; give a base model of the low resolution.")
     checks.check_config(base, "sample")
     sr = config.copy_and_resolve_references()
     sr.sampling.cond_images = ""  # the base samples, written by the first stage
