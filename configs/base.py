@@ -161,7 +161,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Super-resolution models (data.low_res_factor > 0): the fixed augmentation level s of the low-res
     # inputs at sampling (0 = the images as given; at most training.low_res_max_level).
     sampling.low_res_level = 0
-    sampling.cond_images = ""  # ... of this split's first images, box-downsampled ('' = the null image).
+    # ... of this split's first images, box-downsampled, or of a folder / .npz of images already at the low
+    # resolution (e.g. a base model's samples_*.npz: the cascade); '' = the null image.
+    sampling.cond_images = ""
 
     # ---- Evaluation (--mode=eval, --mode=fid_stats) -----------------------------------------
     config.eval = evaluation = ml_collections.ConfigDict()
@@ -224,6 +226,14 @@ def get_config() -> ml_collections.ConfigDict:
     autoencoder.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
     autoencoder.eval_batch_size = 250  # Batch of the scale-factor pass (training split) and the test evaluation.
     autoencoder.eval_classifier = True  # Classifier fd of the reconstructions beside its floor (labelled data).
+
+    # ---- Cascade (--mode=cascade, run on a super-resolution workdir) -------------------------
+    config.cascade = cascade = ml_collections.ConfigDict()
+    # The base model whose samples the SR model super-resolves: its config file (path[:arg]) and workdir.
+    # It samples with this run's sampling.method / steps / spacing / eta / num_samples / batch_size / seed.
+    cascade.base_config = ""
+    cascade.base_workdir = ""
+    cascade.base_overrides = ""  # Overrides of the base config, space-separated: 'checkpoint_step=400 a.b=c'.
 
     # ---- Multi-host ---------------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()

@@ -8,6 +8,7 @@ Commands:
     python -m ddpm_jax.main --config=configs/digits_sr.py --workdir=workdirs/digits_sr
     python -m ddpm_jax.main --config=configs/digits_sr.py --workdir=workdirs/digits_sr --mode=sample \
         --config.sampling.cond_images=test --config.sampling.low_res_level=0
+    # or 4x4 images of a folder / an .npz (a --mode=sample output): --config.sampling.cond_images=low_res.npz
 
 Hardware and time: a 2-core CPU, about as long as configs/digits.py (conv_in reads one more
 channel, a second timestep-like embedding adds two dense layers). No result has been measured

@@ -38,7 +38,7 @@ def create_conditioning(config: ml_collections.ConfigDict) -> conditioning.Condi
              else (conditioning.ClassLabel(num_classes(config)),) if num_classes(config) else ())
     f = int(config.data.get("low_res_factor", 0))
     if f:  # box_downsample checks that f divides the image size
-        shape = conditioning.box_downsample(np.zeros(data.example_shape(config.data)), f).shape
+        shape = data.low_res_shape(config.data)
         abar = np.cumprod(1.0 - schedule_betas(config))[:int(config.training.get("low_res_max_level", 0))]
         kinds += (conditioning.LowResImage(shape, f, tuple(float(a) for a in abar)), conditioning.AugmentationLevel())
     return conditioning.Conditioning(kinds)
@@ -128,8 +128,9 @@ class _SampledCaptions:
 
 
 class _SampledLowRes:
-    """`sampling.cond_images` of a super-resolution run: that split's first images box-downsampled and
-    noised to `sampling.low_res_level` (`LowResImage.at_level`), '' the null image; the level's table is s."""
+    """`sampling.cond_images` of a super-resolution run: that split's first images box-downsampled (or the
+    first low-res images of a folder or an .npz, `data.low_res_images`) and noised to `sampling.low_res_level`
+    (`LowResImage.at_level`), '' the null image; the level's table is s."""
 
     @staticmethod
     def table(config: ml_collections.ConfigDict) -> np.ndarray | None:
@@ -138,8 +139,12 @@ class _SampledLowRes:
         images = data.low_res_images(config.data, str(s.cond_images), int(s.num_samples)) if s.cond_images else None
         return None if images is None else kind.at_level(images, int(s.low_res_level), int(s.seed))[kind.key]
 
-    tag = staticmethod(lambda c: f"_sr{c.sampling.cond_images}_s{c.sampling.low_res_level}" if c.sampling.cond_images
-                       else "_srnull")
+    @staticmethod
+    def tag(config: ml_collections.ConfigDict) -> str:  # files by a checksum of their path: a short file name
+        spec, level = str(config.sampling.cond_images), int(config.sampling.low_res_level)
+        name = f"f{zlib.crc32(spec.encode()):08x}" if data.is_image_files(spec) else spec
+        return f"_sr{name}_s{level}" if spec else "_srnull"
+
     meta = staticmethod(lambda c: {"cond_images": c.sampling.cond_images, "low_res_level": c.sampling.low_res_level})
     captions = classes = staticmethod(lambda config, indices: None)
 

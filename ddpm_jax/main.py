@@ -105,7 +105,7 @@ def run_mode(config, workdir: str, mode: str):
 
     modes = {"train": train.train_and_evaluate, "sample": sample.run, "eval": evaluate.run_eval,
              "fid_stats": evaluate.run_fid_stats, "bpd": bpd.run, "figures": figures.run,
-             "train_autoencoder": autoencoder.run}
+             "train_autoencoder": autoencoder.run, "cascade": sample.run_cascade}
     return modes[mode](config, workdir)
 
 

@@ -106,12 +106,17 @@ class RunMeta:
     pred: str
     source: dict = dataclasses.field(default_factory=dict)  # where converted params came from (not compared)
     latents: dict = dataclasses.field(default_factory=dict)  # the autoencoder of a latent run ({}: pixels)
+    # The condition kinds' records (`Conditioning.record`: e.g. the low-res factor and augmentation of a
+    # super-resolution run); {}: unconditional, or a checkpoint that records none (converted weights).
+    condition: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "RunMeta":
+    def from_config(cls, config: ml_collections.ConfigDict, condition: dict | None = None) -> "RunMeta":
+        """The config's meta; `condition` is its `Conditioning.record()` (built a layer above, in setup)."""
         name, kwargs = model_spec(config)
         return cls(name, kwargs, tuple(data.example_shape(config.data)), schedule_spec(config),
-                   str(config.diffusion.pred), latents=latent_data.latent_meta(config.data))
+                   str(config.diffusion.pred), latents=latent_data.latent_meta(config.data),
+                   condition=dict(condition or {}))
 
     @classmethod
     def from_dict(cls, meta: dict, where: str = "the workdir") -> "RunMeta":
@@ -124,7 +129,8 @@ class RunMeta:
         try:
             return cls(str(meta["model"]["name"]), dict(meta["model"]["kwargs"]),
                        tuple(int(s) for s in meta["data_shape"]), dict(meta["schedule"]),
-                       str(meta.get("pred", "eps")), dict(meta.get("source", {})), dict(meta.get("latents", {})))
+                       str(meta.get("pred", "eps")), dict(meta.get("source", {})), dict(meta.get("latents", {})),
+                       dict(meta.get("condition", {})))
         except (KeyError, TypeError) as err:
             raise CheckpointMismatchError(
                 f"the checkpoint's meta lacks {err}; it was not written by ddpm_jax (convert released "
@@ -137,6 +143,8 @@ class RunMeta:
             out["source"] = _plain(self.source)
         if self.latents:  # only a latent run names it: pixel checkpoints keep their stored meta
             out["latents"] = _plain(self.latents)
+        if self.condition:  # only a conditional run names it
+            out["condition"] = _plain(self.condition)
         return out
 
     def structural(self) -> dict:
@@ -150,8 +158,10 @@ class RunMeta:
     def check_matches(self, stored: "RunMeta", where: str) -> None:
         """Raises CheckpointMismatchError naming the first structural entry where `stored` differs."""
         # The autoencoder first: another one changes the data shape too, and its name says more.
+        # The condition only where the checkpoint records one: converted weights carry no record.
+        mine = {key: value for key, value in self.structural().items() if key != "condition" or stored.condition}
         found = (_first_difference({"latents": stored.latents}, {"latents": self.latents})
-                 or _first_difference(stored.structural(), self.structural()))
+                 or _first_difference(stored.structural(), mine))
         if found:
             key, a, b = found
             if key.startswith("latents"):  # the autoencoder: name both, whatever field differs

@@ -197,7 +197,8 @@ def create_run(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> R
     mesh = parallel.make_mesh() if mesh is None else mesh
     workdir = data.latents_from(config.data)
     return Run(mesh=mesh, shape=tuple(data.example_shape(config.data)), model=create_model(config),
-               process=create_diffusion(config), meta=RunMeta.from_config(config),
+               process=create_diffusion(config),
+               meta=RunMeta.from_config(config, condition_config.create_conditioning(config).record()),
                codec=latents.load_codec(workdir) if workdir else None)
 
 

@@ -132,20 +132,28 @@ class FolderSource(Source):
         with Image.open(self.files[index]) as image:
             return fit_pil(image, self.size, self.channels)
 
+    def native_shape(self, index: int) -> tuple[int, int, int]:
+        """(height, width, channels) of file ``index`` as stored, before any fitting."""
+        with Image.open(self.files[index]) as image:
+            return image.height, image.width, 3 if image.mode == "P" else len(image.getbands())
+
 
 def load_folder(folder: str, size: int, channels: int, *, skip_bad: bool = False,
-                captions: bool = False) -> FolderSource:
-    """The checked, labelled (where the layout says so), optionally captioned source of ``folder``'s images."""
+                captions: bool = False, field: str = "data.path") -> FolderSource:
+    """The checked, labelled (where the layout says so), optionally captioned source of ``folder``'s images.
+
+    ``field`` is the config field that named the folder, as an unreadable file's error names it.
+    """
     files = list_images(folder)
     labels, names = class_labels(folder, files)
     bad = _bad_files(tuple(_stamp(f) for f in files))
     if bad and not skip_bad:
         index, reason = bad[0]
         more = f" ({len(bad) - 1} more unreadable)" if len(bad) > 1 else ""
-        raise ValueError(
-            f"Unreadable image {files[index]!r} in data.path={folder!r}: {reason}{more}; remove or "
-            "replace it, or set --config.data.skip_bad_images=True to leave such files out."
-        )
+        fix = ("set --config.data.skip_bad_images=True to leave such files out" if field == "data.path"
+               else f"point {field} at a folder of readable images")
+        raise ValueError(f"Unreadable image {files[index]!r} in {field}={folder!r}: {reason}{more}; remove or "
+                         f"replace it, or {fix}.")
     if bad:
         drop = {i for i, _ in bad}
         logging.warning("data.path=%r: skipped %d unreadable image(s) of %d (first: %s: %s)",

@@ -12,8 +12,11 @@ disjoint.
 
 At ``image_size`` 28 the digits are as shipped; larger sizes zero-pad them
 centred (32: two black pixels on every side, so the paper's U-Net with three
-2× downsamplings applies, as the usual 32×32 MNIST); smaller sizes resize them
-(Lanczos). ``num_channels=3`` repeats the gray channel.
+2× downsamplings applies, as the usual 32×32 MNIST); a size dividing 28 (14, 7)
+box-downsamples them (``conditioning.box_downsample``, rounded to uint8): exactly the
+low-res view a super-resolution model of the 28×28 digits is conditioned on
+(``data.low_res_factor``), so a cascade's base model learns what its SR stage reads;
+other smaller sizes resize them (Lanczos). ``num_channels=3`` repeats the gray channel.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import functools
 
 import numpy as np
 
+from ddpm_jax.conditioning import box_downsample
 from ddpm_jax.data.imagefit import fit_image
 
 NUM_EXAMPLES = 5000
@@ -61,8 +65,11 @@ def split_indices(split: str) -> np.ndarray:
 
 
 def fit_digits(images: np.ndarray, size: int, channels: int) -> np.ndarray:
-    """28×28×1 digits → ``size``×``size``×``channels``: zero-padded centred, or resized if smaller."""
-    if size >= 28:
+    """28×28×1 digits → ``size``×``size``×``channels``: zero-padded centred, box-downsampled by 28 / size
+    when that is an integer, else resized (see the module docstring)."""
+    if size < 28 and 28 % size == 0:
+        images = np.rint(box_downsample(images.astype(np.float64), 28 // size)).astype(np.uint8)
+    elif size >= 28:
         before = (size - 28) // 2
         pad = ((0, 0), (before, size - 28 - before), (before, size - 28 - before), (0, 0))
         images = np.pad(images, pad)

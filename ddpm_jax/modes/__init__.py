@@ -4,6 +4,7 @@ Each mode's function takes `(config, workdir)` and first checks the config with 
 
     train      ddpm_jax.train.train_and_evaluate       (the DDPM on loop.py; resumes by itself)
     sample     ddpm_jax.modes.sample.run               grids, arrays, GIFs, partial denoising
+    cascade    ddpm_jax.modes.sample.run_cascade       a base model's samples super-resolved (two sample runs)
     eval       ddpm_jax.modes.evaluate.run_eval         samples -> FID / IS
     fid_stats  ddpm_jax.modes.evaluate.run_fid_stats    reference statistics of a split
     bpd        ddpm_jax.modes.bpd.run                   bits/dim of the test split

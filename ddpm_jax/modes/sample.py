@@ -25,12 +25,16 @@ With `sampling.init_image` (partial denoising: the image noised to step k =
                                            images against the original (also printed)
   partial_<tag>_k<k>.gif                   the chain from x_k, when trajectory_every > 0; the
                                            chain from pure noise (above) is then written too
+`--mode=cascade` (`run_cascade`, on a super-resolution workdir) samples the base model of
+`cascade.base_config` / `cascade.base_workdir` as above (its files under its own workdir), then
+super-resolves that sample .npz as `sampling.cond_images` (the SR files here, tagged `_srf<crc32>`).
 The run ends by printing what it wrote, one file a line. A DDPM on an autoencoder's latents
 (`data.latents_from`) shows and saves decoded images everywhere (the sampler decodes).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import jax
@@ -39,8 +43,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import (checks, condition_config, data, files, imaging, rng, run_meta, sampler, sampling, schedules,
-                      setup)
+from ddpm_jax import (checks, condition_config, config_loading, data, files, imaging, rng, run_meta, sampler,
+                      sampling, schedules, setup)
 from ddpm_jax.data.sources import load_picture
 from ddpm_jax.evaluation import toy2d
 from ddpm_jax.run_meta import schedule_spec
@@ -121,6 +125,48 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
         print(f"sampled step {loaded.step} of {workdir} ({setup.sampler_options(config)['method']}); wrote:\n"
               + "\n".join(f"  {kind + ':':14s}{path}" for kind, path in paths.items()), flush=True)
     return paths
+
+
+CASCADE_SAMPLING = ("method", "steps", "spacing", "eta", "num_samples", "batch_size", "seed")  # both stages'
+
+
+def cascade_base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The base stage's config: `cascade.base_config` with `cascade.base_overrides`, sampling with this run's
+    `CASCADE_SAMPLING` fields."""
+    base = config_loading.load_config(str(config.cascade.base_config), str(config.cascade.base_overrides).split())
+    with base.unlocked():
+        base.sampling.update({key: config.sampling[key] for key in CASCADE_SAMPLING if key in config.sampling})
+    return base
+
+
+def check_cascade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`--mode=cascade`'s checks before any work: an SR model with `cascade.base_*` given, a base model whose
+    images are the SR model's low-res input, both stages' sample checks; returns the base stage's config."""
+    c, f = config.cascade, int(config.data.get("low_res_factor", 0))
+    if not f or not str(c.base_config) or not str(c.base_workdir):
+        raise ValueError("--mode=cascade needs a super-resolution config (data.low_res_factor > 0) with "
+                         "--config.cascade.base_config and --config.cascade.base_workdir (the base model).")
+    base = cascade_base_config(config)
+    want, got = data.low_res_shape(config.data), tuple(data.example_shape(base.data))
+    if got != want:
+        raise ValueError(f"cascade.base_config={c.base_config!r} makes images {got}, but this model "
+                         f"super-resolves {want}; give a base model of the low resolution.")
+    checks.check_config(base, "sample")
+    sr = config.copy_and_resolve_references()
+    sr.sampling.cond_images = ""  # the base samples, written by the first stage
+    checks.check_config(sr, "sample")
+    return base
+
+
+def run_cascade(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+    """Samples the base model, then super-resolves its samples with this workdir's model; the paths of
+    both stages (the base stage's keys prefixed `base_`)."""
+    checks.check_config(config, "cascade")
+    base = check_cascade(config)
+    base_paths = run(base, str(config.cascade.base_workdir))
+    sr = copy.deepcopy(config)
+    sr.sampling.cond_images = base_paths["npz"]
+    return {**{f"base_{kind}": path for kind, path in base_paths.items()}, **run(sr, workdir)}
 
 
 def _from_noise(config, loaded: setup.LoadedRun, out_dir: str) -> dict[str, str]:
