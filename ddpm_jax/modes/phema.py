@@ -58,8 +58,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         steps = snaps.all_steps()
         metas = [snaps.read_meta(s) for s in steps]
         stored = RunMeta.from_dict(metas[-1]["run"], str(workdir))
-        run_ = setup.create_run(config)
-        run_.meta.check_matches(stored, str(workdir))
+        ddpm = setup.create_run(config)
+        ddpm.meta.check_matches(stored, str(workdir))
         snap_t = [s for s, m in zip(steps, metas) for _ in m["gammas"]]
         snap_g = [g for m in metas for g in m["gammas"]]
         weights, residual = post_hoc_ema.check_representable(sigma_rels, snap_t, snap_g, steps[-1], str(workdir))
@@ -68,7 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                    for s, r in zip(sigma_rels, residual)]
         todo = [i for i, rec in enumerate(records) if not _kept(rec)]
         if todo:
-            params = setup.abstract_params(run_.model, run_.shape, run_.mesh)
+            params = setup.abstract_params(ddpm.model, ddpm.shape, ddpm.mesh)
             sums = _weighted_sums(snaps, steps, metas, params, weights[:, todo])
             for i, summed in zip(todo, sums):
                 _write(records[i], summed, stored, workdir)
