@@ -198,6 +198,9 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
             cleanup_tmp_directories=cleanup_tmp,
+            # Multi-host: the snapshots' manager saves beside the checkpoints', so its barriers get their own names.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=None if subdir == CHECKPOINT_DIR else subdir),
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
         self._writing: int | None = None  # the step of the save in flight

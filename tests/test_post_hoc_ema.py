@@ -6,6 +6,7 @@ traced by the loop's `compile_step`, so the autoencoder's trainer gets the same)
 the reconstruction read back by `setup.load_run` as every mode reads it; the one-line errors.
 """
 
+import json
 import os
 import shutil
 
@@ -199,3 +200,47 @@ def test_a_resume_with_other_profiles_or_snapshots_without_profiles_is_refused(r
     config.ema.sigma_rels = ()
     with pytest.raises(ValueError, match=r"^ema\.snapshot_every=2 needs ema\.sigma_rels"):
         loop.Settings.from_config(config, "training")
+
+
+def test_the_profiles_change_no_training_number_and_off_means_absent(run_dir, tmp_path):
+    workdir, tracked = run_dir
+    plain_dir = str(tmp_path / "plain")
+    plain = jax.device_get(train.train_and_evaluate(_config(sigma_rels=(), snapshot_every=0), plain_dir))
+    assert plain.phema is None and not os.path.exists(os.path.join(plain_dir, checkpointing.SNAPSHOT_DIR))
+    jax.tree.map(np.testing.assert_array_equal, plain, tracked.replace(phema=None))
+    assert "post_hoc_ema" not in checkpointing.read_meta(plain_dir)
+    assert checkpointing.read_meta(workdir)["post_hoc_ema"] == {"sigma_rels": [0.05, 0.1]}
+    saved = {}
+    for name, d in (("plain", plain_dir), ("tracked", workdir)):
+        with open(os.path.join(d, "checkpoints", "6", "info", "metadata")) as f:
+            saved[name] = set(json.load(f)["checksums"])  # the state's saved parts
+    assert saved["tracked"] - saved["plain"] == {"phema"} and "phema" not in saved["plain"]
+
+
+def test_the_sweeps_table_and_plot_mark_the_fixed_decay(tmp_path):
+    from bench import phema_sweep
+
+    floor = dict(fd=0.5, precision=0.9, recall=0.9)
+    records = [dict(ema="post-hoc", sigma_rel=s, gamma=post_hoc_ema.gamma_from_sigma_rel(s), residual=0.01, seed=0,
+                    fd=fd, precision=0.8, recall=0.7, floor=floor) for s, fd in ((0.05, 2.0), (0.1, 1.5))]
+    records.append(dict(ema=phema_sweep.FIXED, decay=0.995, sigma_rel=post_hoc_ema.sigma_rel_of_decay(0.995, 2000),
+                        gamma=None, residual=None, seed=0, fd=1.7, precision=0.8, recall=0.7, floor=floor))
+    text = phema_sweep.table(records)
+    assert "| fixed | 0.09975 |  |  | 0 | 1.7 | 0.8 | 0.7 |" in text and "Floor (real vs real): fd 0.5" in text
+    assert phema_sweep.quality({"metric": "inception", "fid": 3.0}) == {"fid": 3.0, "inception_score": None}
+    phema_sweep.plot(str(tmp_path / "sweep.png"), records)
+    assert os.path.getsize(tmp_path / "sweep.png") > 1000
+
+
+def test_the_autoencoders_trainer_gets_the_same_profiles_and_snapshots(tmp_path):
+    """The second trainer of the loop: no code of its own for post-hoc EMA."""
+    from ddpm_jax.modes import autoencoder
+    from tests.test_autoencoder import _tiny_config
+
+    config = _tiny_config()
+    config.autoencoder.update(num_steps=4, log_every=2, checkpoint_every=2, eval_batch_size=100)
+    config.ema.update(sigma_rels=(0.1,), snapshot_every=2)
+    workdir = str(tmp_path / "ae")
+    autoencoder.run(config, workdir)
+    with checkpointing.Checkpointer(workdir, keep=None, subdir=checkpointing.SNAPSHOT_DIR) as snaps:
+        assert snaps.all_steps() == [2, 4] and snaps.read_meta(4)["sigma_rels"] == [0.1]
