@@ -2,7 +2,7 @@
 
     python -m bench.phema_sweep --config=configs/digits.py --workdir=workdirs/digits_phema \
         [--sigma_rels=0.02,0.03,0.04,0.05,0.06,0.08,0.1,0.13,0.16,0.2] [--seeds=0] \
-        [--out=phema_sweep.jsonl] [--table=phema_sweep.md] [--plot=phema_sweep.png] [--config.X=...]
+        [--out=phema_sweep.jsonl] [--table=phema_sweep.md] [--plot=phema_sweep.png] [--holdout=0.07] [--config.X=...]
 
 The run must have been trained with `ema.sigma_rels` and `ema.snapshot_every` (docs/post_hoc_ema.md).
 `--mode=phema` (`modes.phema.run`) reconstructs every σ_rel of `--sigma_rels` into
@@ -14,6 +14,11 @@ digits / MNIST, FID / IS where configured) scores each one and the run's own fix
 must exceed). One JSON line per (σ_rel, seed) on stdout and `--out`, a markdown table (`--table`)
 and a plot of quality against σ_rel (`--plot`) marking the fixed decay at its equivalent σ_rel
 (`post_hoc_ema.sigma_rel_of_decay`: the std √β/(1 − β) of its weights over the steps trained).
+
+`--holdout=σ`: the run also tracked σ directly (one of its `ema.sigma_rels`); σ is reconstructed from
+the other profiles' snapshots alone and compared with the tracked one at the last snapshot (one JSON
+line: the relative L2 error of the params, and the error over the distance between the other
+profiles, i.e. how much of their difference the reconstruction misses).
 """
 
 from __future__ import annotations
@@ -102,6 +107,44 @@ def plot(path: str, records: list[dict]) -> None:
     files.write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
+def holdout_error(config, workdir: str, sigma_rel: float) -> dict:
+    """The reconstruction of a tracked σ_rel from the other profiles' snapshots, against the tracked one."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from ddpm_jax import post_hoc_ema, setup  # noqa: PLC0415
+    from ddpm_jax.modes import phema  # noqa: PLC0415
+
+    with phema.open_snapshots(workdir) as snaps:
+        steps = snaps.all_steps()
+        metas = [snaps.read_meta(s) for s in steps]
+        rows = [(s, g, k) for s, m in zip(steps, metas) for k, g in enumerate(m["gammas"])]
+        target = post_hoc_ema.gamma_from_sigma_rel(sigma_rel)
+        held = [abs(post_hoc_ema.sigma_rel_from_gamma(g) - sigma_rel) < 1e-6 for _, g, _ in rows]
+        if not any(held):
+            raise common.BenchError(f"--holdout={sigma_rel:g} is not one of the run's ema.sigma_rels.")
+        kept = [i for i, h in enumerate(held) if not h]
+        x, residual = post_hoc_ema.solve_weights([rows[i][0] for i in kept], [rows[i][1] for i in kept], steps[-1],
+                                                 [target])
+        weights = np.zeros((len(rows), 3))
+        weights[kept, 0] = x[:, 0]
+        weights[max(i for i, h in enumerate(held) if h), 1] = 1.0  # the tracked profile at the last snapshot
+        others = [i for i in kept if rows[i][0] == steps[-1]]
+        if len(others) > 1:  # two other profiles' difference: the scale of what the EMA width changes
+            weights[others[0], 2], weights[others[-1], 2] = 1.0, -1.0
+        run = setup.create_run(config)
+        made, tracked, between = (jax.device_get(t) for t in phema.weighted_sums(
+            snaps, steps, metas, setup.abstract_params(run.model, run.shape, run.mesh), weights))
+
+    def norm(tree) -> float:
+        return float(np.sqrt(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in jax.tree.leaves(tree))))
+
+    error = norm(jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, made, tracked))
+    return dict(holdout=sigma_rel, step=steps[-1], fit_residual=float(residual[0]), relative_error=error / norm(tracked),
+                error_over_profile_difference=error / norm(between) if len(others) > 1 else None,
+                profiles=[post_hoc_ema.sigma_rel_from_gamma(g) for g in metas[-1]["gammas"]])
+
+
 def measure(argv: list[str]) -> list[dict]:
     rest, overrides = common.split_overrides(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -112,8 +155,11 @@ def measure(argv: list[str]) -> list[dict]:
     p.add_argument("--out", default="", help="also append the JSON lines to this file")
     p.add_argument("--table", default="", help="write the markdown table here")
     p.add_argument("--plot", default="")
+    p.add_argument("--holdout", type=float, default=0.0, help="a tracked σ_rel to reconstruct without its snapshots")
     args = p.parse_args(rest)
     config = common.load_config(args.config, overrides)
+    if args.holdout:
+        return [common.emit(holdout_error(config, args.workdir, args.holdout))]
     config.ema.sigma_rel = args.sigma_rels
 
     from ddpm_jax import post_hoc_ema  # noqa: PLC0415

@@ -244,3 +244,19 @@ def test_the_autoencoders_trainer_gets_the_same_profiles_and_snapshots(tmp_path)
     autoencoder.run(config, workdir)
     with checkpointing.Checkpointer(workdir, keep=None, subdir=checkpointing.SNAPSHOT_DIR) as snaps:
         assert snaps.all_steps() == [2, 4] and snaps.read_meta(4)["sigma_rels"] == [0.1]
+
+
+def test_the_sweeps_holdout_reconstructs_a_tracked_profile_from_the_others(tmp_path):
+    from bench import common, phema_sweep
+
+    config = _config(num_steps=8, sigma_rels=(0.05, 0.07, 0.1))
+    workdir = str(tmp_path / "three")
+    tracked = jax.device_get(train.train_and_evaluate(config, workdir))
+    (record,) = phema_sweep.measure([f"--workdir={workdir}", "--config=configs/toy2d.py", "--holdout=0.07",
+                                     "--config.diffusion.num_timesteps=10"])
+    assert record["step"] == 8 and record["profiles"] == pytest.approx([0.05, 0.07, 0.1])
+    # 4 snapshots of 8 steps: the measurement's plumbing (the math's accuracy: the float64 test above).
+    assert 0 < record["relative_error"] < 0.05 and np.isfinite(record["error_over_profile_difference"])
+    assert tracked.phema is not None
+    with pytest.raises(common.BenchError, match=r"--holdout=0\.06 is not one of the run's ema\.sigma_rels"):
+        phema_sweep.holdout_error(config, workdir, 0.06)

@@ -33,7 +33,7 @@ def out_workdir(config: ml_collections.ConfigDict, workdir: str, sigma_rel: floa
     return os.path.join(base, f"sigma_rel_{sigma_rel:g}")
 
 
-def _snapshots(workdir: str) -> checkpointing.Checkpointer:
+def open_snapshots(workdir: str) -> checkpointing.Checkpointer:
     """The workdir's snapshots; a one-line FileNotFoundError when it has none."""
     path = checkpointing.workdir_path(workdir, checkpointing.SNAPSHOT_DIR)
     fix = (f"no post-hoc EMA snapshots in {path}; train with --config.ema.sigma_rels=0.05,0.1 "
@@ -54,7 +54,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if not sigma_rels:
         raise ValueError("ema.sigma_rel is empty; name the EMA width(s) to reconstruct, e.g. "
                          "--config.ema.sigma_rel=0.05 or 0.03,0.05,0.1.")
-    with _snapshots(workdir) as snaps:
+    with open_snapshots(workdir) as snaps:
         steps = snaps.all_steps()
         metas = [snaps.read_meta(s) for s in steps]
         stored = RunMeta.from_dict(metas[-1]["run"], str(workdir))
@@ -69,7 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         todo = [i for i, rec in enumerate(records) if not _kept(rec)]
         if todo:
             params = setup.abstract_params(ddpm.model, ddpm.shape, ddpm.mesh)
-            sums = _weighted_sums(snaps, steps, metas, params, weights[:, todo])
+            sums = weighted_sums(snaps, steps, metas, params, weights[:, todo])
             for i, summed in zip(todo, sums):
                 _write(records[i], summed, stored, workdir)
     for rec in records:
@@ -78,7 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     return records
 
 
-def _weighted_sums(snaps: checkpointing.Checkpointer, steps: list[int], metas: list[dict], params_template,
+def weighted_sums(snaps: checkpointing.Checkpointer, steps: list[int], metas: list[dict], params_template,
                    weights) -> list:
     """Σ_i x_i θ̂_i over the stored profiles for every column of `weights` [n, m], reading each snapshot once."""
     axpy = jax.jit(lambda acc, w, p: jax.tree.map(lambda a, b: a + w.astype(b.dtype) * b, acc, p))
