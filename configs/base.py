@@ -100,6 +100,13 @@ def get_config() -> ml_collections.ConfigDict:
     optim.grad_clip = 1.0  # Global-norm gradient clipping (0 = off).
     optim.ema_decay = 0.9999  # EMA of the params; evaluation uses the EMA weights.
 
+    # ---- Post-hoc EMA (Karras et al. 2024, §3; docs/post_hoc_ema.md) ---------------------------
+    config.ema = ema = ml_collections.ConfigDict()
+    ema.sigma_rels = ()  # Relative widths of the power-function EMA profiles tracked, e.g. (0.05, 0.1); () = none.
+    ema.snapshot_every = 0  # Steps between snapshots of them into <workdir>/ema_snapshots (0 = none).
+    ema.sigma_rel = ""  # --mode=phema: the σ_rel to reconstruct, one or a comma list (e.g. 0.05,0.1).
+    ema.out_workdir = ""  # --mode=phema: where the reconstructions go ("" = <workdir>/phema); see the docs.
+
     # ---- Training loop ----------------------------------------------------------------------
     config.training = training = ml_collections.ConfigDict()
     training.batch_size = 128  # Global batch over all devices and hosts.

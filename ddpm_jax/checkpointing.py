@@ -43,6 +43,7 @@ from etils import epath
 from ddpm_jax import parallel
 
 CHECKPOINT_DIR = "checkpoints"
+SNAPSHOT_DIR = "ema_snapshots"  # post-hoc EMA snapshots (`post_hoc_ema.Snapshot`), all kept, beside the rotation
 NEWEST = -1  # `checkpoint_step` meaning the newest checkpoint that reads back intact
 TRAIN, EMA, DATA, META, INFO = "train", "ema_params", "data", "meta", "info"
 _ARRAY_ITEMS = (TRAIN, EMA)
@@ -179,17 +180,17 @@ def _is_disk_full(err: BaseException | None) -> bool:
 
 
 class Checkpointer:
-    """Async Orbax checkpoints of a workdir: keep the latest `keep` plus every `keep_every` steps.
+    """Async Orbax checkpoints of a workdir: keep the latest `keep` (None: all) plus every `keep_every` steps.
 
-    `cleanup_tmp=True` (training) deletes the leftovers of interrupted saves; readers
+    `subdir` is the workdir's folder of them (SNAPSHOT_DIR: the post-hoc EMA snapshots). `cleanup_tmp=True` (training) deletes the leftovers of interrupted saves; readers
     (sampling, evaluation) leave them, as a run may be saving into the same workdir.
     """
 
-    def __init__(self, workdir: str, keep: int = 3, keep_every: int = 0, async_save: bool = True,
-                 cleanup_tmp: bool = False):
+    def __init__(self, workdir: str, keep: int | None = 3, keep_every: int = 0, async_save: bool = True,
+                 cleanup_tmp: bool = False, subdir: str = CHECKPOINT_DIR):
         self.workdir = str(workdir)
-        self.directory = workdir_path(workdir, CHECKPOINT_DIR)
-        policies = [ocp.checkpoint_managers.LatestN(n=max(int(keep), 1))]
+        self.directory = workdir_path(workdir, subdir)
+        policies = [ocp.checkpoint_managers.LatestN(n=None if keep is None else max(int(keep), 1))]
         if keep_every and int(keep_every) > 0:
             policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=int(keep_every)))
         options = ocp.CheckpointManagerOptions(
@@ -197,6 +198,9 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
             cleanup_tmp_directories=cleanup_tmp,
+            # Multi-host: the snapshots' manager saves beside the checkpoints', so its barriers get their own names.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=None if subdir == CHECKPOINT_DIR else subdir),
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
         self._writing: int | None = None  # the step of the save in flight
@@ -411,8 +415,8 @@ def _item_handlers() -> dict:
     return {**arrays, **{name: ocp.JsonCheckpointHandler() for name in (DATA, META, INFO)}}
 
 
-def save_pretrained(directory: str, params: Any, meta: dict) -> None:
-    """Writes a params-only checkpoint (step 0, EMA item + meta) readable by `restore_ema_params`.
+def save_pretrained(directory: str, params: Any, meta: dict, step: int = 0) -> None:
+    """Writes a params-only checkpoint (`step`, EMA item + meta) readable by `restore_ema_params`.
 
     Used by the converters of released checkpoints: `--mode=sample --workdir=directory`
     then samples from these weights.
@@ -428,7 +432,7 @@ def save_pretrained(directory: str, params: Any, meta: dict) -> None:
             raise NonFiniteCheckpointError("refusing to save params holding NaN or Inf.")
         items = {EMA: ocp.args.PyTreeSave(params), META: ocp.args.JsonSave(dict(meta)),
                  INFO: ocp.args.JsonSave({"checksums": {EMA: summary["checksum"]}, "extra": {}})}
-        ckpt._manager.save(0, args=ocp.args.Composite(**items), force=True)
+        ckpt._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
 
 def read_meta(workdir: str) -> dict | None:

@@ -23,8 +23,14 @@ every trainer:
 * Non-finite losses (`<section>.nonfinite`): "error" stops at the next log line or checkpoint,
   naming the first bad step; "skip" counts the updates the step left out (`keep_if_finite`).
 
-The state is any `flax.struct` dataclass with `step` and `ema_params` fields: checkpointing
-saves each field, so more state (post-hoc EMA profiles) is more fields, and a distillation
+* Post-hoc EMA (`post_hoc_ema.py`, `config.ema`): with `ema.sigma_rels`, the loop attaches the
+  power-function EMA profiles to the state (its `phema` field), `compile_step` updates them after
+  every step (eq. 4) and every `ema.snapshot_every` steps and at the end the loop saves them to
+  `<workdir>/ema_snapshots/<step>` (kept whatever the checkpoints' rotation), which
+  `--mode=phema` combines into an EMA of any σ_rel.
+
+The state is any `flax.struct` dataclass with `step`, `params`, `ema_params` and (None unless the loop
+attaches profiles) `phema` fields: checkpointing saves each field that is not None, and a distillation
 student passes its frozen teacher's params to its compiled step (`step = lambda s, b:
 compiled(s, b, teacher)`) outside the state. The step metrics are [n] arrays with at least
 "loss" and "finite".
@@ -42,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddpm_jax import (checkpoint_recovery, checkpointing, checks, data, files, metrics, parallel, preemption,
-                      workdir_lock)
+from ddpm_jax import (checkpoint_recovery, checkpointing, checks, data, files, metrics, parallel, post_hoc_ema,
+                      preemption, workdir_lock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +66,22 @@ class Settings:
     steps_per_dispatch: int
     nonfinite: str
     prefetch: int  # dispatches queued ahead of the step (data.prefetch)
+    sigma_rels: tuple[float, ...] = ()  # the post-hoc EMA profiles tracked (config.ema; () = none)
+    snapshot_every: int = 0  # steps between their snapshots (0 = none)
 
     @classmethod
     def from_config(cls, config: Any, section: str) -> "Settings":
-        s = config[section]
+        s, ema = config[section], config.get("ema") or {}
+        sigma_rels = post_hoc_ema.parse_sigma_rels(ema.get("sigma_rels", ()), "ema.sigma_rels")
+        snapshot_every = int(ema.get("snapshot_every", 0))
+        if snapshot_every < 0 or (snapshot_every and not sigma_rels):
+            raise ValueError(f"ema.snapshot_every={snapshot_every} needs ema.sigma_rels (e.g. 0.05,0.1) and must be "
+                             ">= 0 (0 = no snapshots).")
         return cls(section=section, num_steps=int(s.num_steps), batch_size=int(s.batch_size),
                    log_every=int(s.log_every), checkpoint_every=int(s.checkpoint_every),
                    keep_checkpoints=int(s.keep_checkpoints), keep_every=int(s.keep_every),
                    steps_per_dispatch=int(s.steps_per_dispatch), nonfinite=str(s.nonfinite),
-                   prefetch=max(int(config.data.prefetch), 1))
+                   prefetch=max(int(config.data.prefetch), 1), sigma_rels=sigma_rels, snapshot_every=snapshot_every)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,17 +125,26 @@ def compile_step(one_step: Callable[[Any, Any], tuple[Any, dict]], mesh, use_sca
     The n = batches' leading size steps run in one call, a `lax.scan` (default on accelerators)
     or unrolled (default on the CPU, where XLA runs convolution gradients inside a while loop
     ~25x slower); metrics come back as [n] arrays. Params replicated, batches sharded on
-    their batch axis, the state donated.
+    their batch axis, the state donated. A state with post-hoc EMA profiles (`phema`) has them
+    updated after each step with its new params (eq. 4), left out where the step was not finite.
     """
     scan = jax.default_backend() != "cpu" if use_scan is None else use_scan
+
+    def tracked_step(state, batch):
+        new, m = one_step(state, batch)
+        profiles = getattr(new, "phema", None)
+        if profiles is not None:  # t = new.step: the updates applied, this one included
+            new = new.replace(phema=keep_if_finite(m["finite"], post_hoc_ema.update(profiles, new.params, new.step),
+                                                   profiles))
+        return new, m
 
     def multi_step(state, batches):
         n = jax.tree.leaves(batches)[0].shape[0]
         if n > 1 and scan:
-            return jax.lax.scan(one_step, state, batches)
+            return jax.lax.scan(tracked_step, state, batches)
         step_metrics = []
         for i in range(n):
-            state, m = one_step(state, jax.tree.map(lambda b: b[i], batches))
+            state, m = tracked_step(state, jax.tree.map(lambda b: b[i], batches))
             step_metrics.append(m)
         return state, jax.tree.map(lambda *ms: jnp.stack(ms), *step_metrics)
 
@@ -171,17 +193,36 @@ class _Loop:
         self.closing = False  # set once the final checkpoint is being waited for
         self.ckpt = checkpointing.Checkpointer(workdir, keep=self.s.keep_checkpoints, keep_every=self.s.keep_every,
                                                cleanup_tmp=True)
+        self.snapshots = (checkpointing.Checkpointer(workdir, keep=None, cleanup_tmp=True,
+                                                     subdir=checkpointing.SNAPSHOT_DIR)
+                          if self.s.snapshot_every else None)
+        self.meta = dict(trainer.meta)
+        if self.s.sigma_rels:  # a resume must track the same profiles
+            self.meta["post_hoc_ema"] = dict(sigma_rels=list(self.s.sigma_rels))
         try:
             self.state, self.buffer = self._restore_or_init()
             if trainer.started is not None:  # only now: a refused run leaves the workdir's records as they were
                 trainer.started()
         except BaseException:
-            self.ckpt.close()
+            self._close_checkpointers()
             raise
 
+    def _check_meta(self, stored: dict | None) -> None:
+        """The trainer's check of a checkpoint's meta, and the same post-hoc EMA profiles."""
+        stored = None if stored is None else dict(stored)
+        tracked = (stored or {}).pop("post_hoc_ema", {}).get("sigma_rels", [])
+        if stored is not None and list(tracked) != list(self.s.sigma_rels):
+            raise ValueError(f"{self.workdir} tracks post-hoc EMA profiles ema.sigma_rels={tuple(tracked)}, the config "
+                             f"gives {self.s.sigma_rels}; rerun with --config.ema.sigma_rels set as it was, or use a "
+                             "fresh --workdir.")
+        if self.trainer.check_meta is not None:
+            self.trainer.check_meta(stored)
+
     def _restore_or_init(self) -> tuple[Any, metrics.MetricBuffer]:
-        restored = checkpoint_recovery.newest_valid(self.ckpt, self.trainer.template,
-                                                    check_meta=self.trainer.check_meta)
+        template = self.trainer.template
+        if self.s.sigma_rels:
+            template = template.replace(phema=post_hoc_ema.abstract(template.params, len(self.s.sigma_rels)))
+        restored = checkpoint_recovery.newest_valid(self.ckpt, template, check_meta=self._check_meta)
         s = self.s
         fix = (f"lower {self.trainer.lr_field}, check the data, or set --config.{s.section}.nonfinite=skip "
                "to skip such updates")
@@ -189,7 +230,10 @@ class _Loop:
         buffer = metrics.MetricBuffer.from_json(saved, s.batch_size, s.nonfinite, averaged=self.trainer.averaged,
                                                 fix=fix)
         if restored is None:
-            return self.trainer.init(), buffer
+            state = self.trainer.init()
+            if self.s.sigma_rels:
+                state = state.replace(phema=post_hoc_ema.create(state.params, self.s.sigma_rels))
+            return state, buffer
         if restored.data_state is not None:
             self.it.set_state(restored.data_state)  # refuses another batch size / data / seed
         logging.info("resumed from %s at step %d", self.ckpt.directory, restored.step)
@@ -213,7 +257,7 @@ class _Loop:
         if step >= num_steps:
             logging.info("%s is at step %d >= %s.num_steps=%d: nothing to train (raise --config.%s.num_steps "
                          "to go on).", self.workdir, step, self.s.section, num_steps, self.s.section)
-            self.ckpt.close()
+            self._close_checkpointers()
             return self.state
         self.writer = metrics.MetricWriter(self.workdir, resume_step=step)
         self.data_state, self.last_log, self.last_values = self.it.get_state(), (step, time.time()), {}
@@ -222,6 +266,7 @@ class _Loop:
             step, preempted = self._steps(step, watcher)
             if not preempted:
                 self._save(step, force=True)
+                self._snapshot(step)
                 for hook in self.trainer.hooks:
                     hook.fn(self.state, step, self.writer)
             self._close(step, preempted and not watcher.interrupted, watcher.reason)  # Ctrl-C: main says it
@@ -255,6 +300,8 @@ class _Loop:
                     self._log(step, bar)
                 if (_crossed(prev, step, s.checkpoint_every) and step < num_steps) or preempted:
                     self._save(step, force=preempted)
+                if _crossed(prev, step, s.snapshot_every) and step < num_steps:
+                    self._snapshot(step)
                 if preempted:
                     return step, True
                 due = [h for h in self.trainer.hooks if _crossed(prev, step, h.every) and step < num_steps]
@@ -275,12 +322,31 @@ class _Loop:
     def _save(self, step: int, force: bool = False) -> None:
         self.buffer.check_finite()  # never checkpoint past a non-finite step unnoticed (policy "error")
         if step not in self.ckpt.all_steps():  # unlogged steps go along: the log reads as one run
-            self.ckpt.save(step, self.state, self.data_state, self.trainer.meta, force=force,
+            self.ckpt.save(step, self.state, self.data_state, self.meta, force=force,
                            extra=self.buffer.to_json())
+
+    def _snapshot(self, step: int) -> None:
+        """The post-hoc EMA profiles at `step` into ema_snapshots/ (a rerun of a step keeps the one written)."""
+        if self.snapshots is None or step in self.snapshots.all_steps():
+            return
+        self.buffer.check_finite()
+        profiles = self.state.phema
+        snapshot = post_hoc_ema.Snapshot(step=self.state.step, gammas=profiles.gammas, ema_params=profiles.ema_params)
+        meta = dict(step=step, sigma_rels=list(self.s.sigma_rels), run=self.meta,
+                    gammas=[post_hoc_ema.gamma_from_sigma_rel(v) for v in self.s.sigma_rels])
+        self.snapshots.save(step, snapshot, None, meta, force=True)
+
+    def _close_checkpointers(self) -> None:
+        """Waits for the pending saves (checkpoints, then snapshots) and closes both."""
+        try:
+            self.ckpt.close()
+        finally:
+            if self.snapshots is not None:
+                self.snapshots.close()
 
     def _close(self, step: int, preempted: bool, reason: str) -> None:
         self.closing = True
-        self.ckpt.close()  # waits for the last save (DiskFullError if it did not fit)
+        self._close_checkpointers()  # waits for the last save (DiskFullError if it did not fit)
         if preempted:
             logging.warning("%s: checkpoint of step %d written to %s; rerun the same command to resume.",
                             reason, step, self.ckpt.directory)
@@ -289,6 +355,6 @@ class _Loop:
         if self.closing:
             return
         try:  # let pending saves finish; the error in flight is the one to report
-            self.ckpt.close()
+            self._close_checkpointers()
         except Exception as close_err:  # noqa: BLE001
             logging.warning("while stopping: %s", close_err)

@@ -1,4 +1,4 @@
-"""The train state (step, params, EMA params, optimizer state, timestep history) and the optimizer.
+"""The train state (step, params, EMA params, post-hoc EMA profiles, optimizer state, timestep history) and the optimizer.
 
 A plain pytree (`flax.struct`), so it can be sharded, donated to the compiled
 step and saved by Orbax as is. No RNG is stored: the step's key is
@@ -25,6 +25,8 @@ class TrainState:
     opt_state: Any
     # The loss-aware timestep sampler's history (`timestep_sampler.History`); None when t is uniform.
     t_history: Any = None
+    # The post-hoc EMA profiles (`post_hoc_ema.Profiles`, attached by the loop); None when ema.sigma_rels is empty.
+    phema: Any = None
 
     @classmethod
     def create(cls, params: Any, tx: optax.GradientTransformation, t_history: Any = None) -> "TrainState":

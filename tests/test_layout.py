@@ -11,7 +11,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ddpm_jax"
 
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = (
-    ("core", ("rng", "schedules", "diffusion", "sampling", "guidance", "conditioning", "models", "timestep_sampler")),
+    ("core", ("rng", "schedules", "diffusion", "sampling", "guidance", "conditioning", "models", "timestep_sampler",
+              "post_hoc_ema")),
     ("infrastructure", ("files", "parallel", "imaging", "data", "train_state", "checkpointing", "run_meta",
                         "metrics", "sampler", "preemption", "workdir_lock", "config_loading", "checkpoint_recovery")),
     ("setup", ("setup", "condition_config")),
@@ -19,11 +20,11 @@ LAYERS = (
     ("modes", ("train", "modes", "convert")),
     ("entry point", ("main",)),
 )
-MODES = {"train", "modes.sample", "modes.evaluate", "modes.bpd", "modes.figures", "modes.autoencoder"}
+MODES = {"train", "modes.sample", "modes.evaluate", "modes.bpd", "modes.figures", "modes.autoencoder", "modes.phema"}
 # Function-level imports of the package's own modules, and why they stay lazy.
 LAZY_ALLOWED = {
     ("main", "train"), ("main", "modes.bpd"), ("main", "modes.evaluate"), ("main", "modes.sample"), ("main", "modes.figures"),
-    ("main", "modes.autoencoder"),
+    ("main", "modes.autoencoder"), ("main", "modes.phema"),
     ("main", "metrics"), ("main", "parallel"), ("main", "checkpointing"), ("main", "checks"),
     # (all of main's: `--help` and `--print_config` without importing JAX)
 }

@@ -24,7 +24,7 @@ from bench import kill_resume as kr
 from configs import digits, toy2d
 from ddpm_jax import checkpointing, data, parallel, run_meta, setup, train
 from ddpm_jax.evaluation import classifier
-from ddpm_jax.modes import sample
+from ddpm_jax.modes import phema, sample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
@@ -199,3 +199,24 @@ def test_eval_generation_splits_the_chunks_between_hosts(tmp_path):
         np.testing.assert_array_equal(a["images"], b["images"])
     results = json.load(open(os.path.join(workdir, "eval", "step_0_ddpm_seed0", "results_classifier.json")))
     assert results["num_samples"] == 24 and results["counts"]["generated"] == 24
+
+
+def test_two_processes_snapshot_and_reconstruct_post_hoc_ema_like_one(tmp_path):
+    """Post-hoc EMA on 2 processes x 4 devices: the snapshots (written once, by every process's
+    save) and --mode=phema's reconstruction match 1 process x 8."""
+    values = {**TOY, "training.num_steps": 4, "ema.sigma_rels": (0.05, 0.1), "ema.snapshot_every": 2,
+              "ema.sigma_rel": "0.07"}
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    _launch(two, *_flags(values))
+    _launch(two, *_flags(values), "--mode=phema")
+    config = _toy_config(**values)
+    train.train_and_evaluate(config, one)
+    phema.run(config, one)
+    for workdir in (one, two):
+        with checkpointing.Checkpointer(workdir, keep=None, subdir=checkpointing.SNAPSHOT_DIR) as snaps:
+            assert snaps.all_steps() == [2, 4]
+    made = [jax.device_get(setup.load_run(config, phema.out_workdir(config, w, 0.07)).params) for w in (two, one)]
+    diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b)))) for a, b in
+               zip(jax.tree.leaves(made[0]), jax.tree.leaves(made[1])))
+    print(f"post-hoc EMA σ_rel 0.07, 2 processes x 4 vs 1 x 8 devices: max |diff| = {diff:.3g}")
+    assert diff <= TOLERANCE

@@ -11,6 +11,7 @@ Each mode's function takes `(config, workdir)` and first checks the config with 
     figures    ddpm_jax.modes.figures.run               the paper's Figs. 5-8 (figures.kind)
     train_autoencoder  ddpm_jax.modes.autoencoder.run   the KL autoencoder of latent diffusion
                                                         (its workdir: checkpoints, scale factor, PSNR)
+    phema      ddpm_jax.modes.phema.run                 post-hoc EMA: the EMA of any σ_rel from the snapshots
 
 This package's own helpers are the few things every mode does the same way.
 """
