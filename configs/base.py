@@ -225,6 +225,31 @@ def get_config() -> ml_collections.ConfigDict:
     autoencoder.eval_batch_size = 250  # Batch of the scale-factor pass (training split) and the test evaluation.
     autoencoder.eval_classifier = True  # Classifier fd of the reconstructions beside its floor (labelled data).
 
+    # ---- Progressive distillation (--mode=distill): one round per workdir -------------------
+    # Salimans & Ho 2022, Algorithm 2 (ddpm_jax/modes/distill.py, docs/distillation.md): a student of N DDIM
+    # steps learns the teacher's 2N. The student's diffusion.pred (v or x0) and its loss weighting are its own;
+    # model, data shape and schedule must be the teacher's. Sample it with sampling.method=ddim, steps=N,
+    # spacing=trailing.
+    config.distill = distill = ml_collections.ConfigDict()
+    distill.teacher_workdir = ""  # The teacher: a trained (or converted) model's workdir, or the previous round's.
+    # The DDIM steps the teacher samples with (trailing spacing); 0 = its own: T for a trained model, N for a
+    # student. Set it for the first round from a trained model when T is not a power of two (T = 100: 64 or 32).
+    distill.teacher_steps = 0
+    distill.steps = 0  # N, the student's steps: half the teacher's (required).
+    # Loss weight of ||x~ - x^||^2: truncated_snr (max(SNR, 1), the paper's) | snr_plus_one (SNR + 1: the v-MSE).
+    distill.weighting = "truncated_snr"
+    distill.lr = 1e-4  # Adam learning rate (beta1, beta2, eps, grad_clip from optim) ...
+    distill.lr_decay = True  # ... annealed linearly to 0 over the round (the paper's); False = constant.
+    distill.ema_decay = 0.0  # EMA of the student's params, what sample / eval / the next round read (0 = none).
+    distill.batch_size = 128  # Global batch over all devices and hosts.
+    distill.num_steps = 50_000  # Adam updates of this round.
+    distill.log_every = 100  # Steps between metrics.jsonl / TensorBoard / progress-bar updates.
+    distill.checkpoint_every = 5000  # Steps between checkpoints (resume: rerun the same command).
+    distill.keep_checkpoints = 3  # Most recent checkpoints kept.
+    distill.keep_every = 0  # Also keep every K-th step permanently (0 = none).
+    distill.steps_per_dispatch = 1  # Train steps fused into one compiled call.
+    distill.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
+
     # ---- Multi-host ---------------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()
     # "" = one process; "auto" = jax.distributed.initialize() detects the cluster (TPU pod,

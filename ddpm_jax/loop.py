@@ -25,8 +25,8 @@ every trainer:
 
 The state is any `flax.struct` dataclass with `step` and `ema_params` fields: checkpointing
 saves each field, so more state (post-hoc EMA profiles) is more fields, and a distillation
-student passes its frozen teacher's params to its compiled step (`step = lambda s, b:
-compiled(s, b, teacher)`) outside the state. The step metrics are [n] arrays with at least
+student passes its frozen teacher's params to its compiled step outside the state
+(`compile_step(..., frozen=teacher)`). The step metrics are [n] arrays with at least
 "loss" and "finite".
 """
 
@@ -106,29 +106,39 @@ def keep_if_finite(finite: jnp.ndarray, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
-def compile_step(one_step: Callable[[Any, Any], tuple[Any, dict]], mesh, use_scan: bool | None = None) -> Callable:
+def compile_step(one_step: Callable[..., tuple[Any, dict]], mesh, use_scan: bool | None = None,
+                 frozen: Any = None) -> Callable:
     """`step(state, batches) -> (state, metrics)` of `one_step(state, batch)`, compiled for the loop.
 
     The n = batches' leading size steps run in one call, a `lax.scan` (default on accelerators)
     or unrolled (default on the CPU, where XLA runs convolution gradients inside a while loop
     ~25x slower); metrics come back as [n] arrays. Params replicated, batches sharded on
-    their batch axis, the state donated.
+    their batch axis, the state donated. `frozen` (a distillation teacher's params) is passed
+    to every call as an argument, `one_step(state, batch, frozen)`, replicated and never
+    donated: the program does not embed it as a constant.
     """
     scan = jax.default_backend() != "cpu" if use_scan is None else use_scan
 
-    def multi_step(state, batches):
+    def multi_step(state, batches, *fixed):
+        def call(s, b):
+            return one_step(s, b, *fixed)
+
         n = jax.tree.leaves(batches)[0].shape[0]
         if n > 1 and scan:
-            return jax.lax.scan(one_step, state, batches)
+            return jax.lax.scan(call, state, batches)
         step_metrics = []
         for i in range(n):
-            state, m = one_step(state, jax.tree.map(lambda b: b[i], batches))
+            state, m = call(state, jax.tree.map(lambda b: b[i], batches))
             step_metrics.append(m)
         return state, jax.tree.map(lambda *ms: jnp.stack(ms), *step_metrics)
 
     rep = parallel.replicated(mesh)
-    return jax.jit(multi_step, in_shardings=(rep, parallel.data_sharded(mesh, batch_axis=1)),
-                   out_shardings=(rep, rep), donate_argnums=(0,))
+    data_sharding = parallel.data_sharded(mesh, batch_axis=1)
+    if frozen is None:
+        return jax.jit(multi_step, in_shardings=(rep, data_sharding), out_shardings=(rep, rep), donate_argnums=(0,))
+    compiled = jax.jit(multi_step, in_shardings=(rep, data_sharding, rep), out_shardings=(rep, rep),
+                       donate_argnums=(0,))
+    return lambda state, batches: compiled(state, batches, frozen)
 
 
 def next_dispatch(it: data.TrainIterator, n: int, mesh) -> tuple[Any, dict]:

@@ -19,11 +19,12 @@ LAYERS = (
     ("modes", ("train", "modes", "convert")),
     ("entry point", ("main",)),
 )
-MODES = {"train", "modes.sample", "modes.evaluate", "modes.bpd", "modes.figures", "modes.autoencoder"}
+MODES = {"train", "modes.sample", "modes.evaluate", "modes.bpd", "modes.figures", "modes.autoencoder",
+         "modes.distill"}
 # Function-level imports of the package's own modules, and why they stay lazy.
 LAZY_ALLOWED = {
     ("main", "train"), ("main", "modes.bpd"), ("main", "modes.evaluate"), ("main", "modes.sample"), ("main", "modes.figures"),
-    ("main", "modes.autoencoder"),
+    ("main", "modes.autoencoder"), ("main", "modes.distill"),
     ("main", "metrics"), ("main", "parallel"), ("main", "checkpointing"), ("main", "checks"),
     # (all of main's: `--help` and `--print_config` without importing JAX)
 }

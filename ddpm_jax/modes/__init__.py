@@ -10,6 +10,7 @@ Each mode's function takes `(config, workdir)` and first checks the config with 
     figures    ddpm_jax.modes.figures.run               the paper's Figs. 5-8 (figures.kind)
     train_autoencoder  ddpm_jax.modes.autoencoder.run   the KL autoencoder of latent diffusion
                                                         (its workdir: checkpoints, scale factor, PSNR)
+    distill    ddpm_jax.modes.distill.run              one round of progressive distillation (2N -> N steps)
 
 This package's own helpers are the few things every mode does the same way.
 """
