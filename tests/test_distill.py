@@ -167,7 +167,7 @@ def test_a_teacher_of_another_shape_or_an_eps_student_is_refused(tmp_path, teach
     assert not os.path.exists(tmp_path / "student")
 
 
-def test_a_round_resumes_bitwise_and_its_student_samples_with_ddim(tmp_path, teacher):
+def test_a_round_resumes_bitwise_and_its_student_samples_with_ddim(tmp_path, teacher, capsys):
     config = _config(teacher_workdir=teacher)
     straight = jax.device_get(distill.run(config, str(tmp_path / "straight")))
     assert int(straight.step) == 4
@@ -183,6 +183,10 @@ def test_a_round_resumes_bitwise_and_its_student_samples_with_ddim(tmp_path, tea
     loaded = setup.load_run(config, resumed)  # the student is an ordinary workdir
     out = setup.make_sampler(loaded, config)(loaded.params, np.arange(8))
     assert out.samples.shape == (8, 8, 8, 1) and np.all(np.isfinite(np.asarray(out.samples)))
+    assert "warning" not in capsys.readouterr().out
+    config.sampling.spacing = "leading"  # not the grid it was distilled on: one line says so
+    setup.load_run(config, resumed)
+    assert "is a student distilled for 2 DDIM steps" in capsys.readouterr().out
     with pytest.raises(ValueError, match="holds a student of 2 steps, but distill.steps=1"):
         distill.run(_config(teacher_workdir=resumed, teacher_steps=0, steps=1), resumed)
     next_round = distill.read_teacher(_config(teacher_workdir=resumed, teacher_steps=0, steps=1))
