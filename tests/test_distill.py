@@ -189,6 +189,6 @@ def test_a_round_resumes_bitwise_and_its_student_samples_with_ddim(tmp_path, tea
     assert "is a student distilled for 2 DDIM steps" in capsys.readouterr().out
     with pytest.raises(ValueError, match="holds a student of 2 steps, but distill.steps=1"):
         distill.run(_config(teacher_workdir=resumed, teacher_steps=0, steps=1), resumed)
-    next_round = distill.read_teacher(_config(teacher_workdir=resumed, teacher_steps=0, steps=1))
-    assert next_round.steps == 2 and next_round.meta.pred == "v"
+    next_round, steps = distill.read_teacher(_config(teacher_workdir=resumed, teacher_steps=0, steps=1))
+    assert steps == 2 and next_round.meta.pred == "v"
     assert schedule_betas(config).shape == (8,)

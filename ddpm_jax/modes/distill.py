@@ -48,8 +48,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax import (checkpoint_recovery, checkpointing, checks, condition_config, conditioning, data, diffusion, loop, metrics,
-                      parallel, rng, setup)
+from ddpm_jax import (checkpointing, checks, condition_config, conditioning, data, diffusion, loop, metrics, parallel,
+                      rng, setup)
+from ddpm_jax import teacher as teacher_lib
 from ddpm_jax.run_meta import CheckpointMismatchError, RunMeta, schedule_betas
 from ddpm_jax.sampling.ddpm_ddim import ddim_step, ddim_timesteps
 from ddpm_jax.train_state import TrainState, ema_update
@@ -165,39 +166,18 @@ def optimizer(section: ml_collections.ConfigDict, optim: ml_collections.ConfigDi
                                           eps=float(optim.eps)))
 
 
-# ---- the teacher --------------------------------------------------------------------------------------
+# ---- the teacher's steps ------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-    """The round's teacher: its workdir's meta, EMA params and step, and the steps it samples with."""
-
-    workdir: str
-    meta: RunMeta
-    steps: int
-    params: Any = None
-    step: int = 0
-
-
-def read_teacher(config: ml_collections.ConfigDict) -> Teacher:
-    """The teacher's meta and steps, checked against the config (one-line ValueErrors, nothing loaded)."""
+def read_teacher(config: ml_collections.ConfigDict) -> tuple[teacher_lib.Teacher, int]:
+    """The teacher (`teacher.read`) and the steps it samples with, checked against `distill.steps`."""
     d = config.distill
-    workdir, n, T = str(d.teacher_workdir), int(d.steps), int(config.diffusion.num_timesteps)
-    if not workdir:
-        raise ValueError("distill.teacher_workdir is empty; set it to the workdir of the trained model "
-                         "(or of the previous round's student).")
-    stored = checkpointing.read_meta(workdir) if os.path.isdir(workdir) else None
-    if stored is None:
-        raise ValueError(f"distill.teacher_workdir={workdir!r} holds no checkpoint; train the teacher first "
-                         "(--mode=train) or give the workdir of a trained or converted model.")
-    where = f"distill.teacher_workdir={workdir}"
-    meta = RunMeta.from_dict(stored, where)
-    ours = dataclasses.replace(RunMeta.from_config(config), pred=meta.pred)
-    ours.check_matches(meta, where)
-    own = int(meta.source.get("distill", {}).get("steps", 0))  # a previous round's student
+    n, T = int(d.steps), int(config.diffusion.num_timesteps)
+    teacher = teacher_lib.read(config, str(d.teacher_workdir), "distill.teacher_workdir")
+    own = int(teacher.meta.source.get("distill", {}).get("steps", 0))  # a previous round's student
     asked = int(d.teacher_steps)
     if own and asked not in (0, own):
-        raise ValueError(f"distill.teacher_steps={asked}, but {workdir} is a student of {own} steps; "
+        raise ValueError(f"distill.teacher_steps={asked}, but {teacher.workdir} is a student of {own} steps; "
                          f"set --config.distill.teacher_steps=0 (or {own}).")
     steps = own or asked or T
     if not 2 <= steps <= T or steps % 2:
@@ -206,24 +186,14 @@ def read_teacher(config: ml_collections.ConfigDict) -> Teacher:
     if n * 2 != steps:
         raise ValueError(f"distill.steps={n} is not half the teacher's {steps} steps; set "
                          f"--config.distill.steps={steps // 2} (one round halves the steps).")
-    return Teacher(workdir, meta, steps)
-
-
-def load_teacher(config: ml_collections.ConfigDict, teacher: Teacher, run: setup.Run) -> Teacher:
-    """The teacher with its newest valid EMA params, replicated on the run's mesh."""
-    template = setup.abstract_params(run.model, run.shape, run.mesh)
-    check = lambda stored: teacher.meta.check_matches(RunMeta.from_dict(stored, teacher.workdir),  # noqa: E731
-                                                      teacher.workdir)
-    with checkpointing.Checkpointer(teacher.workdir, async_save=False) as ckpt:
-        step, params = checkpoint_recovery.newest_valid_ema(ckpt, template, check_meta=check)
-    return dataclasses.replace(teacher, params=params, step=int(step))
+    return teacher, steps
 
 
 # ---- the run ----------------------------------------------------------------------------------------
 
 
-def check_config(config: ml_collections.ConfigDict, mesh) -> Teacher:
-    """Every check before work (one-line ValueErrors naming the field); returns the teacher to load."""
+def check_config(config: ml_collections.ConfigDict, mesh) -> tuple[teacher_lib.Teacher, int]:
+    """Every check before work (one-line ValueErrors naming the field); returns the teacher to load and its steps."""
     checks.check_config(config, "distill")
     d = config.distill
     checks.check_loop(d, "distill")
@@ -239,15 +209,15 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> Teacher:
         raise ValueError(f"distill.ema_decay={d.ema_decay} must be in [0, 1) (0 = no EMA).")
     if int(d.steps) < 1:
         raise ValueError(f"distill.steps={d.steps} must be >= 1: the student's DDIM steps N of this round.")
-    teacher = read_teacher(config)
+    found = read_teacher(config)
     round_grid(schedule_betas(config), int(d.steps), str(d.weighting))  # the grids must nest
-    return teacher
+    return found
 
 
-def student_meta(config: ml_collections.ConfigDict, teacher: Teacher) -> RunMeta:
+def student_meta(config: ml_collections.ConfigDict, teacher: teacher_lib.Teacher, teacher_steps: int) -> RunMeta:
     """The student's RunMeta: the config's (its pred), with the round in source["distill"]."""
     n = int(config.distill.steps)
-    record = dict(method="progressive", steps=n, teacher_steps=teacher.steps, teacher_workdir=teacher.workdir,
+    record = dict(method="progressive", steps=n, teacher_steps=teacher_steps, teacher_workdir=teacher.workdir,
                   teacher_step=teacher.step, teacher_pred=teacher.meta.pred, weighting=str(config.distill.weighting),
                   sampler=dict(method="ddim", steps=n, spacing=SPACING, eta=0.0))
     return dataclasses.replace(RunMeta.from_config(config), source=dict(distill=record))
@@ -275,11 +245,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     (resuming from its newest valid checkpoint); returns the final state."""
     parallel.initialize(config.get("distributed"))
     mesh = parallel.make_mesh()
-    teacher = check_config(config, mesh)
+    teacher, teacher_steps = check_config(config, mesh)
     d, n = config.distill, int(config.distill.steps)
     student = setup.create_run(config, mesh)
-    teacher = load_teacher(config, teacher, student)
-    meta = student_meta(config, teacher)
+    teacher = teacher_lib.load(teacher, student)
+    meta = student_meta(config, teacher, teacher_steps)
     teacher_process = diffusion.GaussianDiffusion(student.sched, pred=teacher.meta.pred,
                                                   var_type=str(config.diffusion.var_type), clip_x0=setup.clips_x0(config))
     tx, rep = optimizer(d, config.optim), parallel.replicated(mesh)
@@ -297,18 +267,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                               jax.eval_shape(lambda p: TrainState.create(p, tx), teacher.params)),
         init=lambda: create(teacher.params), meta=meta.to_dict(), check_meta=_check_student(meta, workdir),
         mesh=mesh, started=lambda: metrics.write_config(config, workdir), lr_field="distill.lr",
-        report=lambda state, at, values, seconds: _report(workdir, n, teacher, at, values, seconds))
+        report=lambda state, at, values, seconds: _report(workdir, n, teacher.workdir, teacher_steps, at, values,
+                                                          seconds))
     it = data.create_train_iterator(config.data, global_batch_size=int(d.batch_size), seed=int(config.seed),
                                     process_index=jax.process_index(), process_count=jax.process_count())
     return loop.train(trainer, workdir, it)
 
 
-def _report(workdir: str, n: int, teacher: Teacher, step: int, values: dict, seconds: float) -> None:
+def _report(workdir: str, n: int, teacher: str, teacher_steps: int, step: int, values: dict, seconds: float) -> None:
     """The closing lines: what the round made and how to sample it."""
     if jax.process_index() != 0:
         return
     loss = values.get("loss")
-    print(f"distilled {teacher.workdir} ({teacher.steps} steps) into a student of {n} steps: step {step} in "
+    print(f"distilled {teacher} ({teacher_steps} steps) into a student of {n} steps: step {step} in "
           f"{seconds:.0f} s{'' if loss is None else f', final loss {loss:.4f}'}\n"
           f"  checkpoints: {os.path.join(workdir, checkpointing.CHECKPOINT_DIR)} (rerun the command to resume)\n"
           f"  sample it:   --mode=sample --workdir={workdir} --config.sampling.method=ddim "
