@@ -92,9 +92,6 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     _check_model(config)
     check_schedule(config.diffusion)
     check_objective(config.diffusion)
-    if str(config.diffusion.pred) == "consistency":
-        raise ValueError("diffusion.pred='consistency' is trained by --mode=consistency (consistency distillation "
-                         "of a trained teacher); --mode=train takes eps, x0, v or xprev.")
     if int(t.sample_every) > 0:  # the grids written during and after training
         check_sampler(config.sampling, int(config.diffusion.num_timesteps))
         check_labels(config)

@@ -10,7 +10,7 @@ import pytest
 
 import ddpm_jax.main  # noqa: F401  (puts the repository root on sys.path for `configs`)
 from configs import digits
-from ddpm_jax import checkpointing, diffusion, sampling, schedules, setup
+from ddpm_jax import checkpointing, diffusion, sampling, schedules, setup, train
 from ddpm_jax.modes import consistency
 from ddpm_jax.run_meta import RunMeta
 
@@ -98,3 +98,9 @@ def test_bad_consistency_runs_are_refused_before_any_work(tmp_path, teacher, cha
     with pytest.raises(ValueError, match="the student is a consistency model"):
         consistency.run(config, str(tmp_path / "cd"))
     assert not os.path.exists(tmp_path / "cd")
+
+
+def test_train_mode_refuses_a_consistency_model_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="diffusion.pred='consistency' is trained by --mode=consistency"):
+        train.train_and_evaluate(_config(), str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
