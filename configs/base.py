@@ -79,7 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.num_timesteps = 1000  # T
     diffusion.beta_start = 1e-4  # beta_1
     diffusion.beta_end = 0.02  # beta_T
-    diffusion.pred = "eps"  # What the network predicts: eps | x0 | v | xprev (the posterior mean mu-tilde)
+    # What the network predicts: eps | x0 | v | xprev (the posterior mean mu-tilde) | consistency (F of the
+    # consistency function f = c_skip x~ + c_out F, Song et al. 2023: made by --mode=consistency only).
+    diffusion.pred = "eps"
     # Reverse variance: fixedlarge (beta_t) | fixedsmall (beta-tilde_t) | learned (the network outputs
     # log sigma^2: 2C channels) | learned_range (Nichol & Dhariwal eq. 15: between beta-tilde_t and beta_t).
     diffusion.var_type = "fixedlarge"
@@ -135,7 +137,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- Sampling (--mode=sample, sample grids) ---------------------------------------------
     config.sampling = sampling = ml_collections.ConfigDict()
-    # ddpm (Algorithm 2) | ddim | dpmpp_2m | dpmpp_3m | sde_dpmpp_2m | heun | euler_ancestral
+    # ddpm (Algorithm 2) | ddim | dpmpp_2m | dpmpp_3m | sde_dpmpp_2m | heun | euler_ancestral | consistency
+    # (Song et al. 2023, Alg. 1: x0-hat, renoised to the next timestep; steps 1 = one-step generation)
     # (the registry: ddpm_jax/sampling/registry.py; docs/samplers.md).
     sampling.method = "ddpm"
     sampling.num_samples = 64
@@ -241,6 +244,51 @@ def get_config() -> ml_collections.ConfigDict:
     cascade.base_config = ""
     cascade.base_workdir = ""
     cascade.base_overrides = ""  # Overrides of the base config, space-separated: 'checkpoint_step=400 a.b=c'.
+
+    # ---- Progressive distillation (--mode=distill): one round per workdir -------------------
+    # Salimans & Ho 2022, Algorithm 2 (ddpm_jax/modes/distill.py, docs/distillation.md): a student of N DDIM
+    # steps learns the teacher's 2N. The student's diffusion.pred (v or x0) and its loss weighting are its own;
+    # model, data shape and schedule must be the teacher's. Sample it with sampling.method=ddim, steps=N,
+    # spacing=trailing.
+    config.distill = distill = ml_collections.ConfigDict()
+    distill.teacher_workdir = ""  # The teacher: a trained (or converted) model's workdir, or the previous round's.
+    # The DDIM steps the teacher samples with (trailing spacing); 0 = its own: T for a trained model, N for a
+    # student. Set it for the first round from a trained model when T is not a power of two (T = 100: 64 or 32).
+    distill.teacher_steps = 0
+    distill.steps = 0  # N, the student's steps: half the teacher's (required).
+    # Loss weight of ||x~ - x^||^2: truncated_snr (max(SNR, 1), the paper's) | snr_plus_one (SNR + 1: the v-MSE).
+    distill.weighting = "truncated_snr"
+    distill.lr = 1e-4  # Adam learning rate (beta1, beta2, eps, grad_clip from optim) ...
+    distill.lr_decay = True  # ... annealed linearly to 0 over the round (the paper's); False = constant.
+    distill.ema_decay = 0.0  # EMA of the student's params, what sample / eval / the next round read (0 = none).
+    distill.batch_size = 128  # Global batch over all devices and hosts.
+    distill.num_steps = 50_000  # Adam updates of this round.
+    distill.log_every = 100  # Steps between metrics.jsonl / TensorBoard / progress-bar updates.
+    distill.checkpoint_every = 5000  # Steps between checkpoints (resume: rerun the same command).
+    distill.keep_checkpoints = 3  # Most recent checkpoints kept.
+    distill.keep_every = 0  # Also keep every K-th step permanently (0 = none).
+    distill.steps_per_dispatch = 1  # Train steps fused into one compiled call.
+    distill.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
+
+    # ---- Consistency distillation (--mode=consistency) ---------------------------------------
+    # Song et al. 2023, Algorithm 2 (ddpm_jax/modes/consistency.py, docs/distillation.md): the teacher's network
+    # becomes a consistency model (diffusion.pred=consistency); sample it with sampling.method=consistency.
+    config.consistency = consistency = ml_collections.ConfigDict()
+    consistency.teacher_workdir = ""  # The teacher: a trained (or converted) model's workdir.
+    consistency.steps = 18  # N: the grid's trailing timesteps besides t = 0 (the paper: 18 on CIFAR-10).
+    consistency.ema_decay = 0.95  # mu of the target network theta- (= the EMA params sample / eval read).
+    # Distance d: pseudo_huber (sqrt(|a-b|^2 + c^2) - c, c = 0.00054 sqrt(dim); LPIPS needs downloaded VGG
+    # weights) | l2 (the mean square).
+    consistency.distance = "pseudo_huber"
+    consistency.lr = 4e-4  # Adam learning rate, constant (beta1, beta2, eps, grad_clip from optim).
+    consistency.batch_size = 128  # Global batch over all devices and hosts.
+    consistency.num_steps = 50_000  # Adam updates.
+    consistency.log_every = 100  # Steps between metrics.jsonl / TensorBoard / progress-bar updates.
+    consistency.checkpoint_every = 5000  # Steps between checkpoints (resume: rerun the same command).
+    consistency.keep_checkpoints = 3  # Most recent checkpoints kept.
+    consistency.keep_every = 0  # Also keep every K-th step permanently (0 = none).
+    consistency.steps_per_dispatch = 1  # Train steps fused into one compiled call.
+    consistency.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
 
     # ---- Multi-host ---------------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The values of `--mode`: `main.run_mode` runs each one, `checks.check_config` checks each one.
-MODES = ("train", "sample", "eval", "fid_stats", "bpd", "figures", "train_autoencoder", "cascade", "phema")
+MODES = ("train", "sample", "eval", "fid_stats", "bpd", "figures", "train_autoencoder", "cascade", "phema",
+         "distill", "consistency")
 
 
 class ConfigError(ValueError):

@@ -20,7 +20,8 @@ import numpy as np
 
 from ddpm_jax.schedules import Schedule
 
-PREDS = ("eps", "x0", "v", "xprev")
+PREDS = ("eps", "x0", "v", "xprev", "consistency")
+SIGMA_DATA = 0.5  # σ_data of the consistency parameterisation (Karras et al. 2022; Song et al. 2023)
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 LOSSES = ("mse", "kl", "hybrid")
@@ -115,6 +116,20 @@ def eps_from_v(sched: Schedule, x_t, t, v):
     """ε = √ᾱ_t v + √(1 − ᾱ_t) x_t."""
     a, s = _sqrt_abar(sched, t, x_t)
     return a * v + s * x_t
+
+
+def consistency_function(sched: Schedule, x_tilde, t, out):
+    """f(x̃, σ̃_t) = c_skip(σ̃_t) x̃ + c_out(σ̃_t) F (Song et al. 2023, App. C) in the scale x̃ = x_t/√ᾱ_t,
+    σ̃_t = √(1/ᾱ_t − 1), with σ_min = σ̃_0 (the first timestep) and σ_data = `SIGMA_DATA`:
+
+        c_skip = σ_data² / ((σ̃_t − σ_min)² + σ_data²),   c_out = σ_data (σ̃_t − σ_min) / √(σ_data² + σ̃_t²),
+
+    so f(x̃, σ_min) = x̃ exactly (c_skip = 1, c_out = 0: the boundary condition)."""
+    sigma = extract(sched.sqrt_recipm1_alphas_cumprod, t, x_tilde.ndim)
+    gap = sigma - sched.sqrt_recipm1_alphas_cumprod[0]
+    c_skip = SIGMA_DATA ** 2 / (jnp.square(gap) + SIGMA_DATA ** 2)
+    c_out = SIGMA_DATA * gap * jax.lax.rsqrt(SIGMA_DATA ** 2 + jnp.square(sigma))
+    return c_skip * x_tilde + c_out * out
 
 
 def x0_from_xprev(sched: Schedule, x_t, t, xprev):
@@ -239,15 +254,17 @@ class GaussianDiffusion:
         """(x̂_0, ε̂) implied by the network output (no clipping); a learned variance's half is dropped.
 
         eps: x̂_0 = x_t/√ᾱ_t − √(1/ᾱ_t − 1) ε̂ (eq. (4) solved for x_0); x0: ε̂ from x̂_0 the same way;
-        v: x̂_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v̂ (Salimans & Ho 2022); xprev: eq. (7) solved for x_0.
+        v: x̂_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v̂ (Salimans & Ho 2022); xprev: eq. (7) solved for x_0;
+        consistency: x̂_0 = f(x_t/√ᾱ_t, σ̃_t) (`consistency_function`).
         """
         out, _ = self.split_output(model_output)
         if self.pred == "eps":
             return x0_from_eps(self.sched, x_t, t, out), out
         if self.pred == "x0":
             return out, eps_from_x0(self.sched, x_t, t, out)
-        if self.pred == "xprev":
-            x0 = x0_from_xprev(self.sched, x_t, t, out)
+        if self.pred in ("xprev", "consistency"):
+            x0 = (x0_from_xprev(self.sched, x_t, t, out) if self.pred == "xprev" else consistency_function(
+                self.sched, extract(self.sched.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t, t, out))
             return x0, eps_from_x0(self.sched, x_t, t, x0)
         return x0_from_v(self.sched, x_t, t, out), eps_from_v(self.sched, x_t, t, out)
 
@@ -310,6 +327,9 @@ class GaussianDiffusion:
             return x0
         if self.pred == "xprev":
             return self.q_posterior(x0, self.q_sample(x0, t, noise), t)[0]
+        if self.pred == "consistency":
+            raise ValueError("pred='consistency' has no regression target: it is trained by consistency "
+                             "distillation (--mode=consistency), not --mode=train.")
         return v_target(self.sched, x0, t, noise)
 
     def training_losses(self, model_output, x0, x_t, t, noise, *,

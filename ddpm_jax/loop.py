@@ -31,8 +31,8 @@ every trainer:
 
 The state is any `flax.struct` dataclass with `step`, `params`, `ema_params` and (None unless the loop
 attaches profiles) `phema` fields: checkpointing saves each field that is not None, and a distillation
-student passes its frozen teacher's params to its compiled step (`step = lambda s, b:
-compiled(s, b, teacher)`) outside the state. The step metrics are [n] arrays with at least
+student passes its frozen teacher's params to its compiled step outside the state
+(`compile_step(..., frozen=teacher)`). The step metrics are [n] arrays with at least
 "loss" and "finite".
 """
 
@@ -119,26 +119,30 @@ def keep_if_finite(finite: jnp.ndarray, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
-def compile_step(one_step: Callable[[Any, Any], tuple[Any, dict]], mesh, use_scan: bool | None = None) -> Callable:
+def compile_step(one_step: Callable[..., tuple[Any, dict]], mesh, use_scan: bool | None = None,
+                 frozen: Any = None) -> Callable:
     """`step(state, batches) -> (state, metrics)` of `one_step(state, batch)`, compiled for the loop.
 
     The n = batches' leading size steps run in one call, a `lax.scan` (default on accelerators)
     or unrolled (default on the CPU, where XLA runs convolution gradients inside a while loop
     ~25x slower); metrics come back as [n] arrays. Params replicated, batches sharded on
-    their batch axis, the state donated. A state with post-hoc EMA profiles (`phema`) has them
-    updated after each step with its new params (eq. 4), left out where the step was not finite.
+    their batch axis, the state donated. `frozen` (a distillation teacher's params) is passed
+    to every call as an argument, `one_step(state, batch, frozen)`, replicated and never
+    donated: the program does not embed it as a constant. A state with post-hoc EMA profiles
+    (`phema`) has them updated after each step with its new params (eq. 4), left out where the
+    step was not finite.
     """
     scan = jax.default_backend() != "cpu" if use_scan is None else use_scan
 
-    def tracked_step(state, batch):
-        new, m = one_step(state, batch)
-        profiles = getattr(new, "phema", None)
-        if profiles is not None:  # t = new.step: the updates applied, this one included
-            new = new.replace(phema=keep_if_finite(m["finite"], post_hoc_ema.update(profiles, new.params, new.step),
-                                                   profiles))
-        return new, m
+    def multi_step(state, batches, *fixed):
+        def tracked_step(s, b):
+            new, m = one_step(s, b, *fixed)
+            profiles = getattr(new, "phema", None)
+            if profiles is not None:  # t = new.step: the updates applied, this one included
+                new = new.replace(phema=keep_if_finite(m["finite"], post_hoc_ema.update(profiles, new.params, new.step),
+                                                       profiles))
+            return new, m
 
-    def multi_step(state, batches):
         n = jax.tree.leaves(batches)[0].shape[0]
         if n > 1 and scan:
             return jax.lax.scan(tracked_step, state, batches)
@@ -149,8 +153,12 @@ def compile_step(one_step: Callable[[Any, Any], tuple[Any, dict]], mesh, use_sca
         return state, jax.tree.map(lambda *ms: jnp.stack(ms), *step_metrics)
 
     rep = parallel.replicated(mesh)
-    return jax.jit(multi_step, in_shardings=(rep, parallel.data_sharded(mesh, batch_axis=1)),
-                   out_shardings=(rep, rep), donate_argnums=(0,))
+    data_sharding = parallel.data_sharded(mesh, batch_axis=1)
+    if frozen is None:
+        return jax.jit(multi_step, in_shardings=(rep, data_sharding), out_shardings=(rep, rep), donate_argnums=(0,))
+    compiled = jax.jit(multi_step, in_shardings=(rep, data_sharding, rep), out_shardings=(rep, rep),
+                       donate_argnums=(0,))
+    return lambda state, batches: compiled(state, batches, frozen)
 
 
 def next_dispatch(it: data.TrainIterator, n: int, mesh) -> tuple[Any, dict]:

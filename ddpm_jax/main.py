@@ -101,11 +101,12 @@ def run_mode(config, workdir: str, mode: str):
     """Runs `mode`'s function `(config, workdir)`, which starts with `checks.check_config(config, mode)`
     (the modes are imported only now: `--help` needs no JAX)."""
     from ddpm_jax import train
-    from ddpm_jax.modes import autoencoder, bpd, evaluate, figures, phema, sample
+    from ddpm_jax.modes import autoencoder, bpd, consistency, distill, evaluate, figures, phema, sample
 
     modes = {"train": train.train_and_evaluate, "sample": sample.run, "eval": evaluate.run_eval,
              "fid_stats": evaluate.run_fid_stats, "bpd": bpd.run, "figures": figures.run,
-             "train_autoencoder": autoencoder.run, "cascade": sample.run_cascade, "phema": phema.run}
+             "train_autoencoder": autoencoder.run, "cascade": sample.run_cascade, "phema": phema.run,
+             "distill": distill.run, "consistency": consistency.run}
     return modes[mode](config, workdir)
 
 

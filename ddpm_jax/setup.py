@@ -216,6 +216,20 @@ def warn_untrained_null(config: ml_collections.ConfigDict, workdir: str) -> None
               "sample with guidance_scale=0 or train with label_dropout > 0.", flush=True)
 
 
+def warn_student_sampler(config: ml_collections.ConfigDict, meta: RunMeta, workdir: str) -> None:
+    """One line when a progressive-distillation student (`meta.source["distill"]`) is sampled with other
+    than the DDIM steps it was distilled for: its network is trained for those timesteps only."""
+    want = meta.source.get("distill", {}).get("sampler")
+    if not want:
+        return
+    opts = sampler_options(config)
+    have = dict(method=opts["method"], steps=opts["num_steps"], spacing=opts["spacing"], eta=opts["eta"])
+    if have != want:
+        print(f"warning: {workdir} is a student distilled for {want['steps']} DDIM steps; sampling it with "
+              f"{have} differs: set --config.sampling.method=ddim --config.sampling.steps={want['steps']} "
+              f"--config.sampling.spacing={want['spacing']} --config.sampling.eta=0.", flush=True)
+
+
 def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> LoadedRun:
     """`create_run(config)` with the EMA params of the workdir's newest valid checkpoint.
 
@@ -231,10 +245,17 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None 
     if condition_config.text_conditioned(config):  # the captions must be encoded with the vocabulary it was trained on
         captions.check_saved_tokenizer(str(workdir), captions.tokenizer_for(config.data))
     template = abstract_params(run.model, run.shape, run.mesh)
-    check = lambda stored: run.meta.check_matches(RunMeta.from_dict(stored, str(workdir)), str(workdir))  # noqa: E731
+    used: list[RunMeta] = []
+
+    def check(stored: dict) -> None:
+        used.append(RunMeta.from_dict(stored, str(workdir)))
+        run.meta.check_matches(used[-1], str(workdir))
+
     with checkpointing.Checkpointer(workdir, async_save=False) as ckpt:
         step, params = checkpoint_recovery.newest_valid_ema(
             ckpt, template, check_meta=check, step=int(config.get("checkpoint_step", checkpoint_recovery.NEWEST)))
+    if used:
+        warn_student_sampler(config, used[-1], str(workdir))
     return LoadedRun(**{f.name: getattr(run, f.name) for f in dataclasses.fields(Run)},
                      params=params, step=int(step))
 

@@ -112,6 +112,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     parallel.initialize(config.get("distributed"))
     mesh = parallel.make_mesh()
     checks.check_config(config, "train", mesh)
+    if str(config.diffusion.pred) == "consistency":  # f has no regression target (diffusion.training_target)
+        raise ValueError("diffusion.pred='consistency' is trained by --mode=consistency (consistency distillation "
+                         "of a trained teacher); --mode=train takes eps, x0, v or xprev.")
     if condition_config.text_conditioned(config):  # a workdir of another caption vocabulary: refused before any write
         captions.check_saved_tokenizer(workdir, captions.tokenizer_for(config.data))
     run = setup.create_run(config, mesh)  # warns if abar_T > 1e-2

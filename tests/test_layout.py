@@ -16,15 +16,16 @@ LAYERS = (
     ("infrastructure", ("files", "parallel", "imaging", "data", "train_state", "checkpointing", "run_meta",
                         "metrics", "sampler", "preemption", "workdir_lock", "config_loading", "checkpoint_recovery")),
     ("setup", ("setup", "condition_config")),
-    ("library", ("checks", "evaluation", "loop")),
+    ("library", ("checks", "evaluation", "loop", "teacher")),
     ("modes", ("train", "modes", "convert")),
     ("entry point", ("main",)),
 )
-MODES = {"train", "modes.sample", "modes.evaluate", "modes.bpd", "modes.figures", "modes.autoencoder", "modes.phema"}
+MODES = {"train", "modes.sample", "modes.evaluate", "modes.bpd", "modes.figures", "modes.autoencoder", "modes.phema",
+         "modes.distill", "modes.consistency"}
 # Function-level imports of the package's own modules, and why they stay lazy.
 LAZY_ALLOWED = {
     ("main", "train"), ("main", "modes.bpd"), ("main", "modes.evaluate"), ("main", "modes.sample"), ("main", "modes.figures"),
-    ("main", "modes.autoencoder"), ("main", "modes.phema"),
+    ("main", "modes.autoencoder"), ("main", "modes.phema"), ("main", "modes.distill"), ("main", "modes.consistency"),
     ("main", "metrics"), ("main", "parallel"), ("main", "checkpointing"), ("main", "checks"),
     # (all of main's: `--help` and `--print_config` without importing JAX)
 }

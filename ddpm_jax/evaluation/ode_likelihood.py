@@ -59,8 +59,8 @@ def eps_at(apply_fn: Callable, params: Any, x_vp, t, sigma_tilde, *, process: di
     """ε̂ of the network at a fractional timestep t, with α = 1/√(1 + σ̃²), σ = σ̃ α (eps | x0 | v):
     the conversions of `GaussianDiffusion.x0_and_eps` at a noise level between the table's."""
     pred = process.pred
-    if pred == "xprev":
-        raise ValueError("the probability-flow ODE needs ε̂ between timesteps; pred='xprev' converts only "
+    if pred in ("xprev", "consistency"):
+        raise ValueError(f"the probability-flow ODE needs ε̂ between timesteps; pred={pred!r} converts only "
                          "at integer t (use an eps, x0 or v model).")
     out, _ = process.split_output(apply_fn(params, x_vp, jnp.full((x_vp.shape[0],), t, x_vp.dtype)))
     out = out.astype(x_vp.dtype)

@@ -12,6 +12,8 @@ Each mode's function takes `(config, workdir)` and first checks the config with 
     train_autoencoder  ddpm_jax.modes.autoencoder.run   the KL autoencoder of latent diffusion
                                                         (its workdir: checkpoints, scale factor, PSNR)
     phema      ddpm_jax.modes.phema.run                 post-hoc EMA: the EMA of any σ_rel from the snapshots
+    distill    ddpm_jax.modes.distill.run              one round of progressive distillation (2N -> N steps)
+    consistency  ddpm_jax.modes.consistency.run        consistency distillation (1-step and multistep sampling)
 
 This package's own helpers are the few things every mode does the same way.
 """

@@ -7,7 +7,7 @@ into the entry's concrete values, every rule checked here once.
 
 from __future__ import annotations
 
-from ddpm_jax.sampling import ddpm_ddim, euler_ancestral, solvers
+from ddpm_jax.sampling import consistency, ddpm_ddim, euler_ancestral, solvers
 from ddpm_jax.sampling.base import Method
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -15,6 +15,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     ddpm_ddim.DDIM,
     *solvers.ENTRIES,
     euler_ancestral.ENTRY,
+    consistency.ENTRY,
 )}
 
 
