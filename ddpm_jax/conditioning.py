@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import rng
+
 Cond = dict  # {kind key: array [B, ...]}; {} is the unconditional condition
 
 
@@ -271,6 +273,13 @@ class Conditioning:
         for i, k in enumerate(self.kinds):
             cond = k.augment(cond, jax.random.fold_in(key, i))
         return cond
+
+    def for_step(self, cond: Cond, step_key: jax.Array, probability: float) -> Cond:
+        """A train step's condition: the kinds' augmentation (fold_in(step_key, `rng.COND_AUGMENT`)),
+        this run's entries, then condition dropout to ∅ with `probability` (fold_in(step_key,
+        `rng.LABEL_DROPOUT`)): the same draws in every trainer."""
+        cond = self.select(self.augment(cond, jax.random.fold_in(step_key, rng.COND_AUGMENT)))
+        return dropout(cond, self.null_like(cond), jax.random.fold_in(step_key, rng.LABEL_DROPOUT), probability)
 
     def record(self) -> dict:
         """Every kind's record, merged."""

@@ -46,10 +46,12 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
 from ddpm_jax import (checkpoint_recovery, checkpointing, checks, data, files, metrics, parallel, post_hoc_ema,
                       preemption, workdir_lock)
+from ddpm_jax.train_state import ema_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,24 @@ class Trainer:
 def keep_if_finite(finite: jnp.ndarray, new: Any, old: Any) -> Any:
     """`new` where the step was finite, else `old` (nonfinite=skip: the update is left out)."""
     return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+
+def apply_gradients(state: Any, grads: Any, loss: jnp.ndarray, tx: optax.GradientTransformation, ema_decay: float,
+                    nonfinite: str, **fields: Any) -> tuple[Any, dict]:
+    """The end of every trainer's step: the optimizer's update of `state.params`, their EMA
+    (`ema_decay` 0: the params themselves, bit for bit), the step count and the trainer's own
+    `fields`. With `nonfinite` "skip" a step whose loss or gradient is not finite leaves all
+    of them as they were but the step count. Returns the new state and the metrics loss,
+    grad_norm and finite."""
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = params if ema_decay == 0 else ema_update(state.ema_params, params, ema_decay)
+    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, **fields)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if nonfinite == "skip":
+        new = keep_if_finite(finite, new, state.replace(step=state.step + 1))
+    return new, dict(loss=loss, grad_norm=grad_norm, finite=finite)
 
 
 def compile_step(one_step: Callable[..., tuple[Any, dict]], mesh, use_scan: bool | None = None,

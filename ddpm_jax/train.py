@@ -27,12 +27,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax import (checks, condition_config, conditioning, data, imaging, loop, metrics, parallel, rng, sampler,
-                      schedules, setup, timestep_sampler)
+from ddpm_jax import (checks, condition_config, data, imaging, loop, metrics, parallel, sampler, schedules, setup,
+                      timestep_sampler)
 from ddpm_jax.data import captions
 from ddpm_jax.evaluation import bpd
 from ddpm_jax.run_meta import RunMeta
-from ddpm_jax.train_state import TrainState, create_optimizer, ema_update, learning_rate_schedule
+from ddpm_jax.train_state import TrainState, create_optimizer, learning_rate_schedule
 
 DISPATCH_LOOPS = ("auto", "scan", "unroll")
 
@@ -51,7 +51,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
     base_key = jax.random.key(int(config.seed))
     decay = float(config.optim.ema_decay)
     process = setup.create_diffusion(config, sched)
-    skip = str(config.training.nonfinite) == "skip"
+    nonfinite = str(config.training.nonfinite)
     lr_fn = learning_rate_schedule(config.optim)
     dispatch_loop = str(config.training.get("dispatch_loop", "auto"))
     if dispatch_loop not in DISPATCH_LOOPS:
@@ -63,10 +63,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
     def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step_key = jax.random.fold_in(base_key, state.step)
         dropout_key, loss_key = jax.random.split(step_key)
-        cond = conds.augment(batch.get("cond", {}), jax.random.fold_in(step_key, rng.COND_AUGMENT))
-        cond = conds.select(cond)
-        cond = conditioning.dropout(cond, conds.null_like(cond), jax.random.fold_in(step_key, rng.LABEL_DROPOUT),
-                                    cond_dropout)
+        cond = conds.for_step(batch.get("cond", {}), step_key, cond_dropout)
         # t (uniform, or importance-sampled with weights) and ε: loss_simple's draws from loss_key.
         t_key, noise_key = jax.random.split(loss_key)
         x0 = batch["x"]
@@ -83,20 +80,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
         (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         # The global batch's losses: every device computes the same new history.
         t_history = None if state.t_history is None else timestep_sampler.update(state.t_history, t, losses)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema_params, params, decay)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if skip:  # a non-finite step leaves params, EMA and optimiser state untouched
-            params, ema, opt_state, t_history = loop.keep_if_finite(
-                finite, (params, ema, opt_state, t_history),
-                (state.params, state.ema_params, state.opt_state, state.t_history))
-        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
-                                  t_history=t_history)
-        step_metrics = dict(loss=loss, grad_norm=grad_norm, lr=jnp.asarray(lr_fn(state.step), jnp.float32),
-                            finite=finite)
-        return new_state, step_metrics
+        new_state, step_metrics = loop.apply_gradients(state, grads, loss, tx, decay, nonfinite, t_history=t_history)
+        return new_state, dict(step_metrics, lr=jnp.asarray(lr_fn(state.step), jnp.float32))
 
     return loop.compile_step(one_step, mesh, use_scan=None if dispatch_loop == "auto" else dispatch_loop == "scan")
 

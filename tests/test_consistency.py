@@ -13,6 +13,7 @@ from configs import digits
 from ddpm_jax import checkpointing, diffusion, sampling, schedules, setup, train
 from ddpm_jax.modes import consistency
 from ddpm_jax.run_meta import RunMeta
+from tests.test_distill import save_step0_teacher
 
 
 def test_the_consistency_function_is_the_identity_at_sigma_min_exactly():
@@ -64,13 +65,8 @@ def _config(**changes):
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    config = _config()
-    config.diffusion.pred = "eps"
-    run = setup.create_run(config)
-    workdir = str(tmp_path_factory.mktemp("teacher"))
-    checkpointing.save_pretrained(workdir, setup.init_params(run.model, run.shape, 0, run.mesh),
-                                  RunMeta.from_config(config).to_dict())
-    return workdir
+    """A step-0 ε-model of the tiny config's network."""
+    return save_step0_teacher(_config(), str(tmp_path_factory.mktemp("teacher")))
 
 
 def test_a_consistency_round_trains_and_its_student_samples_through_the_registry(tmp_path, teacher):

@@ -128,16 +128,20 @@ def _config(**distill):
     return config
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A step-0 ε-model of the tiny config's network: the round's teacher workdir."""
-    config = _config()
+def save_step0_teacher(config, workdir: str) -> str:
+    """`workdir` holding a step-0 ε-model of `config`'s network: a distillation teacher."""
+    config = config.copy_and_resolve_references()
     config.diffusion.pred = "eps"
     run = setup.create_run(config)
-    workdir = str(tmp_path_factory.mktemp("teacher"))
     checkpointing.save_pretrained(workdir, setup.init_params(run.model, run.shape, 0, run.mesh),
                                   RunMeta.from_config(config).to_dict())
     return workdir
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """The round's teacher workdir: a step-0 ε-model of the tiny config's network."""
+    return save_step0_teacher(_config(), str(tmp_path_factory.mktemp("teacher")))
 
 
 @pytest.mark.parametrize("change, match", [

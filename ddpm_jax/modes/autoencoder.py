@@ -48,7 +48,7 @@ from ddpm_jax.data.latents import INFO_FILE, MODEL_NAME, check_autoencoder_meta
 from ddpm_jax.evaluation import classifier, sample_quality
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.modes import require_images, say
-from ddpm_jax.train_state import TrainState, create_optimizer, ema_update
+from ddpm_jax.train_state import TrainState, create_optimizer
 
 METRICS_FILE = "autoencoder_metrics.json"
 PICTURE_FILE = "reconstructions.png"
@@ -155,16 +155,9 @@ def make_train_step(model: AutoencoderKL, tx: optax.GradientTransformation, *, l
             return jnp.mean(rec) + kl_weight * jnp.mean(kl), (jnp.mean(rec), jnp.mean(kl))
 
         (total, (rec, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         # ema_decay 0 (LDM's first stage): the EMA is the params themselves, bit for bit.
-        ema = params if ema_decay == 0 else ema_update(state.ema_params, params, ema_decay)
-        new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-        if nonfinite == "skip":
-            new = loop.keep_if_finite(finite, new, state.replace(step=state.step + 1))
-        return new, dict(loss=total, rec_loss=rec, kl=kl, grad_norm=grad_norm, finite=finite)
+        new, step_metrics = loop.apply_gradients(state, grads, total, tx, ema_decay, nonfinite)
+        return new, dict(step_metrics, rec_loss=rec, kl=kl)
 
     return loop.compile_step(one_step, mesh)
 

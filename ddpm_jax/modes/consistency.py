@@ -28,11 +28,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax import checks, condition_config, conditioning, data, diffusion, loop, metrics, parallel, rng, setup
+from ddpm_jax import checks, condition_config, conditioning, data, diffusion, loop, metrics, parallel, setup
 from ddpm_jax import teacher as teacher_lib
 from ddpm_jax.run_meta import RunMeta
 from ddpm_jax.sampling.ddpm_ddim import ddim_step, ddim_timesteps
-from ddpm_jax.train_state import TrainState, ema_update
+from ddpm_jax.train_state import TrainState
 
 DISTANCES = ("pseudo_huber", "l2")
 
@@ -66,9 +66,7 @@ def make_step(student_fn: Callable, eval_fn: Callable, student: diffusion.Gaussi
     def one_step(state: TrainState, batch: dict, frozen: Any):
         step_key = jax.random.fold_in(base_key, state.step)
         dropout_key, loss_key = jax.random.split(step_key)
-        cond = conds.select(conds.augment(batch.get("cond", {}), jax.random.fold_in(step_key, rng.COND_AUGMENT)))
-        cond = conditioning.dropout(cond, conds.null_like(cond), jax.random.fold_in(step_key, rng.LABEL_DROPOUT),
-                                    cond_dropout)
+        cond = conds.for_step(batch.get("cond", {}), step_key, cond_dropout)
         n_key, noise_key = jax.random.split(loss_key)
         x0 = batch["x"]
         n = jax.random.randint(n_key, (x0.shape[0],), 0, len(ts) - 1)
@@ -83,15 +81,7 @@ def make_step(student_fn: Callable, eval_fn: Callable, student: diffusion.Gaussi
             return jnp.mean(distance(f, target, kind))
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = state.replace(step=state.step + 1, params=params, ema_params=ema_update(state.ema_params, params, mu),
-                            opt_state=opt_state)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if nonfinite == "skip":
-            new = loop.keep_if_finite(finite, new, state.replace(step=state.step + 1))
-        return new, dict(loss=loss, grad_norm=grad_norm, finite=finite)
+        return loop.apply_gradients(state, grads, loss, tx, mu, nonfinite)  # θ⁻ ← EMA_μ(θ)
 
     return loop.compile_step(one_step, mesh, frozen=teacher_params)
 

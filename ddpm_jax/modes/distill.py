@@ -49,11 +49,11 @@ import numpy as np
 import optax
 
 from ddpm_jax import (checkpointing, checks, condition_config, conditioning, data, diffusion, loop, metrics, parallel,
-                      rng, setup)
+                      setup)
 from ddpm_jax import teacher as teacher_lib
 from ddpm_jax.run_meta import CheckpointMismatchError, RunMeta, schedule_betas
 from ddpm_jax.sampling.ddpm_ddim import ddim_step, ddim_timesteps
-from ddpm_jax.train_state import TrainState, ema_update
+from ddpm_jax.train_state import TrainState
 
 STUDENT_PREDS = ("v", "x0")
 WEIGHTINGS = ("truncated_snr", "snr_plus_one")
@@ -127,9 +127,7 @@ def make_step(student_fn: Callable, teacher_fn: Callable, student: diffusion.Gau
     def one_step(state: TrainState, batch: dict, frozen: Any):
         step_key = jax.random.fold_in(base_key, state.step)
         dropout_key, loss_key = jax.random.split(step_key)
-        cond = conds.select(conds.augment(batch.get("cond", {}), jax.random.fold_in(step_key, rng.COND_AUGMENT)))
-        cond = conditioning.dropout(cond, conds.null_like(cond), jax.random.fold_in(step_key, rng.LABEL_DROPOUT),
-                                    cond_dropout)
+        cond = conds.for_step(batch.get("cond", {}), step_key, cond_dropout)
         i_key, noise_key = jax.random.split(loss_key)
         x0 = batch["x"]
         i = jax.random.randint(i_key, (x0.shape[0],), 0, len(grid.t))
@@ -143,15 +141,7 @@ def make_step(student_fn: Callable, teacher_fn: Callable, student: diffusion.Gau
             return jnp.mean(weight * diffusion.meanflat(jnp.square(x_hat - x_tilde)))
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = params if ema_decay == 0 else ema_update(state.ema_params, params, ema_decay)
-        new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if nonfinite == "skip":
-            new = loop.keep_if_finite(finite, new, state.replace(step=state.step + 1))
-        return new, dict(loss=loss, grad_norm=grad_norm, finite=finite)
+        return loop.apply_gradients(state, grads, loss, tx, ema_decay, nonfinite)
 
     return loop.compile_step(one_step, mesh, frozen=teacher_params)
 
