@@ -9,6 +9,19 @@ overridden on the command line: `--config.training.batch_size=64`.
 import ml_collections
 
 
+def loop_fields(section: ml_collections.ConfigDict, batch_size: int) -> None:
+    """The shared training loop's fields (`ddpm_jax.loop.Settings`) of a trainer's section other
+    than `training` (the autoencoder, the distillation students), with their defaults."""
+    section.batch_size = batch_size  # Global batch over all devices and hosts.
+    section.num_steps = 50_000  # Adam updates (of this run; one round for progressive distillation).
+    section.log_every = 100  # Steps between metrics.jsonl / TensorBoard / progress-bar updates.
+    section.checkpoint_every = 5000  # Steps between checkpoints (resume: rerun the same command).
+    section.keep_checkpoints = 3  # Most recent checkpoints kept.
+    section.keep_every = 0  # Also keep every K-th step permanently (0 = none).
+    section.steps_per_dispatch = 1  # Train steps fused into one compiled call.
+    section.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
+
+
 def get_config() -> ml_collections.ConfigDict:
     """Returns the default configuration (the paper's CIFAR-10 values where they apply)."""
     config = ml_collections.ConfigDict()
@@ -226,14 +239,7 @@ def get_config() -> ml_collections.ConfigDict:
     autoencoder.beta2 = 0.999  # ... and beta2.
     autoencoder.grad_clip = 0.0  # Global-norm clipping (0 = off, as LDM; the loss is a per-image sum).
     autoencoder.ema_decay = 0.0  # EMA of the params (0 = none, as LDM's first stage); the EMA is what is used.
-    autoencoder.batch_size = 64  # Global batch over all devices and hosts.
-    autoencoder.num_steps = 50_000  # Adam updates.
-    autoencoder.log_every = 100  # Steps between metrics.jsonl / TensorBoard / progress-bar updates.
-    autoencoder.checkpoint_every = 5000  # Steps between checkpoints (resume: rerun the same command).
-    autoencoder.keep_checkpoints = 3  # Most recent checkpoints kept.
-    autoencoder.keep_every = 0  # Also keep every K-th step permanently (0 = none).
-    autoencoder.steps_per_dispatch = 1  # Train steps fused into one compiled call.
-    autoencoder.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
+    loop_fields(autoencoder, batch_size=64)
     autoencoder.eval_batch_size = 250  # Batch of the scale-factor pass (training split) and the test evaluation.
     autoencoder.eval_classifier = True  # Classifier fd of the reconstructions beside its floor (labelled data).
 
@@ -261,14 +267,7 @@ def get_config() -> ml_collections.ConfigDict:
     distill.lr = 1e-4  # Adam learning rate (beta1, beta2, eps, grad_clip from optim) ...
     distill.lr_decay = True  # ... annealed linearly to 0 over the round (the paper's); False = constant.
     distill.ema_decay = 0.0  # EMA of the student's params, what sample / eval / the next round read (0 = none).
-    distill.batch_size = 128  # Global batch over all devices and hosts.
-    distill.num_steps = 50_000  # Adam updates of this round.
-    distill.log_every = 100  # Steps between metrics.jsonl / TensorBoard / progress-bar updates.
-    distill.checkpoint_every = 5000  # Steps between checkpoints (resume: rerun the same command).
-    distill.keep_checkpoints = 3  # Most recent checkpoints kept.
-    distill.keep_every = 0  # Also keep every K-th step permanently (0 = none).
-    distill.steps_per_dispatch = 1  # Train steps fused into one compiled call.
-    distill.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
+    loop_fields(distill, batch_size=128)
 
     # ---- Consistency distillation (--mode=consistency) ---------------------------------------
     # Song et al. 2023, Algorithm 2 (ddpm_jax/modes/consistency.py, docs/distillation.md): the teacher's network
@@ -281,14 +280,7 @@ def get_config() -> ml_collections.ConfigDict:
     # weights) | l2 (the mean square).
     consistency.distance = "pseudo_huber"
     consistency.lr = 4e-4  # Adam learning rate, constant (beta1, beta2, eps, grad_clip from optim).
-    consistency.batch_size = 128  # Global batch over all devices and hosts.
-    consistency.num_steps = 50_000  # Adam updates.
-    consistency.log_every = 100  # Steps between metrics.jsonl / TensorBoard / progress-bar updates.
-    consistency.checkpoint_every = 5000  # Steps between checkpoints (resume: rerun the same command).
-    consistency.keep_checkpoints = 3  # Most recent checkpoints kept.
-    consistency.keep_every = 0  # Also keep every K-th step permanently (0 = none).
-    consistency.steps_per_dispatch = 1  # Train steps fused into one compiled call.
-    consistency.nonfinite = "error"  # On a NaN/Inf loss or gradient: error (stop, naming the step) | skip
+    loop_fields(consistency, batch_size=128)
 
     # ---- Multi-host ---------------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()
