@@ -125,7 +125,10 @@ def apply_overrides(config, overrides: Sequence[str]) -> None:
             raise ConfigError(f"--config.{key}: give a value, e.g. --config.{key}=VALUE.")
         check_override(config, key, text)
         node, leaf = _field(config, key)
-        node[leaf] = parse_value(text, node[leaf]) if node[leaf] is not None else text
+        current = node[leaf]
+        if current is None and node.get_type(leaf) in (bool, int, float):  # an unset typed placeholder
+            current = node.get_type(leaf)()
+        node[leaf] = parse_value(text, current) if current is not None else text
 
 
 def load_config(path: str, overrides: Sequence[str] = ()):

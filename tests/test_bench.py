@@ -234,8 +234,8 @@ def test_smooth_and_compare():
 def test_overrides_are_typed_and_bad_input_is_one_line():
     config = common.load_config("configs/cifar10.py", [
         "model.dtype=bfloat16", "model.remat=True", "model.ch_mult=(1,2)", "model.attn_resolutions=()",
-        "training.steps_per_dispatch=4", "optim.lr=1e-3"])
-    assert config.model.dtype == "bfloat16" and config.model.remat is True
+        "training.steps_per_dispatch=4", "optim.lr=1e-3", "sampling.eta=1.0"])
+    assert config.model.dtype == "bfloat16" and config.model.remat is True and config.sampling.eta == 1.0
     assert tuple(config.model.ch_mult) == (1, 2) and tuple(config.model.attn_resolutions) == ()
     assert config.training.steps_per_dispatch == 4 and config.optim.lr == 1e-3
     assert common.is_paper_cifar10_model(common.load_config("configs/cifar10.py"))
