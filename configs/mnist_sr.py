@@ -19,7 +19,11 @@ Commands:
         --base_config=configs/mnist14.py --base_workdir=workdirs/mnist14 --direct_workdir=workdirs/mnist
 
 Hardware and time: a 2-core CPU, about as long per step as configs/mnist.py (conv_in reads one more
-channel, the level embedding adds two dense layers). Results: not measured yet.
+channel, the level embedding adds two dense layers). Measured (docs/super_resolution.md; 1,600 steps,
+2,707 s with the CPU shared, final loss 0.0400; 250 test digits, DDIM-50 with eta 1): PSNR 12.9 dB
+against bicubic's 20.0, consistency RMS 0.70 against 0.08, classifier fd 389 (floor 29) against
+bicubic's 205: at 1,600 steps the model is not yet a super-resolver (many outputs are grey, noisy
+failures; the rest are the input's digit), so this recipe is unfinished: train longer.
 """
 
 from configs import mnist
