@@ -157,11 +157,15 @@ class RunMeta:
 
     def check_matches(self, stored: "RunMeta", where: str) -> None:
         """Raises CheckpointMismatchError naming the first structural entry where `stored` differs."""
-        # The autoencoder first: another one changes the data shape too, and its name says more.
-        # The condition only where the checkpoint records one: converted weights carry no record.
-        mine = {key: value for key, value in self.structural().items() if key != "condition" or stored.condition}
+        # The autoencoder first: another one changes the data shape too, and its name says more. The
+        # condition last (the network's kwargs name a missing input better), and only where the
+        # checkpoint records one: converted weights carry no record.
+        theirs, mine = stored.structural(), self.structural()
+        stored_condition, my_condition = theirs.pop("condition", {}), mine.pop("condition", {})
         found = (_first_difference({"latents": stored.latents}, {"latents": self.latents})
-                 or _first_difference(stored.structural(), mine))
+                 or _first_difference(theirs, mine)
+                 or (stored_condition and _first_difference({"condition": stored_condition},
+                                                            {"condition": my_condition})))
         if found:
             key, a, b = found
             if key.startswith("latents"):  # the autoencoder: name both, whatever field differs
