@@ -1,0 +1,97 @@
+"""The time-to-quality harness on a tiny budget: its rows for both sides, the exported peer's
+architecture, the summary and the refusals. Nothing here asserts a time."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from bench import common, time_to_quality  # noqa: E402
+from ddpm_jax import parallel, setup  # noqa: E402
+from ddpm_jax.evaluation import classifier  # noqa: E402
+
+TINY = ["--config=configs/digits.py", "--config.model.ch_mult=(1,2)",
+        "--config.model.attn_resolutions=(4,)", "--config.diffusion.num_timesteps=20",
+        "--config.training.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def clf_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("clf") / "digits")
+    classifier.load_or_train(common.load_config("configs/digits.py").data, path, log=None, steps=30)
+    return path
+
+
+@pytest.mark.parametrize("side", time_to_quality.SIDES)
+def test_each_side_writes_a_row_per_mark_with_metrics_beside_their_floor(tmp_path, clf_path, side):
+    out = tmp_path / "ttq"
+    rows = time_to_quality.main([*TINY, f"--side={side}", "--budget_s=0.4", "--marks=0.2,0.4", "--num_samples=12",
+                                 "--calls=3", "--sample_batch=6", f"--classifier_path={clf_path}", f"--out={out}",
+                                 "--tag=tiny"])
+    written = [json.loads(line) for line in (out / time_to_quality.RESULTS).read_text().splitlines()]
+    assert [r["mark_s"] for r in written] == [0.2, 0.4] and written == json.loads(json.dumps(rows))
+    for prev, r in zip([None, *written], written):
+        assert r["side"] == side and r["tag"] == "tiny" and r["calls"] == 3
+        assert r["train_s"] >= r["mark_s"] and r["steps"] >= 1 and r["images_seen"] == r["steps"] * r["batch"]
+        assert prev is None or (r["steps"] >= prev["steps"] and r["train_s"] >= prev["train_s"])
+        assert r["counts"]["generated"] == 12 and r["counts"]["held_out"] > 12
+        for name in ("fd", "precision", "recall"):
+            assert np.isfinite(r["metrics"][name]) and r["floor"][name] > 0
+            assert r["ratio"][name] == pytest.approx(r["metrics"][name] / r["floor"][name])
+        assert r["eval_s"] >= r["sample_s"] > 0 and r["first_step_s"] > 0
+    assert written[0]["batch"] == (16 if side == "peer_diffusers" else 8)
+    assert written[0]["impl"] == ("ddpm_jax" if side == "ours" else "diffusers")
+
+
+def test_the_exact_peer_is_the_projects_network_through_the_export():
+    config = common.load_config("configs/digits.py", [a.removeprefix("--config.") for a in TINY[1:]])
+    peer = time_to_quality.Peer(config, "peer_exact")
+    run = setup.create_run(config, parallel.make_mesh())
+    params = setup.init_params(run.model, run.shape, int(config.seed), run.mesh)
+    assert peer.num_params == sum(x.size for x in jax.tree.leaves(params))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, *run.shape)).astype(np.float32)
+    t = np.array([0, 7, 19], np.int32)
+    ours = np.asarray(run.model.apply({"params": params}, x, t, {}, train=False))
+    np.testing.assert_allclose(peer.trainer.forward(x, t), ours, atol=1e-4)
+    recipe = peer.record["recipe"]
+    assert recipe["batch_size"] == 8 and recipe["lr"] == config.optim.lr
+    assert recipe["ema"]["decay"] == recipe["ema"]["min_decay"] == config.optim.ema_decay
+
+
+def _row(side, train_s, ratio, steps):
+    return dict(bench="time_to_quality", side=side, tag="", config="c", num_samples=10, calls=20, train_s=train_s,
+                images_seen=steps * 8, ratio={"fd": ratio}, metrics={"fd": ratio * 10}, train_images_per_s=1.0,
+                sample_images_per_s=2.0)
+
+
+def test_summary_gives_the_first_mark_under_each_threshold(tmp_path):
+    rows = [_row("ours", 60, 4.0, 10), _row("ours", 120, 2.5, 20), _row("ours", 180, 1.9, 30),
+            _row("peer_exact", 60, 5.0, 5), _row("peer_exact", 120, 3.5, 10)]
+    runs = time_to_quality.curves(rows)
+    assert time_to_quality.time_to(runs["ours"], 3.0)["train_s"] == 120
+    assert time_to_quality.time_to(runs["ours"], 2.0)["images_seen"] == 240
+    assert time_to_quality.time_to(runs["peer_exact"], 3.0) is None
+    table = time_to_quality.summary(rows)
+    assert "| ours | 2.0 min (160 images) | 3.0 min (240 images) |" in table and "not reached" in table
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    time_to_quality.main([f"--plot={tmp_path / 'p.png'}", str(path)])
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--marks=60,30"], "must increase"),
+    (["--budget_s=100", "--marks=50,200"], "end at most"),
+    (["--marks=a,b"], "comma list"),
+    (["--budget_s=0"], "must be > 0"),
+    (["--plot=x.png"], "needs the JSON-lines files"),
+    (["stray"], "unexpected arguments"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message):
+    with pytest.raises(common.BenchError, match=message):
+        time_to_quality.parse_args(argv)
