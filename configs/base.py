@@ -101,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Training loss: mse (L_simple, eq. 14; for xprev ||mu-tilde - mu||^2) | kl (the bound's term L_t in
     # bits/dim) | hybrid (L_simple + 0.001 L_vlb, the mean stopped in L_vlb; needs a learned variance).
     diffusion.loss = "mse"
+    # Min-SNR-γ loss weighting (Hang et al. 2023) of the mse loss: each t weighted so the x_0 error counts
+    # min(SNR_t, γ) times (eps / x0 / v targets); speeds up training. 0 = unweighted (the paper's L_simple).
+    diffusion.min_snr_gamma = 0.0
     # Timesteps of a training batch: uniform | loss_aware (importance sampling by the last 10 losses per
     # t, reweighted to stay unbiased; Nichol & Dhariwal 3.3; its history is checkpointed).
     diffusion.t_sampler = "uniform"

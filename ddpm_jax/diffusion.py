@@ -26,6 +26,7 @@ VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 LOSSES = ("mse", "kl", "hybrid")
 HYBRID_LAMBDA = 1e-3  # λ of L_hybrid = L_simple + λ L_vlb (Nichol & Dhariwal 2021, §3.1)
+MIN_SNR_PREDS = ("eps", "x0", "v")  # the targets whose loss min-SNR-γ weighting is defined for
 
 
 def output_channels(data_channels: int, var_type: str) -> int:
@@ -178,8 +179,8 @@ def prior_bpd(sched: Schedule, x0) -> jnp.ndarray:
 
 # ---- The process ------------------------------------------------------------------------------
 
-def validate(pred: str, var_type: str, loss: str) -> None:
-    """The rules of a process's (pred, var_type, loss), each a one-line ValueError naming the field."""
+def validate(pred: str, var_type: str, loss: str, min_snr_gamma: float = 0.0) -> None:
+    """The rules of a process's (pred, var_type, loss, min_snr_gamma), each a one-line ValueError naming the field."""
     if pred not in PREDS:
         raise ValueError(f"unknown pred={pred!r}; the network predicts one of {', '.join(PREDS)}.")
     if var_type not in VAR_TYPES:
@@ -194,6 +195,11 @@ def validate(pred: str, var_type: str, loss: str) -> None:
     if loss == "mse" and var_type in LEARNED_VAR_TYPES:
         raise ValueError(f"loss='mse' leaves the learned variance (var_type={var_type!r}) untrained; "
                          "use loss=hybrid (or kl).")
+    if not np.isfinite(min_snr_gamma) or min_snr_gamma < 0:
+        raise ValueError(f"min_snr_gamma={min_snr_gamma:g} must be >= 0 (0 = unweighted; Hang et al. use 5).")
+    if min_snr_gamma and (loss != "mse" or pred not in MIN_SNR_PREDS):
+        raise ValueError(f"min_snr_gamma={min_snr_gamma:g} weights the mse loss of pred in {MIN_SNR_PREDS}, not "
+                         f"loss={loss!r} with pred={pred!r}; use min_snr_gamma=0.")
 
 
 @flax.struct.dataclass
@@ -207,6 +213,7 @@ class GaussianDiffusion:
                 learned_range (2C output channels, the last C the variance's).
       loss:     the training loss: mse (L_simple) | kl (L_vlb) | hybrid (Nichol & Dhariwal §3.1).
       clip_x0:  whether x̂_0 is clipped to [−1, 1] where the reverse process uses it (pixels).
+      min_snr_gamma: γ of the min-SNR-γ loss weighting (Hang et al. 2023; 0 = the unweighted mse).
     """
 
     sched: Schedule
@@ -214,9 +221,10 @@ class GaussianDiffusion:
     var_type: str = flax.struct.field(pytree_node=False, default="fixedlarge")
     loss: str = flax.struct.field(pytree_node=False, default="mse")
     clip_x0: bool = flax.struct.field(pytree_node=False, default=True)
+    min_snr_gamma: float = flax.struct.field(pytree_node=False, default=0.0)
 
     def __post_init__(self):
-        validate(self.pred, self.var_type, self.loss)
+        validate(self.pred, self.var_type, self.loss, self.min_snr_gamma)
 
     @property
     def num_timesteps(self) -> int:
@@ -350,9 +358,18 @@ class GaussianDiffusion:
         mean_output, var_output = self.split_output(model_output)
         mse = meanflat(jnp.square(self.training_target(x0, t, noise) - mean_output))
         if self.loss == "mse":
-            return mse
+            return mse if not self.min_snr_gamma else self.min_snr_weight(t) * mse
         frozen = jnp.concatenate([jax.lax.stop_gradient(mean_output), var_output], axis=-1)
         return mse + hybrid_lambda * self.num_timesteps * unclipped.vlb_terms_bpd(frozen, x0, x_t, t)["kl_bpd"]
+
+    def min_snr_weight(self, t) -> jnp.ndarray:
+        """Min-SNR-γ (Hang et al. 2023, eq. (10)): the x_0-error weight min(SNR_t, γ) expressed for the
+        target: / SNR_t for ε (‖ε − ε̂‖² = SNR_t ‖x_0 − x̂_0‖²), / (SNR_t + 1) for v, as is for x_0."""
+        abar = self.sched.alphas_cumprod[t]
+        snr = abar / (1.0 - abar)
+        clipped = jnp.minimum(snr, self.min_snr_gamma)
+        # ε: min(1, γ / SNR_t), which is 1 where ᾱ_T = 0 (SNR 0) instead of 0 / 0.
+        return {"eps": jnp.minimum(1.0, self.min_snr_gamma / snr), "x0": clipped, "v": clipped / (snr + 1.0)}[self.pred]
 
     def losses(self, model_fn: Callable, x0, t, noise) -> jnp.ndarray:
         """`training_losses` of model_fn(x_t, t) at x_t = q_sample(x_0, t, ε): the train step's loss."""

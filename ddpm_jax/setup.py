@@ -74,7 +74,8 @@ def create_diffusion(config: ml_collections.ConfigDict, sched: schedules.Schedul
     d = config.diffusion
     return diffusion.GaussianDiffusion(create_schedule(config) if sched is None else sched,
                                        pred=str(d.pred), var_type=str(d.var_type), loss=str(d.get("loss", "mse")),
-                                       clip_x0=clips_x0(config, clip_denoised))
+                                       clip_x0=clips_x0(config, clip_denoised),
+                                       min_snr_gamma=float(d.get("min_snr_gamma", 0.0)))
 
 
 def clips_x0(config: ml_collections.ConfigDict, requested: bool | None = None) -> bool:

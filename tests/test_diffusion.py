@@ -305,3 +305,32 @@ def test_vlb_terms_bpd(sched, var_type):
         # t = 0 against eq. (13) with the exact normal CDF: the tanh approximation costs ~3e-4 here.
         exact, _ = _vlb_bpd_reference(x0[:2], x_t[:2], eps_hat[:2], t[:2], var_type, cdf=stats.norm.cdf)
         np.testing.assert_allclose(out["kl_bpd"][:2], exact, rtol=2e-3)
+
+
+@pytest.mark.parametrize("pred", ["eps", "x0", "v"])
+def test_min_snr_weighting_is_the_x0_error_clipped_at_gamma(sched, pred):
+    """Min-SNR-γ: the weighted loss is min(SNR_t, γ) ‖x_0 − x̂_0‖² for every target (float64 reference)."""
+    gamma = 5.0
+    weighted = diffusion.GaussianDiffusion(sched, pred=pred, min_snr_gamma=gamma)
+    plain = diffusion.GaussianDiffusion(sched, pred=pred)
+    rng = np.random.default_rng(0)
+    x0, noise, out = (jnp.asarray(rng.standard_normal((6, 4, 4, 1)), jnp.float32) for _ in range(3))
+    t = jnp.array([0, 5, 50, 200, 600, 999], jnp.int32)
+    x_t = weighted.q_sample(x0, t, noise)
+    x0_hat = np.asarray(weighted.x0_and_eps(out, x_t, t)[0], np.float64)
+    abar = np.asarray(sched.alphas_cumprod, np.float64)[np.asarray(t)]
+    snr = abar / (1 - abar)
+    expected = np.minimum(snr, gamma) * np.mean((np.asarray(x0, np.float64) - x0_hat) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(weighted.training_losses(out, x0, x_t, t, noise), expected, rtol=2e-3)
+    ratio = weighted.training_losses(out, x0, x_t, t, noise) / plain.training_losses(out, x0, x_t, t, noise)
+    np.testing.assert_allclose(ratio, weighted.min_snr_weight(t), rtol=1e-5)
+
+
+def test_min_snr_weight_of_eps_is_one_at_zero_snr_and_bad_gamma_is_refused():
+    sched = Schedule.from_betas(schedules.get_betas("jsd", 50))  # β_T = 1: ᾱ_T = 0
+    w = diffusion.GaussianDiffusion(sched, min_snr_gamma=5.0).min_snr_weight(jnp.array([49], jnp.int32))
+    assert float(w[0]) == 1.0
+    with pytest.raises(ValueError, match="min_snr_gamma=-1 must be >= 0"):
+        diffusion.GaussianDiffusion(sched, min_snr_gamma=-1.0)
+    with pytest.raises(ValueError, match="min_snr_gamma=5 weights the mse loss"):
+        diffusion.GaussianDiffusion(sched, pred="xprev", min_snr_gamma=5.0)
