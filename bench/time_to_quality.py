@@ -34,7 +34,6 @@ import argparse
 import os
 import sys
 import time
-from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
