@@ -11,6 +11,9 @@ A bad override (unknown key, wrong type) or bad input (a full disk, an unwritabl
 workdir, ...) stops with one line naming the problem and a non-zero exit status
 (`--debug` shows the traceback instead). A preempted run (SIGTERM) checkpoints and
 exits 0; Ctrl-C checkpoints too and exits 130; rerun the same command to resume.
+
+The modes that only sample add XLA:CPU flags to XLA_FLAGS before JAX starts (`cpu_flags`;
+`DDPM_JAX_CPU_FLAGS=0` turns them off).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import config_loading
+from ddpm_jax import config_loading, cpu_flags
 
 config_loading.ensure_configs_importable()
 
@@ -130,6 +133,7 @@ def main(argv: list[str]) -> None:
     if not FLAGS.workdir:
         _usage_error("--workdir is required (checkpoints, metrics and samples go there).")
     _quiet_library_info()
+    cpu_flags.apply(FLAGS.mode)  # before the backend starts: XLA reads XLA_FLAGS once
     try:
         from ddpm_jax import metrics, parallel
 

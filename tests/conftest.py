@@ -10,6 +10,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests compare `python -m ddpm_jax.main` subprocesses with in-process runs bit for bit, so the
+# subprocesses compile the same programs: without the package's XLA:CPU flags (tests/test_cpu_flags.py
+# turns them on where it checks them).
+os.environ.setdefault("DDPM_JAX_CPU_FLAGS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
