@@ -86,7 +86,8 @@ def parse_marks(text: str, budget_s: float) -> list[float]:
     except ValueError:
         raise common.BenchError(f"--marks={text}: use a comma list of seconds, e.g. 60,300,900.") from None
     if not marks or any(b <= a for a, b in zip(marks, marks[1:])) or marks[0] <= 0 or marks[-1] > budget_s:
-        raise common.BenchError(f"--marks={text} must increase, start above 0 and end at most at --budget_s={budget_s}.")
+        raise common.BenchError(f"--marks={text} must increase, start above 0 and end at most at "
+                                f"--budget_s={budget_s}.")
     return marks
 
 
@@ -144,6 +145,7 @@ class Peer:
     """A `bench.peer_trainer.PeerTrainer` under the side's recipe, on the config's training images."""
 
     def __init__(self, config, side: str):
+        import diffusers
         import torch
 
         from bench import peer_trainer
@@ -161,8 +163,6 @@ class Peer:
             recipe = peer_trainer.diffusers_recipe(images.shape[1], images.shape[3], len(images))
         self.trainer = peer_trainer.PeerTrainer(recipe, images, seed=int(config.seed))
         self.batch_size, self.num_params = recipe.batch_size, self.trainer.num_params
-        import diffusers
-
         self.record = dict(impl="diffusers", torch=torch.__version__, diffusers=diffusers.__version__,
                            torch_threads=torch.get_num_threads(), recipe=peer_trainer.recipe_record(recipe))
 
@@ -197,7 +197,8 @@ class Judge:
         self.clf = classifier.load_or_train(config.data, path)
         ref = data.load_arrays(config.data, str(config.data.train_split))["x"]
         held = data.load_arrays(config.data, str(config.data.eval_split))["x"]
-        self.reference, self.held = sample_quality.FeatureSet.of(self.clf, ref), sample_quality.FeatureSet.of(self.clf, held)
+        self.reference = sample_quality.FeatureSet.of(self.clf, ref)
+        self.held = sample_quality.FeatureSet.of(self.clf, held)
 
     def __call__(self, samples) -> dict:
         result = self.sq.compare(self.sq.FeatureSet.of(self.clf, samples), self.reference, self.held,
@@ -301,7 +302,8 @@ def summary(rows: list[dict]) -> str:
         cells = []
         for thr in THRESHOLDS:
             hit = time_to(run, thr)
-            cells.append("not reached" if hit is None else f"{hit['train_s'] / 60:.1f} min ({hit['images_seen']:,} images)")
+            cells.append("not reached" if hit is None
+                         else f"{hit['train_s'] / 60:.1f} min ({hit['images_seen']:,} images)")
         best = min(run, key=lambda r: r["ratio"]["fd"])
         last = run[-1]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {best['metrics']['fd']:.1f} ({best['ratio']['fd']:.2f}x) at "

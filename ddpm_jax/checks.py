@@ -241,9 +241,10 @@ def check_conditional_training(config: ml_collections.ConfigDict) -> None:
 # ---- the diffusion schedule ---------------------------------------------------------------------
 
 def check_objective(d: ml_collections.ConfigDict) -> None:
-    """diffusion.pred / var_type / loss / min_snr_gamma / t_sampler known and compatible (one line naming the field)."""
+    """diffusion.pred / var_type / loss / min_snr_gamma / t_sampler valid together (one line naming the field)."""
     try:
-        diffusion.validate(str(d.pred), str(d.var_type), str(d.get("loss", "mse")), float(d.get("min_snr_gamma", 0.0)))
+        diffusion.validate(str(d.pred), str(d.var_type), str(d.get("loss", "mse")),
+                           float(d.get("min_snr_gamma", 0.0)))
         timestep_sampler.check_t_sampler(str(d.get("t_sampler", "uniform")))
     except ValueError as err:
         raise ValueError(f"diffusion.{err}".replace("diffusion.unknown ", "unknown diffusion.")
