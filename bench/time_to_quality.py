@@ -15,7 +15,8 @@ from the EMA weights and scores them with the project's classifier metrics
 set's classifier, each beside its floor, the held-out real images against the same reference).
 
 Sides:
-  ours            the project's train step (`train.make_train_step`) fed by its grain pipeline
+  ours            the project's train step (`train.make_train_step`) fed by its grain pipeline, with
+                  the XLA:CPU flags the entry point sets for training (`ddpm_jax.cpu_flags`)
   peer_exact      diffusers with the project's exported architecture, init, schedule and optimiser
                   (`bench/peer_trainer.exact_recipe`): the implementations' speed alone
   peer_diffusers  diffusers' train_unconditional.py recipe with an MNIST-sized U-Net
@@ -212,6 +213,10 @@ def make_side(side: str, config):
 
 
 def measure(args) -> list[dict]:
+    from ddpm_jax import cpu_flags
+
+    if args.side == "ours":  # the entry point's training flags, before JAX starts its backend
+        cpu_flags.apply("train")
     from ddpm_jax.evaluation import classifier
 
     config = common.load_config(args.config, args.overrides)
@@ -222,7 +227,8 @@ def measure(args) -> list[dict]:
     base = dict(bench="time_to_quality", side=args.side, config=args.config, overrides=args.overrides, tag=args.tag,
                 budget_s=args.budget_s, batch=side.batch_size, num_params=side.num_params, calls=args.calls,
                 solver="sde_dpmpp_2m (SDE-DPM-Solver++ 2M, log-SNR grid)", num_samples=args.num_samples,
-                sampling_seed=args.seed, host=common.host_info(), **side.record)
+                sampling_seed=args.seed, xla_flags=os.environ.get("XLA_FLAGS", ""), host=common.host_info(),
+                **side.record)
     records, train_s, rate, prev, first_step_s = [], 0.0, None, (0, 0.0), None
     try:
         for mark in args.mark_list:

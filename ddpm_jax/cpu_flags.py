@@ -5,26 +5,32 @@ XLA reads the XLA_FLAGS environment variable once, when JAX creates its CPU back
 `apply` runs in the entry point after the command line is parsed and before anything touches
 a device. The package's flags are appended to the user's XLA_FLAGS; a flag the user set keeps
 the user's value. `DDPM_JAX_CPU_FLAGS=0` turns the package's flags off. Every flag here is an
-`xla_cpu_` flag: the GPU and TPU backends ignore it.
+`xla_cpu_` flag: the GPU and TPU backends ignore it. XLA refuses flag values it does not know,
+so the flags are set only on the jaxlib they were measured on or a newer one.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import MutableMapping
 
 SWITCH = "DDPM_JAX_CPU_FLAGS"
 _OFF = ("0", "false", "no", "off")
+MIN_JAXLIB = (0, 10, 2)  # the pinned jaxlib, where the flags below were measured
 
-# YNNPACK runs XLA:CPU's convolutions and dots by default in the pinned jaxlib; this also
-# hands it the elementwise ops and reductions around them (GroupNorm, SiLU, the residual
-# adds). Measured on the MNIST U-Net: the batch-250 forward pass that each sampler step is
-# 1.70x faster on a quiet machine and 1.14x on a busy one; the batch-32 train step 1.08x and
-# 0.80x; outputs equal to 1.2e-6 relative. Hence the modes that only sample get it and
-# training does not.
-_SAMPLING_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "+eltwise,+reduce"}
-MODE_FLAGS: dict[str, dict[str, str]] = {"sample": _SAMPLING_FLAGS, "eval": _SAMPLING_FLAGS,
-                                         "cascade": _SAMPLING_FLAGS}
+# The pinned jaxlib hands every convolution to YNNPACK by default; XLA's own (Eigen)
+# convolutions run the U-Net's 3x3 convolutions about 1.7x faster on an AVX-512 CPU. Measured
+# on the MNIST U-Net: the batch-32 train step 1.45x faster and the batch-250 forward pass of a
+# sampler step 1.8x; losses and outputs equal to float tolerance. With the convolutions off
+# YNNPACK, its reductions (GroupNorm's statistics) still pay in the backward pass and cost
+# about 10% in the forward pass, so the modes that only sample drop them as well.
+_YNN = "xla_cpu_experimental_ynn_fusion_type"
+_TRAINING_FLAGS = {_YNN: "-individual_convolution"}
+_SAMPLING_FLAGS = {_YNN: "-individual_convolution,-reduce"}
+MODE_FLAGS: dict[str, dict[str, str]] = {
+    **{mode: _TRAINING_FLAGS for mode in ("train", "distill", "consistency", "train_autoencoder")},
+    **{mode: _SAMPLING_FLAGS for mode in ("sample", "eval", "cascade", "bpd")}}
 
 
 def _flag_name(token: str) -> str:
@@ -39,13 +45,25 @@ def merge(user_flags: str, package_flags: dict[str, str]) -> str:
     return " ".join(tokens)
 
 
+def jaxlib_supported(version: str | None = None) -> bool:
+    """Whether the installed jaxlib (or `version`) is at least MIN_JAXLIB, which knows the flags' values."""
+    if version is None:
+        from jaxlib import version as jaxlib_version  # the version module only: no backend starts
+
+        version = jaxlib_version.__version__
+    release = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    return release is not None and tuple(map(int, release.groups())) >= MIN_JAXLIB
+
+
 def apply(mode: str, environ: MutableMapping[str, str] = os.environ) -> str:
-    """Adds `mode`'s flags to `environ["XLA_FLAGS"]` (unless `DDPM_JAX_CPU_FLAGS=0`); returns XLA_FLAGS.
+    """Adds `mode`'s flags to `environ["XLA_FLAGS"]` (unless `DDPM_JAX_CPU_FLAGS=0` or the jaxlib is
+    older than MIN_JAXLIB); returns XLA_FLAGS.
 
     Call it before JAX creates its backend: XLA reads the variable then and never again.
     """
     user_flags = environ.get("XLA_FLAGS", "")
-    if environ.get(SWITCH, "1").strip().lower() in _OFF or not MODE_FLAGS.get(mode):
+    if (environ.get(SWITCH, "1").strip().lower() in _OFF or not MODE_FLAGS.get(mode)
+            or not jaxlib_supported()):
         return user_flags
     environ["XLA_FLAGS"] = merge(user_flags, MODE_FLAGS[mode])
     return environ["XLA_FLAGS"]
