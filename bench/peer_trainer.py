@@ -47,12 +47,17 @@ class Recipe:
     grad_clip: float
     ema: dict  # diffusers EMAModel keyword arguments
     init_state_dict: dict | None = None  # numpy tensors to start from (None: diffusers' init)
+    snr_gamma: float = 0.0  # min-SNR-γ loss weighting as diffusers' training scripts' --snr_gamma (0: off)
 
 
 def exact_recipe(config: Any, unet_kwargs: dict, data_shape: tuple, meta: Any, init_params: Any) -> Recipe:
     """The project's run of `config` for diffusers: its exported U-Net, schedule and optimiser."""
+    from bench.common import BenchError
     from ddpm_jax.convert import export_diffusers
 
+    if str(config.diffusion.pred) != "eps":
+        raise BenchError(f"peer_exact trains diffusers' epsilon target; diffusion.pred={config.diffusion.pred!r} "
+                         "has no peer here: run it with --config.diffusion.pred=eps.")
     o = config.optim
     decay = float(o.ema_decay)
     return Recipe(
@@ -63,7 +68,8 @@ def exact_recipe(config: Any, unet_kwargs: dict, data_shape: tuple, meta: Any, i
         weight_decay=0.0, grad_clip=float(o.grad_clip),
         # min_decay = decay: a fixed decay from the first step, as the project's EMA.
         ema=dict(decay=decay, min_decay=decay, use_ema_warmup=False),
-        init_state_dict=export_diffusers.export_state_dict(init_params))
+        init_state_dict=export_diffusers.export_state_dict(init_params),
+        snr_gamma=float(config.diffusion.min_snr_gamma))
 
 
 def diffusers_recipe(image_size: int, channels: int, num_train: int) -> Recipe:
@@ -130,6 +136,18 @@ class PeerTrainer:
         self._pos += n
         return self.images[idx]
 
+    def _loss(self, prediction, noise, t):
+        """The ε mse, weighted per example by min(SNR, γ) / SNR = min(1, γ / SNR) when the recipe has a γ."""
+        torch = self.torch
+        if not self.recipe.snr_gamma:
+            return torch.nn.functional.mse_loss(prediction, noise)
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.scheduler, t)
+        weights = torch.clamp(self.recipe.snr_gamma / snr, max=1.0)  # 1 where SNR = 0, not 0 / 0
+        per_example = ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
+        return (per_example * weights).mean()
+
     def train(self, steps: int) -> float:
         """`steps` optimiser updates; the last loss."""
         torch, T = self.torch, self.scheduler.config.num_train_timesteps
@@ -139,7 +157,7 @@ class PeerTrainer:
             noise = torch.randn(x0.shape, generator=self.generator)
             t = torch.randint(0, T, (x0.shape[0],), generator=self.generator)
             x_t = self.scheduler.add_noise(x0, noise, t)
-            loss = torch.nn.functional.mse_loss(self.unet(x_t, t).sample, noise)
+            loss = self._loss(self.unet(x_t, t).sample, noise, t)
             loss.backward()
             if self.recipe.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.recipe.grad_clip)

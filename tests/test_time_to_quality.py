@@ -63,6 +63,22 @@ def test_the_exact_peer_is_the_projects_network_through_the_export():
     assert recipe["ema"]["decay"] == recipe["ema"]["min_decay"] == config.optim.ema_decay
 
 
+def test_the_exact_peer_weights_its_loss_as_the_process_does():
+    overrides = [a.removeprefix("--config.") for a in TINY[1:]] + ["diffusion.min_snr_gamma=2.0"]
+    config = common.load_config("configs/digits.py", overrides)
+    peer = time_to_quality.Peer(config, "peer_exact").trainer
+    process = setup.create_diffusion(config, setup.create_schedule(config))
+    t = np.arange(20, dtype=np.int32)
+    rng = np.random.default_rng(0)
+    prediction, noise = (rng.standard_normal((20, 1, 4, 4)).astype(np.float32) for _ in range(2))
+    weighted = float(peer._loss(torch.from_numpy(prediction), torch.from_numpy(noise), torch.from_numpy(t).long()))
+    expected = np.mean(np.asarray(process.min_snr_weight(t)) * ((prediction - noise) ** 2).mean(axis=(1, 2, 3)))
+    assert 0 < weighted < float(((prediction - noise) ** 2).mean()) and weighted == pytest.approx(expected, rel=1e-5)
+    v_config = common.load_config("configs/digits.py", overrides + ["diffusion.pred=v"])
+    with pytest.raises(common.BenchError, match="epsilon target"):
+        time_to_quality.Peer(v_config, "peer_exact")
+
+
 def _row(side, train_s, ratio, steps):
     return dict(bench="time_to_quality", side=side, tag="", config="c", num_samples=10, calls=20, train_s=train_s,
                 images_seen=steps * 8, ratio={"fd": ratio}, metrics={"fd": ratio * 10}, train_images_per_s=1.0,
