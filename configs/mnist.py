@@ -28,9 +28,9 @@ unweighted and without the flag 30.8x at 15 min (1,439 steps, 51 images/s); + mi
 steps); + the flag (convolutions off YNNPACK) 4.76x (2,099 steps, 74.6 images/s); + 4 steps per dispatch
 4.56x. The v target with min-SNR-5 is better early and worse at 15 min (16.3x / 8.9x / 7.6x / 5.5x); EMA
 0.999 lags far behind (304x / 122x at 3 / 7 min). diffusers with the exported network and unweighted
-recipe: 29.6x at 15 min (2,809 steps, 99.8 images/s). `--config.diffusion.min_snr_gamma=0` and
-`--config.training.steps_per_dispatch=1` give the older rows; the numbers above this paragraph were
-measured with neither.
+recipe: 29.6x at 15 min (2,809 steps, 99.8 images/s). `--config.diffusion.min_snr_gamma=0`,
+`--config.training.steps_per_dispatch=1` and DDPM_JAX_CPU_FLAGS=0 give the older rows; the numbers
+above this paragraph were measured without all three.
 Why this recipe: T = 200 (cosine) so that the 200-step DDPM evaluation of 500 samples
 fits (DDPM at T = 1000 would take about 5x longer); batch 32 (twice the updates of batch 64
 in the same time; the two were not compared); lr 2e-3 and EMA 0.995 as the digits experiment.
