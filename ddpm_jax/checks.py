@@ -12,7 +12,6 @@ before any file is written or anything is compiled. One entry point per mode,
     figures    the schedule, the figure's sizes
     train_autoencoder  the autoencoder's loop settings
     cascade    the schedule (both stages' sample checks: modes/sample.check_cascade)
-
 Call it after `parallel.initialize` (the schedule tables are built with jax.numpy).
 """
 
