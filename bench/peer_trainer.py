@@ -39,8 +39,9 @@ class Recipe:
     batch_size: int
     lr: float
     warmup_steps: int
-    lr_schedule: str  # "constant" (after warmup) | "cosine" (to 0 at total_steps)
-    total_steps: int  # the cosine schedule's length
+    # After warmup: "constant" | "linear" | "cosine" (diffusers' names; the last two to 0 at total_steps).
+    lr_schedule: str
+    total_steps: int  # the decay's length
     betas: tuple[float, float]
     eps: float
     weight_decay: float
@@ -64,8 +65,8 @@ def exact_recipe(config: Any, unet_kwargs: dict, data_shape: tuple, meta: Any, i
         name="peer_exact", unet=export_diffusers.diffusers_config(unet_kwargs, data_shape),
         scheduler=export_diffusers.scheduler_config(meta, str(config.diffusion.var_type)),
         batch_size=int(config.training.batch_size), lr=float(o.lr), warmup_steps=int(o.warmup_steps),
-        lr_schedule="constant", total_steps=0, betas=(float(o.beta1), float(o.beta2)), eps=float(o.eps),
-        weight_decay=0.0, grad_clip=float(o.grad_clip),
+        lr_schedule=str(o.lr_decay), total_steps=int(config.training.num_steps),
+        betas=(float(o.beta1), float(o.beta2)), eps=float(o.eps), weight_decay=0.0, grad_clip=float(o.grad_clip),
         # min_decay = decay: a fixed decay from the first step, as the project's EMA.
         ema=dict(decay=decay, min_decay=decay, use_ema_warmup=False),
         init_state_dict=export_diffusers.export_state_dict(init_params),
@@ -114,12 +115,13 @@ class PeerTrainer:
         self.scheduler = DDPMScheduler.from_config(recipe.scheduler)
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=recipe.lr, betas=recipe.betas, eps=recipe.eps,
                                            weight_decay=recipe.weight_decay)
-        if recipe.lr_schedule == "cosine":
-            self.lr_scheduler = get_scheduler("cosine", optimizer=self.optimizer, num_warmup_steps=recipe.warmup_steps,
-                                              num_training_steps=recipe.total_steps)
-        else:
+        if recipe.lr_schedule == "constant":
             self.lr_scheduler = get_scheduler("constant_with_warmup", optimizer=self.optimizer,
                                               num_warmup_steps=recipe.warmup_steps)
+        else:
+            self.lr_scheduler = get_scheduler(recipe.lr_schedule, optimizer=self.optimizer,
+                                              num_warmup_steps=recipe.warmup_steps,
+                                              num_training_steps=recipe.total_steps)
         self.ema = EMAModel(self.unet.parameters(), model_cls=UNet2DModel, model_config=self.unet.config,
                             **recipe.ema)
         self.steps, self._order, self._pos = 0, torch.randperm(len(self.images), generator=self.generator), 0

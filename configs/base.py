@@ -112,6 +112,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim = optim = ml_collections.ConfigDict()
     optim.lr = 2e-4  # Adam learning rate after warmup.
     optim.warmup_steps = 5000  # Linear warmup from 0.
+    # After the warmup: constant (the paper's) | linear | cosine, the last two to 0 at training.num_steps.
+    optim.lr_decay = "constant"
     optim.beta1 = 0.9
     optim.beta2 = 0.999
     optim.eps = 1e-8

@@ -40,31 +40,45 @@ class TrainState:
         )
 
 
-def learning_rate_schedule(optim_cfg: Any) -> optax.Schedule:
-    """Linear warmup from 0 to `lr` over `warmup_steps`, then constant (as the paper)."""
-    lr = float(optim_cfg.lr)
-    warmup = int(optim_cfg.warmup_steps)
-    if warmup <= 0:
-        return optax.constant_schedule(lr)
-    # Update number k (0-based, optax's count) uses lr * min(k / warmup, 1): from 0, as
-    # the official TF code (lr * min(global_step / warmup, 1) with the pre-update step).
-    return optax.linear_schedule(0.0, lr, warmup)
+LR_DECAYS = ("constant", "linear", "cosine")
 
 
-def create_optimizer(optim_cfg: Any) -> optax.GradientTransformation:
-    """Adam with global-norm clipping and the warmup schedule (Ho et al. 2020, App. B)."""
-    chain = []
-    if float(optim_cfg.grad_clip) > 0:
-        chain.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip)))
-    chain.append(
-        optax.adam(
-            learning_rate=learning_rate_schedule(optim_cfg),
-            b1=float(optim_cfg.beta1),
-            b2=float(optim_cfg.beta2),
-            eps=float(optim_cfg.eps),
-        )
-    )
-    return optax.chain(*chain)
+def lr_schedule(lr: float, warmup_steps: int, decay: str, num_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps`; then `decay`: constant (the paper's), or
+    annealed to 0 at update `num_steps`, linearly or along a half cosine (diffusers' "cosine")."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"optim.lr_decay={decay!r} is unknown; use one of {LR_DECAYS}.")
+    if decay != "constant" and num_steps <= warmup_steps:
+        raise ValueError(f"a {decay} lr decay needs more steps ({num_steps}) than warmup steps ({warmup_steps}); "
+                         "raise the run's num_steps or set optim.lr_decay=constant.")
+    if decay == "constant":
+        if warmup_steps <= 0:
+            return optax.constant_schedule(lr)
+        # Update number k (0-based, optax's count) uses lr * min(k / warmup, 1): from 0, as
+        # the official TF code (lr * min(global_step / warmup, 1) with the pre-update step).
+        return optax.linear_schedule(0.0, lr, warmup_steps)
+    anneal = (optax.linear_schedule(lr, 0.0, num_steps - warmup_steps) if decay == "linear"
+              else optax.cosine_decay_schedule(lr, num_steps - warmup_steps))
+    if warmup_steps <= 0:
+        return anneal
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), anneal], [warmup_steps])
+
+
+def learning_rate_schedule(optim_cfg: Any, num_steps: int) -> optax.Schedule:
+    """The `optim` section's schedule for a run of `num_steps` updates (`lr_schedule`)."""
+    return lr_schedule(float(optim_cfg.lr), int(optim_cfg.warmup_steps), str(optim_cfg.lr_decay), num_steps)
+
+
+def adam(optim_cfg: Any, learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
+    """Adam at `learning_rate` with `optim_cfg`'s β1, β2, ε and global-norm clipping (Ho et al. 2020, App. B)."""
+    clip = [optax.clip_by_global_norm(float(optim_cfg.grad_clip))] if float(optim_cfg.grad_clip) > 0 else []
+    return optax.chain(*clip, optax.adam(learning_rate=learning_rate, b1=float(optim_cfg.beta1),
+                                         b2=float(optim_cfg.beta2), eps=float(optim_cfg.eps)))
+
+
+def create_optimizer(optim_cfg: Any, num_steps: int) -> optax.GradientTransformation:
+    """The trainer's optimiser: `adam` on the `optim` section's schedule over `num_steps` updates."""
+    return adam(optim_cfg, learning_rate_schedule(optim_cfg, num_steps))
 
 
 def ema_update(ema_params: Any, params: Any, decay: float | jnp.ndarray) -> Any:

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from bench import common, time_to_quality  # noqa: E402
-from ddpm_jax import parallel, setup  # noqa: E402
+from ddpm_jax import parallel, setup, train_state  # noqa: E402
 from ddpm_jax.evaluation import classifier  # noqa: E402
 
 TINY = ["--config=configs/digits.py", "--config.model.ch_mult=(1,2)",
@@ -78,6 +78,22 @@ def test_the_exact_peer_weights_its_loss_as_the_process_does():
     with pytest.raises(common.BenchError, match="epsilon target"):
         time_to_quality.Peer(v_config, "peer_exact")
 
+
+
+@pytest.mark.parametrize("decay", ["constant", "linear", "cosine"])
+def test_the_exact_peer_follows_the_projects_learning_rate_schedule(decay):
+    overrides = [a.removeprefix("--config.") for a in TINY[1:]] + [
+        f"optim.lr_decay={decay}", "optim.warmup_steps=4", "training.num_steps=24"]
+    config = common.load_config("configs/digits.py", overrides)
+    peer = time_to_quality.Peer(config, "peer_exact").trainer
+    theirs = []
+    for _ in range(25):  # updates 0..23, and 24 where the decays reach 0
+        theirs.append(peer.optimizer.param_groups[0]["lr"])
+        peer.optimizer.step()  # no gradients: a no-op that keeps torch's call order
+        peer.lr_scheduler.step()
+    ours = train_state.learning_rate_schedule(config.optim, 24)
+    np.testing.assert_allclose(theirs, [float(ours(k)) for k in range(25)], rtol=1e-6, atol=1e-10)
+    assert theirs[4] == pytest.approx(2e-3) and (theirs[-1] == 0) == (decay != "constant")
 
 def _row(side, train_s, ratio, steps):
     return dict(bench="time_to_quality", side=side, tag="", config="c", num_samples=10, calls=20, train_s=train_s,

@@ -194,6 +194,16 @@ def test_nonfinite_error_names_the_step(tmp_path):
     assert checkpointing.read_meta(str(tmp_path)) is None  # nothing non-finite was checkpointed
 
 
+def test_lr_decay_is_validated_before_any_work(tmp_path):
+    for overrides, match in ((dict(lr_decay="exponential"), "optim.lr_decay='exponential' is unknown"),
+                             (dict(lr_decay="cosine", warmup_steps=4), r"more steps \(4\) than warmup steps \(4\)")):
+        config = _toy_config(4)
+        config.optim.update(overrides)
+        with pytest.raises(ValueError, match=match):
+            train.train_and_evaluate(config, str(tmp_path))
+        assert not (tmp_path / "config.json").exists() and checkpointing.read_meta(str(tmp_path)) is None
+
+
 def test_batch_not_divisible_by_devices(tmp_path):
     config = _toy_config(1)
     config.training.batch_size = 12

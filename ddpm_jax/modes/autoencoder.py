@@ -48,7 +48,7 @@ from ddpm_jax.data.latents import INFO_FILE, MODEL_NAME, check_autoencoder_meta
 from ddpm_jax.evaluation import classifier, sample_quality
 from ddpm_jax.models.autoencoder import AutoencoderKL
 from ddpm_jax.modes import require_images, say
-from ddpm_jax.train_state import TrainState, create_optimizer
+from ddpm_jax.train_state import TrainState, adam, lr_schedule
 
 METRICS_FILE = "autoencoder_metrics.json"
 PICTURE_FILE = "reconstructions.png"
@@ -112,9 +112,9 @@ def _meta(config: ml_collections.ConfigDict, model: AutoencoderKL, shape: tuple)
 
 
 def _optimizer(ae: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    return create_optimizer(ml_collections.ConfigDict(dict(
-        lr=float(ae.lr), warmup_steps=int(ae.warmup_steps), beta1=float(ae.beta1), beta2=float(ae.beta2),
-        eps=1e-8, grad_clip=float(ae.grad_clip))))
+    betas_and_clip = ml_collections.ConfigDict(dict(beta1=float(ae.beta1), beta2=float(ae.beta2), eps=1e-8,
+                                                    grad_clip=float(ae.grad_clip)))
+    return adam(betas_and_clip, lr_schedule(float(ae.lr), int(ae.warmup_steps), "constant", int(ae.num_steps)))
 
 
 def _init_state(model: AutoencoderKL, shape: tuple, seed: int, tx) -> Callable[[], TrainState]:

@@ -32,6 +32,7 @@ from ddpm_jax import checks, condition_config, conditioning, data, diffusion, lo
 from ddpm_jax import teacher as teacher_lib
 from ddpm_jax.run_meta import RunMeta
 from ddpm_jax.sampling.ddpm_ddim import ddim_step, ddim_timesteps
+from ddpm_jax import train_state
 from ddpm_jax.train_state import TrainState
 
 DISTANCES = ("pseudo_huber", "l2")
@@ -122,7 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     meta = dataclasses.replace(RunMeta.from_config(config), source=dict(consistency=record))
     teacher_process = diffusion.GaussianDiffusion(student.sched, pred=teacher.meta.pred,
                                                   var_type=str(config.diffusion.var_type), clip_x0=setup.clips_x0(config))
-    tx = loop_optimizer(c, config.optim)
+    tx = train_state.adam(config.optim, float(c.lr))  # constant, as the paper
     rep = parallel.replicated(mesh)
     create = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=rep)  # fresh buffers: the teacher's stay
     step = make_step(lambda p, x, t, cond, key: student.model.apply({"params": p}, x, t, cond, train=True,
@@ -147,10 +148,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                     process_index=jax.process_index(), process_count=jax.process_count())
     return loop.train(trainer, workdir, it)
 
-
-def loop_optimizer(section: ml_collections.ConfigDict, optim: ml_collections.ConfigDict
-                   ) -> optax.GradientTransformation:
-    """Adam at `consistency.lr` (constant, as the paper), with `optim`'s β1, β2, ε and clipping."""
-    chain = [optax.clip_by_global_norm(float(optim.grad_clip))] if float(optim.grad_clip) > 0 else []
-    return optax.chain(*chain, optax.adam(float(section.lr), b1=float(optim.beta1), b2=float(optim.beta2),
-                                          eps=float(optim.eps)))

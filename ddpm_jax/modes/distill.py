@@ -53,6 +53,7 @@ from ddpm_jax import (checkpointing, checks, condition_config, conditioning, dat
 from ddpm_jax import teacher as teacher_lib
 from ddpm_jax.run_meta import CheckpointMismatchError, RunMeta, schedule_betas
 from ddpm_jax.sampling.ddpm_ddim import ddim_step, ddim_timesteps
+from ddpm_jax import train_state
 from ddpm_jax.train_state import TrainState
 
 STUDENT_PREDS = ("v", "x0")
@@ -149,11 +150,8 @@ def make_step(student_fn: Callable, teacher_fn: Callable, student: diffusion.Gau
 def optimizer(section: ml_collections.ConfigDict, optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Adam at `distill.lr`, linearly annealed to 0 over the round (the paper's) when `distill.lr_decay`,
     with `optim`'s β1, β2, ε and clipping."""
-    lr, n = float(section.lr), int(section.num_steps)
-    schedule = optax.linear_schedule(lr, 0.0, n) if bool(section.lr_decay) else optax.constant_schedule(lr)
-    chain = [optax.clip_by_global_norm(float(optim.grad_clip))] if float(optim.grad_clip) > 0 else []
-    return optax.chain(*chain, optax.adam(schedule, b1=float(optim.beta1), b2=float(optim.beta2),
-                                          eps=float(optim.eps)))
+    decay = "linear" if bool(section.lr_decay) else "constant"
+    return train_state.adam(optim, train_state.lr_schedule(float(section.lr), 0, decay, int(section.num_steps)))
 
 
 # ---- the teacher's steps ------------------------------------------------------------------------------
