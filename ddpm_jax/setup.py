@@ -192,6 +192,11 @@ class LoadedRun(Run):
     step: int = 0
 
 
+def run_meta(config: ml_collections.ConfigDict) -> RunMeta:
+    """What a checkpoint of `config` records: its network, shapes, schedule, pred and conditions."""
+    return RunMeta.from_config(config, condition_config.create_conditioning(config).record())
+
+
 def create_run(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Run:
     """Mesh (all devices unless given), example shape, model, process and RunMeta of `config`;
     with `data.latents_from`, the autoencoder whose decoder every sampler applies at its output."""
@@ -199,7 +204,7 @@ def create_run(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> R
     workdir = data.latents_from(config.data)
     return Run(mesh=mesh, shape=tuple(data.example_shape(config.data)), model=create_model(config),
                process=create_diffusion(config),
-               meta=RunMeta.from_config(config, condition_config.create_conditioning(config).record()),
+               meta=run_meta(config),
                codec=latents.load_codec(workdir) if workdir else None)
 
 

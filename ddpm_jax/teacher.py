@@ -39,7 +39,7 @@ def read(config: ml_collections.ConfigDict, workdir: str, field: str) -> Teacher
                          "(--mode=train) or give the workdir of a trained or converted model.")
     where = f"{field}={workdir}"
     meta = RunMeta.from_dict(stored, where)
-    dataclasses.replace(RunMeta.from_config(config), pred=meta.pred).check_matches(meta, where)
+    dataclasses.replace(setup.run_meta(config), pred=meta.pred).check_matches(meta, where)
     return Teacher(workdir, meta)
 
 

@@ -133,8 +133,7 @@ def save_step0_teacher(config, workdir: str) -> str:
     config = config.copy_and_resolve_references()
     config.diffusion.pred = "eps"
     run = setup.create_run(config)
-    checkpointing.save_pretrained(workdir, setup.init_params(run.model, run.shape, 0, run.mesh),
-                                  RunMeta.from_config(config).to_dict())
+    checkpointing.save_pretrained(workdir, setup.init_params(run.model, run.shape, 0, run.mesh), run.meta.to_dict())
     return workdir
 
 
@@ -196,3 +195,15 @@ def test_a_round_resumes_bitwise_and_its_student_samples_with_ddim(tmp_path, tea
     next_round, steps = distill.read_teacher(_config(teacher_workdir=resumed, teacher_steps=0, steps=1))
     assert steps == 2 and next_round.meta.pred == "v"
     assert schedule_betas(config).shape == (8,)
+
+
+def test_a_class_conditional_teacher_makes_a_class_conditional_student(tmp_path):
+    config = _config()
+    config.model.num_classes, config.training.label_dropout, config.sampling.labels = 10, 0.1, "all"
+    config.distill.teacher_workdir = save_step0_teacher(config, str(tmp_path / "teacher"))
+    distill.run(config, str(tmp_path / "student"))
+    meta = RunMeta.from_dict(checkpointing.read_meta(str(tmp_path / "student")))
+    assert meta.condition == {"num_classes": 10} and meta.model_kwargs["num_classes"] == 10
+    loaded = setup.load_run(config, str(tmp_path / "student"))  # sample / eval read it with its labels
+    out = setup.make_sampler(loaded, config)(loaded.params, np.arange(8))
+    assert out.samples.shape == (8, 8, 8, 1) and np.all(np.isfinite(np.asarray(out.samples)))

@@ -28,11 +28,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpm_jax import checks, condition_config, conditioning, data, diffusion, loop, metrics, parallel, setup
+from ddpm_jax import (checks, condition_config, conditioning, data, diffusion, loop, metrics, parallel, setup,
+                      train_state)
 from ddpm_jax import teacher as teacher_lib
 from ddpm_jax.run_meta import RunMeta
 from ddpm_jax.sampling.ddpm_ddim import ddim_step, ddim_timesteps
-from ddpm_jax import train_state
 from ddpm_jax.train_state import TrainState
 
 DISTANCES = ("pseudo_huber", "l2")
@@ -120,7 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     record = dict(method="consistency", steps=int(c.steps), teacher_workdir=teacher.workdir,
                   teacher_step=teacher.step, teacher_pred=teacher.meta.pred, distance=str(c.distance),
                   ema_decay=float(c.ema_decay))
-    meta = dataclasses.replace(RunMeta.from_config(config), source=dict(consistency=record))
+    meta = dataclasses.replace(setup.run_meta(config), source=dict(consistency=record))
     teacher_process = diffusion.GaussianDiffusion(student.sched, pred=teacher.meta.pred,
                                                   var_type=str(config.diffusion.var_type), clip_x0=setup.clips_x0(config))
     tx = train_state.adam(config.optim, float(c.lr))  # constant, as the paper

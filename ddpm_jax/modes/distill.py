@@ -49,11 +49,10 @@ import numpy as np
 import optax
 
 from ddpm_jax import (checkpointing, checks, condition_config, conditioning, data, diffusion, loop, metrics, parallel,
-                      setup)
+                      setup, train_state)
 from ddpm_jax import teacher as teacher_lib
 from ddpm_jax.run_meta import CheckpointMismatchError, RunMeta, schedule_betas
 from ddpm_jax.sampling.ddpm_ddim import ddim_step, ddim_timesteps
-from ddpm_jax import train_state
 from ddpm_jax.train_state import TrainState
 
 STUDENT_PREDS = ("v", "x0")
@@ -208,7 +207,7 @@ def student_meta(config: ml_collections.ConfigDict, teacher: teacher_lib.Teacher
     record = dict(method="progressive", steps=n, teacher_steps=teacher_steps, teacher_workdir=teacher.workdir,
                   teacher_step=teacher.step, teacher_pred=teacher.meta.pred, weighting=str(config.distill.weighting),
                   sampler=dict(method="ddim", steps=n, spacing=SPACING, eta=0.0))
-    return dataclasses.replace(RunMeta.from_config(config), source=dict(distill=record))
+    return dataclasses.replace(setup.run_meta(config), source=dict(distill=record))
 
 
 def _check_student(meta: RunMeta, workdir: str) -> Callable[[dict | None], None]:
