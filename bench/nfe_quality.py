@@ -1,8 +1,13 @@
 """Sample quality per network call: every sampler of a trained run through `--mode=eval`, timed.
 
     python -m bench.nfe_quality --config=configs/digits.py --workdir=workdirs/digits_nfe \
-        [--samplers=ddpm,ddim:10,dpmpp_2m:20,heun:10] [--spread=dpmpp_2m:20] [--seeds=0,1] \
+        [--samplers=ddpm,ddim:10,dpmpp_2m:20,heun:10] [--spread=dpmpp_2m:20] [--seeds=0,1] [--label=teacher] \
         [--time_samples=297] [--out=nfe.jsonl] [--plot=docs/figures/nfe_quality_digits.png] [--config.X=...]
+    python -m bench.nfe_quality --plot=nfe.png --from=nfe.jsonl        # redraw the plot of earlier runs
+
+A `{steps}` in --workdir is each sampler's step count: distilled students, one workdir per
+step count (--config=configs/digits_distill.py --workdir=workdirs/digits_pd{steps}
+--samplers=ddim:4:trailing,... --label=progressive).
 
 For each sampler (`method[:steps]`; heun's steps N are 2N − 1 network calls) this runs the
 project's own `--mode=eval` (`modes.evaluate.run_eval`: eval.num_samples samples, the
@@ -14,7 +19,8 @@ jax.block_until_ready ends each call), reported per 1,000 images. The
 samplers of `--spread` are evaluated again with every seed of `--seeds`: their spread
 is the run-to-run noise a difference must exceed. One JSON line per (sampler, seed) on
 stdout (and `--out`) with the load average (a shared CPU is slow for reasons that are not ours), and
-a plot of the Fréchet distance and precision / recall against NFE with the floors.
+a plot of the Fréchet distance and precision / recall against NFE with the floors, one line
+per `--label` (default: the sampling method).
 """
 
 from __future__ import annotations
@@ -95,11 +101,12 @@ def plot(path: str, records: list[dict]) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     first = [r for r in records if r["seed"] == records[0]["seed"]]
+    line = lambda r: r.get("label") or r["method"]  # noqa: E731
     for ax, name in zip(axes, ("fd", "precision", "recall")):
-        for i, method in enumerate(dict.fromkeys(r["method"] for r in first)):
-            rows = sorted((r for r in first if r["method"] == method and "time_uniform" not in r.get("tag", "")),
+        for i, label in enumerate(dict.fromkeys(map(line, first))):
+            rows = sorted((r for r in first if line(r) == label and "time_uniform" not in r.get("tag", "")),
                           key=lambda r: r["nfe"])
-            style = dict(marker="o", color=f"C{i}", label=method)
+            style = dict(marker="o", color=f"C{i}", label=label)
             ax.plot([r["nfe"] for r in rows], [r["metrics"][name] for r in rows], **style)
         others = [r for r in records if r["seed"] != records[0]["seed"]]
         if others:
@@ -116,14 +123,21 @@ def main(argv=None) -> int:
     rest, overrides = common.split_overrides(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/digits.py")
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--workdir", default="", help="the run; {steps} is replaced by each sampler's steps")
     p.add_argument("--samplers", default=DEFAULT_SAMPLERS)
     p.add_argument("--spread", default="", help="samplers evaluated with every seed of --seeds")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--time_samples", type=int, default=297, help="images timed per sampler (0: no timing)")
     p.add_argument("--out", default="", help="also append the JSON lines to this file")
     p.add_argument("--plot", default="")
+    p.add_argument("--label", default="", help="the records' line in the plot (default: the sampling method)")
+    p.add_argument("--from", dest="from_files", default="", help="comma-separated JSON lines files to plot")
     args = p.parse_args(rest)
+    if args.from_files:
+        plot(args.plot, [json.loads(line) for path in args.from_files.split(",") for line in open(path)])
+        return 0
+    if not args.workdir:
+        raise common.BenchError("--workdir is required (or --from=FILE.jsonl --plot=PNG to redraw a plot).")
     config = common.load_config(args.config, overrides)
 
     from ddpm_jax import setup  # noqa: PLC0415
@@ -135,9 +149,11 @@ def main(argv=None) -> int:
     records = []
     for method, steps, spacing, seed in jobs:
         c = sampler_config(config, method, steps, seed, spacing)
+        workdir = args.workdir.format(steps=steps)
         start = time.perf_counter()
-        result = evaluate.run_eval(c, args.workdir)
-        record = dict(method=method, steps=steps, seed=seed, tag=setup.sampler_tag(c),
+        result = evaluate.run_eval(c, workdir)
+        record = dict(method=method, steps=steps, seed=seed, label=args.label or method, workdir=workdir,
+                      tag=setup.sampler_tag(c),
                       nfe=nfe(method, steps, int(config.diffusion.num_timesteps)),
                       num_samples=result["num_samples"], metrics=result.get("metrics"),
                       fid=result.get("fid"), inception_score=result.get("inception_score"),
@@ -145,7 +161,7 @@ def main(argv=None) -> int:
                       floor=result.get("floor"), ratio=result.get("ratio"), eval_seconds=time.perf_counter() - start,
                       host=common.host_info(), time=common.utc_now())
         if args.time_samples and seed == seeds[0]:
-            record.update(time_sampler(c, args.workdir, args.time_samples))
+            record.update(time_sampler(c, workdir, args.time_samples))
         records.append(common.emit(record))
         if args.out:
             with open(args.out, "a") as f:

@@ -1,4 +1,6 @@
-"""bench/nfe_quality.py: sampler specs, NFE per sampler, the per-sampler config."""
+"""bench/nfe_quality.py: sampler specs, NFE per sampler, the per-sampler config, the plot of saved runs."""
+
+import json
 
 import pytest
 
@@ -18,3 +20,19 @@ def test_specs_nfe_and_configs():
     assert nfe_quality.sampler_config(config, "ddim", 20, 0).sampling.steps == 20
     with pytest.raises(common.BenchError, match="dpmpp_2m:20"):
         nfe_quality.parse_samplers("dpmpp_2m")
+
+
+def test_a_students_sampler_sets_its_round_and_the_plot_redraws_saved_runs(tmp_path):
+    from configs import digits_distill
+
+    c = nfe_quality.sampler_config(digits_distill.get_config(), "ddim", 4, 0, "trailing")
+    assert c.sampling.steps == c.distill.steps == 4  # the student of 4 steps is read as one
+    rows = [dict(method="ddim", label=label, steps=n, nfe=n, seed=0, metrics=dict(fd=fd, precision=0.5, recall=0.9),
+                 floor=dict(fd=48.4, precision=0.7, recall=0.7)) for label, n, fd in
+            (("teacher", 4, 76.2), ("teacher", 8, 44.2), ("progressive", 4, 39.4), ("progressive", 8, 37.8))]
+    src, png = tmp_path / "nfe.jsonl", tmp_path / "nfe.png"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert nfe_quality.main([f"--plot={png}", f"--from={src}"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(common.BenchError, match="--workdir is required"):
+        nfe_quality.main([])
