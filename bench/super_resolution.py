@@ -17,6 +17,10 @@ the SR outputs and for bicubic upsampling of the same inputs:
   against the real training images, beside their floor (real test images against the same), as
   `--mode=eval` computes them.
 
+`--steering=t,...` prints instead, per timestep t, the RMS of box_downsample(x̂_0) − input for
+x̂_0 predicted from a noised test image given its low-res view and given the null image: how much
+the input steers the network at each noise level.
+
 With `--base_workdir` the cascade (`modes.sample.run_cascade`: the base model's samples
 super-resolved at the first level of `--levels`) and, with `--direct_workdir`, the direct model's
 samples are scored with the same classifier metrics (the cascaded-diffusion paper's comparison),
@@ -119,6 +123,33 @@ def cascade_rows(config, workdir: str, args, level: int, clf) -> list[dict]:
     return rows
 
 
+def steering_rows(config, workdir: str, num: int, timesteps: list[int]) -> list[dict]:
+    """How much the low-res image steers the network at each t of `timesteps`: the RMS of
+    box_downsample(x̂_0) − input, x̂_0 from x_t = q_sample(real test image, t) given the image's own
+    low-res view at level 0, and given the null image (`LowResImage.null`)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from ddpm_jax import conditioning, data, imaging, setup  # noqa: PLC0415
+
+    loaded, f = setup.load_run(config, workdir), int(config.data.low_res_factor)
+    real = imaging.as_float(data.load_arrays(config.data, str(config.data.eval_split), num)["x"]).astype(np.float32)
+    low = conditioning.box_downsample(real, f).astype(np.float32)
+    noise = np.random.default_rng(int(config.sampling.seed)).standard_normal(real.shape).astype(np.float32)
+    level = jnp.zeros((len(real),), jnp.int32)  # s = 0: the low-res image as given
+    rows = []
+    for t in timesteps:
+        t_rows = jnp.full((len(real),), int(t), jnp.int32)
+        x_t = loaded.process.q_sample(jnp.asarray(real), t_rows, jnp.asarray(noise))
+        row = dict(row=f"steering t={t}", t=int(t))
+        for name, y in (("consistency_true", low), ("consistency_null", np.zeros_like(low))):
+            out = loaded.apply_fn(loaded.params, x_t, t_rows, {"low_res": jnp.asarray(y), "low_res_level": level})
+            x0 = np.asarray(loaded.process.x0_and_eps(out, x_t, t_rows)[0], np.float64)
+            row[name] = float(np.sqrt(np.mean((conditioning.box_downsample(x0, f) - low) ** 2)))
+        rows.append(row)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     """The rows as markdown: fidelity, then each classifier metric with its floor."""
     floor = next((r["floor"] for r in rows if "floor" in r), {})
@@ -146,6 +177,8 @@ def measure(argv: list[str]) -> list[dict]:
     p.add_argument("--direct_config", default="configs/mnist.py")
     p.add_argument("--direct_workdir", default="", help="the direct high-res model (empty: no direct row)")
     p.add_argument("--direct_overrides", default="", help="'a.b=v c.d=w' of the direct config")
+    p.add_argument("--steering", default="", help="timesteps t, comma-separated: x̂_0's consistency given the "
+                   "true and the null low-res image (only these rows)")
     p.add_argument("--out", default="", help="also append the JSON lines to this file")
     p.add_argument("--table", default="", help="also write the markdown table to this file")
     args = p.parse_args(rest)
@@ -156,6 +189,9 @@ def measure(argv: list[str]) -> list[dict]:
         raise common.BenchError(f"--config={args.config} is not a super-resolution config (data.low_res_factor > 0), "
                                 "or --levels is empty; give e.g. --config=configs/mnist_sr.py --levels=0,10.")
 
+    if args.steering:
+        rows = steering_rows(config, args.workdir, args.num, [int(t) for t in args.steering.split(",")])
+        return [common.emit(dict(workdir=args.workdir, **row, num=args.num, time=common.utc_now())) for row in rows]
     from ddpm_jax.evaluation import classifier  # noqa: PLC0415
 
     clf = classifier.load_or_train(config.data, classifier.resolve_path(config))

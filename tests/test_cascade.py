@@ -192,3 +192,23 @@ def test_the_bench_scores_fidelity_and_writes_one_table_row_per_record():
     text = super_resolution.table(rows)
     lines = text.splitlines()
     assert len(lines) == 4 and "fd (floor 1)" in lines[0] and lines[3].startswith("| direct |  |  | 2 | 0.5 |")
+
+
+def test_the_steering_rows_are_the_consistency_of_x0_given_the_true_and_the_null_low_res(workdirs):
+    from bench import super_resolution
+
+    config = _sr_config()
+    rows = super_resolution.steering_rows(config, str(workdirs[0]), 4, [2, 9])
+    loaded = setup.load_run(config, str(workdirs[0]))
+    real = imaging.as_float(data.load_arrays(config.data, str(config.data.eval_split), 4)["x"]).astype(np.float64)
+    low = conditioning.box_downsample(real, 2)
+    noise = np.random.default_rng(int(config.sampling.seed)).standard_normal(real.shape).astype(np.float32)
+    abar = float(np.asarray(loaded.sched.alphas_cumprod)[9])
+    x_t = (np.sqrt(abar) * real + np.sqrt(1 - abar) * noise).astype(np.float32)
+    for row, image in (("consistency_true", low), ("consistency_null", np.zeros_like(low))):
+        cond = {"low_res": image.astype(np.float32), "low_res_level": np.zeros(4, np.int32)}
+        eps = np.asarray(loaded.apply_fn(loaded.params, x_t, np.full(4, 9, np.int32), cond), np.float64)
+        x0 = (x_t - np.sqrt(1 - abar) * eps) / np.sqrt(abar)  # the ε-model's x̂_0, eq. (4) solved for x_0
+        expected = np.sqrt(np.mean((conditioning.box_downsample(x0, 2) - low) ** 2))
+        assert rows[1][row] == pytest.approx(expected, rel=1e-4)
+    assert [r["t"] for r in rows] == [2, 9] and rows[1]["consistency_true"] != rows[1]["consistency_null"]
