@@ -1,30 +1,33 @@
-"""Progressive distillation (Salimans & Ho 2022) of the digits model (configs/digits.py, T = 100).
+"""Progressive distillation (Salimans & Ho 2022) of a v-prediction digits model (configs/digits.py, T = 100).
 
 One round per command, each in its own workdir; the teacher of a round is the previous round's
-workdir. T = 100 is not a power of two, so the first round takes the trained model as a 32-step
-DDIM teacher (trailing spacing; distill.teacher_steps=32) and makes a 16-step student; then
-16 -> 8 -> 4 -> 2 -> 1. sampling.steps follows distill.steps, so the same command with --mode=sample
-or --mode=eval samples the student with its own N DDIM steps (method ddim, spacing trailing, eta 0):
+workdir. The teacher predicts v, as the student does (an ε-teacher's first round spends itself
+relearning the output head), and trains 4,000 steps. T = 100 is not a power of two, so the first
+round takes it as a 64-step DDIM teacher (trailing spacing; distill.teacher_steps=64) and makes a
+32-step student; then 32 -> 16 -> 8 -> 4 (-> 2 -> 1). sampling.steps follows distill.steps, so the
+same command with --mode=sample or --mode=eval samples the student with its own N DDIM steps
+(method ddim, spacing trailing, eta 0):
 
-    python -m ddpm_jax.main --config=configs/digits.py --workdir=workdirs/digits            # the teacher
-    python -m ddpm_jax.main --config=configs/digits_distill.py --mode=distill --workdir=workdirs/digits_pd16 \\
-        --config.distill.teacher_workdir=workdirs/digits --config.distill.teacher_steps=32 --config.distill.steps=16
-    python -m ddpm_jax.main --config=configs/digits_distill.py --mode=distill --workdir=workdirs/digits_pd8 \\
-        --config.distill.teacher_workdir=workdirs/digits_pd16 --config.distill.steps=8
-    (likewise digits_pd4 from digits_pd8 with steps=4, digits_pd2 from digits_pd4 with steps=2,
-     digits_pd1 from digits_pd2 with steps=1)
-    python -m ddpm_jax.main --config=configs/digits_distill.py --mode=eval --workdir=workdirs/digits_pd8 \\
-        --config.distill.steps=8
+    python -m ddpm_jax.main --config=configs/digits.py --workdir=workdirs/digits_v \
+        --config.diffusion.pred=v --config.training.num_steps=4000                    # the teacher
+    python -m ddpm_jax.main --config=configs/digits_distill.py --mode=distill --workdir=workdirs/digits_pd32 \
+        --config.distill.teacher_workdir=workdirs/digits_v --config.distill.teacher_steps=64 --config.distill.steps=32
+    python -m ddpm_jax.main --config=configs/digits_distill.py --mode=distill --workdir=workdirs/digits_pd16 \
+        --config.distill.teacher_workdir=workdirs/digits_pd32 --config.distill.steps=16
+    (likewise digits_pd8 from digits_pd16 with steps=8, digits_pd4 from digits_pd8 with steps=4, ...)
+    python -m ddpm_jax.main --config=configs/digits_distill.py --mode=eval --workdir=workdirs/digits_pd4 \
+        --config.distill.steps=4
 
-The student predicts v (diffusion.pred=v) and starts from the ε-teacher's weights; the loss is
-weighted by max(SNR, 1). Each round: 2,000 Adam updates at batch 32, lr 5e-4 annealed to 0, EMA 0.995.
-Every other field is configs/digits.py's (model, schedule, data, eval), so the teacher's checkpoint
-and RunMeta match.
+The loss is weighted by max(SNR, 1). Each round: 4,000 Adam updates at batch 32, lr 5e-4 annealed
+to 0, EMA 0.995. Every other field is configs/digits.py's (model, schedule, data, eval), so the
+teacher's checkpoint and RunMeta match.
 
-Measured (docs/distillation.md; 2-core CPU shared with other jobs, 594 samples, seed 0, classifier
-fd with floor 48.4): the students at 8 / 4 / 2 / 1 calls reach fd 41.4 / 43.0 / 46.3 / 53.6
-(precision 0.50-0.46), against the teacher's DDIM at the same calls 44.2 / 76.2 / 183 / 614 and
-its 20-call DPM-Solver++ 27.4; rounds took 250-562 s each (2,000 updates).
+Measured (docs/distillation.md; 2-core CPU shared with one or two other jobs, 594 samples, classifier
+fd with floor 48.4): the students at 32 / 16 / 8 / 4 calls reach fd 24.9 / 25.4 / 26.2 / 27.4 (seeds 1-3
+at 4 calls: 33.9 / 26.7 / 23.7), against the teacher's 64-step DDIM 24.5, its 20-call DPM-Solver++
+23.4 / 27.3 / 21.4 / 20.2 (seeds 0-3) and its 4-call DDIM 84.7; rounds took 482-700 s (4,000 updates).
+With 2,000 updates a round from the 32-step DDIM (--config.distill.num_steps=2000): 26.7 / 27.7 /
+28.5 / 32.7 / 36.5 at 16 / 8 / 4 / 2 / 1 calls, 238-249 s a round.
 """
 
 from configs import digits
@@ -37,10 +40,10 @@ def get_config():
     config.distill.lr = 5e-4
     config.distill.ema_decay = 0.995
     config.distill.batch_size = 32
-    config.distill.num_steps = 2000
+    config.distill.num_steps = 4000
     config.distill.log_every = 50
     config.distill.checkpoint_every = 1000
-    config.distill.steps = 16
+    config.distill.steps = 32
 
     config.sampling.method = "ddim"
     config.sampling.spacing = "trailing"
