@@ -340,8 +340,12 @@ class _Loop:
         return step, False
 
     def _log(self, step: int, bar) -> None:
-        values = self.buffer.summary(time.time() - self.last_log[1])
-        self.last_log = (step, time.time())
+        # Dispatch is asynchronous: the window's steps are done only once their metrics arrive,
+        # so the clock is read after the fetch (else images/s swings with the host's lead).
+        self.buffer.fetch()
+        now = time.time()
+        values = self.buffer.summary(now - self.last_log[1])
+        self.last_log = (step, now)
         if values:
             self.writer.scalars(step, values)
             self.last_values.update(values)
