@@ -65,7 +65,7 @@ def train_run(config, steps: int, host_state) -> dict:
 
     mesh = parallel.make_mesh()
     model, sched = setup.create_model(config), setup.create_schedule(config)
-    tx = train_state.create_optimizer(config.optim, int(config.training.num_steps))
+    tx = train_state.create_optimizer(config)
     state = jax.device_put(host_state, parallel.replicated(mesh))
     step_fn = train.make_train_step(config, model, sched, tx, mesh)
     it = data.create_train_iterator(config.data, global_batch_size=int(config.training.batch_size),

@@ -143,7 +143,8 @@ def steering_rows(config, workdir: str, num: int, timesteps: list[int]) -> list[
         x_t = loaded.process.q_sample(jnp.asarray(real), t_rows, jnp.asarray(noise))
         row = dict(row=f"steering t={t}", t=int(t))
         for name, y in (("consistency_true", low), ("consistency_null", np.zeros_like(low))):
-            out = loaded.apply_fn(loaded.params, x_t, t_rows, {"low_res": jnp.asarray(y), "low_res_level": level})
+            cond = {conditioning.LowResImage.key: jnp.asarray(y), conditioning.AugmentationLevel.key: level}
+            out = loaded.apply_fn(loaded.params, x_t, t_rows, cond)
             x0 = np.asarray(loaded.process.x0_and_eps(out, x_t, t_rows)[0], np.float64)
             row[name] = float(np.sqrt(np.mean((conditioning.box_downsample(x0, f) - low) ** 2)))
         rows.append(row)

@@ -101,7 +101,7 @@ def lower_train_step(config, batch: int, devices: Sequence[jax.Device] | None = 
     shape = example_shape(config.data)
     model, sched = create_model(config), create_schedule(config)
     state = abstract_train_state(config, model, shape, mesh)
-    step = make_train_step(config, model, sched, create_optimizer(config.optim, int(config.training.num_steps)), mesh)
+    step = make_train_step(config, model, sched, create_optimizer(config), mesh)
     # steps_per_dispatch = 1: XLA counts a loop body once, so a multi-step program would under-count.
     x = jax.ShapeDtypeStruct((1, batch, *shape), jnp.float32, sharding=data_sharded(mesh, batch_axis=1))
     return step.lower(state, {"x": x}), state

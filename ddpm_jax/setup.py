@@ -137,7 +137,7 @@ def initial_t_history(config: ml_collections.ConfigDict) -> Callable[[], Any]:
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, shape: tuple, mesh: Mesh
                        ) -> tuple[TrainState, optax.GradientTransformation]:
     """A fresh train state (params from `config.seed`), replicated on the mesh, and its optimiser."""
-    tx = create_optimizer(config.optim, int(config.training.num_steps))
+    tx = create_optimizer(config)
     params = init_params(model, shape, int(config.seed), mesh)
     history = initial_t_history(config)
     state = jax.jit(lambda p: TrainState.create(p, tx, history()), out_shardings=parallel.replicated(mesh))(params)
@@ -150,7 +150,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module, sh
 
     Tracing the model also checks its hyper-parameters against the data shape before any work.
     """
-    tx = create_optimizer(config.optim, int(config.training.num_steps))
+    tx = create_optimizer(config)
     init = _init_fn(model, shape, jax.random.key(0))
     history = initial_t_history(config)
     return _replicated_structs(jax.eval_shape(lambda: TrainState.create(init(), tx, history())), mesh)

@@ -52,7 +52,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
     decay = float(config.optim.ema_decay)
     process = setup.create_diffusion(config, sched)
     nonfinite = str(config.training.nonfinite)
-    lr_fn = learning_rate_schedule(config.optim, int(config.training.num_steps))
+    lr_fn = learning_rate_schedule(config)
     dispatch_loop = str(config.training.get("dispatch_loop", "auto"))
     if dispatch_loop not in DISPATCH_LOOPS:
         raise ValueError(f"training.dispatch_loop={dispatch_loop!r} is unknown; use one of {DISPATCH_LOOPS}.")
@@ -104,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         captions.check_saved_tokenizer(workdir, captions.tokenizer_for(config.data))
     run = setup.create_run(config, mesh)  # warns if abar_T > 1e-2
     template = setup.abstract_train_state(config, run.model, run.shape, mesh)
-    tx = create_optimizer(config.optim, int(config.training.num_steps))
+    tx = create_optimizer(config)
 
     def started() -> None:
         metrics.write_config(config, workdir)

@@ -64,9 +64,10 @@ def lr_schedule(lr: float, warmup_steps: int, decay: str, num_steps: int) -> opt
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), anneal], [warmup_steps])
 
 
-def learning_rate_schedule(optim_cfg: Any, num_steps: int) -> optax.Schedule:
-    """The `optim` section's schedule for a run of `num_steps` updates (`lr_schedule`)."""
-    return lr_schedule(float(optim_cfg.lr), int(optim_cfg.warmup_steps), str(optim_cfg.lr_decay), num_steps)
+def learning_rate_schedule(config: Any) -> optax.Schedule:
+    """The trainer's schedule (`lr_schedule`): the `optim` section's over `training.num_steps` updates."""
+    o = config.optim
+    return lr_schedule(float(o.lr), int(o.warmup_steps), str(o.lr_decay), int(config.training.num_steps))
 
 
 def adam(optim_cfg: Any, learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
@@ -76,9 +77,9 @@ def adam(optim_cfg: Any, learning_rate: float | optax.Schedule) -> optax.Gradien
                                          b2=float(optim_cfg.beta2), eps=float(optim_cfg.eps)))
 
 
-def create_optimizer(optim_cfg: Any, num_steps: int) -> optax.GradientTransformation:
-    """The trainer's optimiser: `adam` on the `optim` section's schedule over `num_steps` updates."""
-    return adam(optim_cfg, learning_rate_schedule(optim_cfg, num_steps))
+def create_optimizer(config: Any) -> optax.GradientTransformation:
+    """The trainer's optimiser: `adam` with the `optim` section on `learning_rate_schedule(config)`."""
+    return adam(config.optim, learning_rate_schedule(config))
 
 
 def ema_update(ema_params: Any, params: Any, decay: float | jnp.ndarray) -> Any:

@@ -135,7 +135,7 @@ def test_digits_config_builds_its_data_model_and_train_step():
     assert x.min() == -1.0 and 0.9 < x.max() <= 1.0  # in [-1, 1], background at -1
     run = setup.create_run(config)
     state = setup.abstract_train_state(config, run.model, run.shape, run.mesh)
-    tx = train_state.create_optimizer(config.optim, int(config.training.num_steps))
+    tx = train_state.create_optimizer(config)
     step = train.make_train_step(config, run.model, run.sched, tx, run.mesh)
     batch = {"x": jax.ShapeDtypeStruct((1, *x.shape), jnp.float32,
                                        sharding=parallel.data_sharded(run.mesh, batch_axis=1))}
@@ -158,7 +158,7 @@ def test_digits_config_builds_its_data_model_and_train_step():
     np.testing.assert_allclose(abar[:-1], f(np.arange(1, 100) / 100) / f(0), rtol=1e-4)
     assert run.process.var_type == "fixedsmall"
     # lr 2e-3 after a short linear warmup from 0 (100 steps of the 2,000).
-    lr = train_state.learning_rate_schedule(config.optim, int(config.training.num_steps))
+    lr = train_state.learning_rate_schedule(config)
     np.testing.assert_allclose([float(lr(k)) for k in (0, 1, 50, 100, 1999)], [0, 2e-5, 1e-3, 2e-3, 2e-3],
                                rtol=1e-5)
 

@@ -91,7 +91,7 @@ def test_the_exact_peer_follows_the_projects_learning_rate_schedule(decay):
         theirs.append(peer.optimizer.param_groups[0]["lr"])
         peer.optimizer.step()  # no gradients: a no-op that keeps torch's call order
         peer.lr_scheduler.step()
-    ours = train_state.learning_rate_schedule(config.optim, 24)
+    ours = train_state.learning_rate_schedule(config)
     np.testing.assert_allclose(theirs, [float(ours(k)) for k in range(25)], rtol=1e-6, atol=1e-10)
     assert theirs[4] == pytest.approx(2e-3) and (theirs[-1] == 0) == (decay != "constant")
 
