@@ -21,7 +21,7 @@ the SR outputs and for bicubic upsampling of the same inputs:
 x̂_0 predicted from a noised test image given its low-res view and given the null image: how much
 the input steers the network at each noise level.
 
-With `--base_workdir` the cascade (`modes.sample.run_cascade`: the base model's samples
+With `--base_workdir` the cascade (`modes.cascade.run`: the base model's samples
 super-resolved at the first level of `--levels`) and, with `--direct_workdir`, the direct model's
 samples are scored with the same classifier metrics (the cascaded-diffusion paper's comparison),
 each with its sampling time. One JSON line per row on stdout (and `--out`), and a markdown table.
@@ -48,9 +48,9 @@ def fidelity(outputs, real, low, factor: int) -> dict:
     """PSNR of `outputs` against `real` and the RMS consistency of their box downsampling with `low`."""
     import numpy as np  # noqa: PLC0415
 
-    from ddpm_jax import conditioning, imaging  # noqa: PLC0415
+    from ddpm_jax import imaging  # noqa: PLC0415
 
-    down = conditioning.box_downsample(np.asarray(outputs, np.float64), factor)
+    down = imaging.box_downsample(np.asarray(outputs, np.float64), factor)
     return dict(psnr=float(np.mean([imaging.psnr(o, r) for o, r in zip(outputs, real)])),
                 consistency=float(np.sqrt(np.mean((down - np.asarray(low, np.float64)) ** 2))))
 
@@ -102,20 +102,20 @@ def cascade_rows(config, workdir: str, args, level: int, clf) -> list[dict]:
     """The cascade's samples and (with `--direct_workdir`) the direct model's, scored alike."""
     import numpy as np  # noqa: PLC0415
 
-    from ddpm_jax.modes import sample  # noqa: PLC0415
+    from ddpm_jax.modes import cascade, sample  # noqa: PLC0415
 
     rows = []
     if args.base_workdir:
         c = stage_config(config, args.num, low_res_level=int(level))
         c.cascade.update(base_config=args.base_config, base_workdir=args.base_workdir,
                          base_overrides=args.base_overrides)
-        paths, seconds = timed(sample.run_cascade, c, workdir)
+        paths, seconds = timed(cascade.run, c, workdir)
         with np.load(paths["npz"]) as arrays:
             rows.append(dict(row=f"cascade (s={level})", tag=os.path.basename(paths["npz"]), sample_seconds=seconds,
                              **quality(clf, config, arrays["samples"])))
     if args.direct_workdir:
         direct = common.load_config(args.direct_config, args.direct_overrides.split())  # sampled as the cascade
-        same = {k: config.sampling[k] for k in sample.CASCADE_SAMPLING if k not in ("num_samples", "batch_size")}
+        same = {k: config.sampling[k] for k in cascade.CASCADE_SAMPLING if k not in ("num_samples", "batch_size")}
         paths, seconds = timed(sample.run, stage_config(direct, args.num, **same), args.direct_workdir)
         with np.load(paths["npz"]) as arrays:
             rows.append(dict(row="direct", workdir=args.direct_workdir, tag=os.path.basename(paths["npz"]),
@@ -130,11 +130,11 @@ def steering_rows(config, workdir: str, num: int, timesteps: list[int]) -> list[
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from ddpm_jax import conditioning, data, imaging, setup  # noqa: PLC0415
+    from ddpm_jax import data, imaging, setup, super_resolution  # noqa: PLC0415
 
     loaded, f = setup.load_run(config, workdir), int(config.data.low_res_factor)
     real = imaging.as_float(data.load_arrays(config.data, str(config.data.eval_split), num)["x"]).astype(np.float32)
-    low = conditioning.box_downsample(real, f).astype(np.float32)
+    low = imaging.box_downsample(real, f).astype(np.float32)
     noise = np.random.default_rng(int(config.sampling.seed)).standard_normal(real.shape).astype(np.float32)
     level = jnp.zeros((len(real),), jnp.int32)  # s = 0: the low-res image as given
     rows = []
@@ -143,10 +143,10 @@ def steering_rows(config, workdir: str, num: int, timesteps: list[int]) -> list[
         x_t = loaded.process.q_sample(jnp.asarray(real), t_rows, jnp.asarray(noise))
         row = dict(row=f"steering t={t}", t=int(t))
         for name, y in (("consistency_true", low), ("consistency_null", np.zeros_like(low))):
-            cond = {conditioning.LowResImage.key: jnp.asarray(y), conditioning.AugmentationLevel.key: level}
+            cond = {super_resolution.LowResImage.key: jnp.asarray(y), super_resolution.AugmentationLevel.key: level}
             out = loaded.apply_fn(loaded.params, x_t, t_rows, cond)
             x0 = np.asarray(loaded.process.x0_and_eps(out, x_t, t_rows)[0], np.float64)
-            row[name] = float(np.sqrt(np.mean((conditioning.box_downsample(x0, f) - low) ** 2)))
+            row[name] = float(np.sqrt(np.mean((imaging.box_downsample(x0, f) - low) ** 2)))
         rows.append(row)
     return rows
 

@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     # captions made from the digit's label and pixels; folder: img.txt beside img.png), the U-Net gets a
     # text encoder (its vocabulary: the training captions' words) and cross-attention (model.context_dim).
     data.captions = False
-    # Super-resolution (conditioning.LowResImage): each example's cond also holds its image box-downsampled
+    # Super-resolution (super_resolution.LowResImage): each example is also conditioned on its image box-downsampled
     # by this factor; the U-Net upsamples it and concatenates it to x_t (0 = off; 2: 8x8 digits from 4x4).
     data.low_res_factor = 0
 

@@ -1,7 +1,7 @@
 """The base stage of an MNIST cascade: configs/mnist.py at 14x14, each digit box-downsampled by 2.
 
 The 14x14 digits are exactly what configs/mnist_sr.py is conditioned on (data/mnist.py box-downsamples
-at a size dividing 28, `conditioning.box_downsample` rounded to uint8), so the super-resolution stage
+at a size dividing 28, `imaging.box_downsample` rounded to uint8), so the super-resolution stage
 reads samples of the distribution it was trained on. A U-Net of two levels (14x14, 7x7).
 
 Commands (the cascade: docs/super_resolution.md):

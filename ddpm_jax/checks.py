@@ -11,7 +11,7 @@ before any file is written or anything is compiled. One entry point per mode,
     fid_stats  eval's files (no model is involved)
     figures    the schedule, the figure's sizes
     train_autoencoder  the autoencoder's loop settings
-    cascade    the schedule (both stages' sample checks: modes/sample.check_cascade)
+    cascade    the schedule (both stages' sample checks: modes/cascade.check_cascade)
 Call it after `parallel.initialize` (the schedule tables are built with jax.numpy).
 """
 
@@ -61,7 +61,7 @@ def check_config(config: ml_collections.ConfigDict, mode: str, mesh=None) -> Non
     if mode in ("sample", "eval"):
         check_sampler(config.sampling, int(config.diffusion.num_timesteps))
         check_labels(config)
-        check_cond_images(config)
+        condition_config.check_sampling(config)
     if mode == "sample":
         _positive(config.sampling, "sampling", ("num_samples", "batch_size"))
         check_init_image(config)
@@ -96,7 +96,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     if int(t.sample_every) > 0:  # the grids written during and after training
         check_sampler(config.sampling, int(config.diffusion.num_timesteps))
         check_labels(config)
-        check_cond_images(config)
+        condition_config.check_sampling(config)
     check_conditional_training(config)
 
 
@@ -183,16 +183,6 @@ def check_labels(config: ml_collections.ConfigDict) -> None:
     if w and labels is None:
         raise ValueError(f"sampling.guidance_scale={w:g} guides towards a class, but sampling.labels is '' "
                          "(the null class); set --config.sampling.labels=all (or e.g. 3,5).")
-
-
-def check_cond_images(config: ml_collections.ConfigDict) -> None:
-    """`sampling.cond_images` only for an SR model, readable and of its low-res shape (`data.low_res_images`)."""
-    spec = str(config.sampling.get("cond_images", ""))
-    if spec and not int(config.data.get("low_res_factor", 0)):
-        raise ValueError(f"sampling.cond_images={spec!r} needs a super-resolution model (data.low_res_factor > 0); "
-                         "set --config.sampling.cond_images=''.")
-    if spec:
-        data.low_res_images(config.data, spec, int(config.sampling.num_samples))
 
 
 def check_captions(config: ml_collections.ConfigDict) -> None:

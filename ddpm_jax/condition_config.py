@@ -1,10 +1,14 @@
 """A run's condition kinds and what its sampling asks of each, read from the config.
 
-`create_conditioning(config)` builds the kinds of `conditioning.py` that the config's model takes
-(class labels, caption tokens, a low-res image and its noise level); the rest says what
-`config.sampling` asks each kind for: the tables the sampler cycles over image indices, the
-file-name tag, what a samples directory records, and the caption or class each image was asked for.
-One entry per kind in `_SAMPLED`: a new kind adds its class here and nothing generic changes.
+`create_conditioning(config)` builds the kinds that the config's model takes: class labels or
+caption tokens (`conditioning.py`), then those of each module of `KIND_MODULES` (the low-res image
+and its noise level of `super_resolution`). The rest says what `config.sampling` asks each kind
+for, one entry per kind class in `_SAMPLED`: the tables the sampler cycles over image indices, the
+file-name tag, what a samples directory records, the caption or class each image was asked for,
+and the views written beside the samples (`sample_views`: the grid's picture and extra arrays).
+
+A kind module gives `kinds(config)`, `SAMPLED` (its classes' entries) and `check_sampling(config)`
+(the checks of its sampling fields); adding one to `KIND_MODULES` is all it takes here.
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ import zlib
 import ml_collections
 import numpy as np
 
-from ddpm_jax import conditioning, data
+from ddpm_jax import conditioning, imaging, super_resolution
 from ddpm_jax.data import captions
 from ddpm_jax.models import text
-from ddpm_jax.run_meta import schedule_betas
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
@@ -30,18 +33,23 @@ def text_conditioned(config: ml_collections.ConfigDict) -> bool:
     return bool(config.data.get("captions", False))
 
 
+# The modules of the condition kinds beside labels and captions (see the module docstring).
+KIND_MODULES = (super_resolution,)
+
+
 def create_conditioning(config: ml_collections.ConfigDict) -> conditioning.Conditioning:
     """The condition kinds of the config's model: caption tokens (`data.captions`), class labels (`model.num_classes`
-    > 0) or none; with `data.low_res_factor` > 0 also the low-res image and its level."""
+    > 0) or none, then each of `KIND_MODULES`' kinds (e.g. the low-res image when `data.low_res_factor` > 0)."""
     null = text.null_tokens(1, int(config.model.context_length))[0] if text_conditioned(config) else None
     kinds = ((conditioning.CaptionTokens(tuple(int(i) for i in null)),) if null is not None
              else (conditioning.ClassLabel(num_classes(config)),) if num_classes(config) else ())
-    f = int(config.data.get("low_res_factor", 0))
-    if f:  # box_downsample checks that f divides the image size
-        shape = data.low_res_shape(config.data)
-        abar = np.cumprod(1.0 - schedule_betas(config))[:int(config.training.get("low_res_max_level", 0))]
-        kinds += (conditioning.LowResImage(shape, f, tuple(float(a) for a in abar)), conditioning.AugmentationLevel())
-    return conditioning.Conditioning(kinds)
+    return conditioning.Conditioning(kinds + tuple(k for module in KIND_MODULES for k in module.kinds(config)))
+
+
+def check_sampling(config: ml_collections.ConfigDict) -> None:
+    """The checks of `KIND_MODULES`' sampling fields (class labels and captions: `checks.check_labels`)."""
+    for module in KIND_MODULES:
+        module.check_sampling(config)
 
 
 def guidance_options(config: ml_collections.ConfigDict) -> dict:
@@ -96,6 +104,11 @@ class _SampledLabels:
         table = _SampledLabels.table(config)
         return None if table is None else conditioning.cycle({"label": table}, indices)["label"]
 
+    @staticmethod
+    def views(config: ml_collections.ConfigDict, samples: np.ndarray) -> dict:  # one row per class
+        labels = _SampledLabels.classes(config, np.arange(len(samples)))
+        return {} if labels is None else {"picture": imaging.class_grid(samples, labels), "labels": labels}
+
 
 class _SampledCaptions:
     """`sampling.captions` of a captioned run: its token table, tag part, meta and named classes."""
@@ -126,37 +139,18 @@ class _SampledCaptions:
         named = [captions.named_class(c) for c in _SampledCaptions.captions(config, indices)]
         return None if None in named else np.asarray(named, np.int32)
 
-
-class _SampledLowRes:
-    """`sampling.cond_images` of a super-resolution run: that split's first images box-downsampled (or the
-    first low-res images of a folder or an .npz, `data.low_res_images`) and noised to `sampling.low_res_level`
-    (`LowResImage.at_level`), '' the null image; the level's table is s."""
-
     @staticmethod
-    def table(config: ml_collections.ConfigDict) -> np.ndarray | None:
-        s = config.sampling
-        kind = next(k for k in create_conditioning(config).kinds if isinstance(k, conditioning.LowResImage))
-        images = data.low_res_images(config.data, str(s.cond_images), int(s.num_samples)) if s.cond_images else None
-        return None if images is None else kind.at_level(images, int(s.low_res_level), int(s.seed))[kind.key]
-
-    @staticmethod
-    def tag(config: ml_collections.ConfigDict) -> str:  # files by a checksum of their path: a short file name
-        spec, level = str(config.sampling.cond_images), int(config.sampling.low_res_level)
-        name = f"f{zlib.crc32(spec.encode()):08x}" if data.is_image_files(spec) else spec
-        return f"_sr{name}_s{level}" if spec else "_srnull"
-
-    meta = staticmethod(lambda c: {"cond_images": c.sampling.cond_images, "low_res_level": c.sampling.low_res_level})
-    captions = classes = staticmethod(lambda config, indices: None)
-
-
-class _SampledLevel(_SampledLowRes):
-    table = staticmethod(lambda config: np.asarray([int(config.sampling.low_res_level)], np.int32))
-    tag, meta = staticmethod(lambda config: ""), staticmethod(lambda config: {})
+    def views(config: ml_collections.ConfigDict, samples: np.ndarray) -> dict:  # one row per caption, written beside it
+        index = np.arange(len(samples))
+        shown = _SampledCaptions.captions(config, index)
+        labels = _SampledCaptions.classes(config, index)
+        return {"picture": imaging.caption_grid(samples, shown), "captions": np.asarray(shown),
+                **({} if labels is None else {"labels": labels})}
 
 
 # How `config.sampling` asks each condition kind for its samples.
 _SAMPLED = {conditioning.ClassLabel: _SampledLabels, conditioning.CaptionTokens: _SampledCaptions,
-            conditioning.LowResImage: _SampledLowRes, conditioning.AugmentationLevel: _SampledLevel}
+            **{kind: sampled for module in KIND_MODULES for kind, sampled in module.SAMPLED.items()}}
 
 
 def _sampled(config: ml_collections.ConfigDict) -> list:
@@ -184,6 +178,12 @@ def asked_classes(config: ml_collections.ConfigDict, indices: np.ndarray) -> np.
     (MNIST captions); None when unconditional or when a caption names no single digit."""
     found = [c for c in (s.classes(config, indices) for s in _sampled(config)) if c is not None]
     return found[0] if found else None
+
+
+def sample_views(config: ml_collections.ConfigDict, samples: np.ndarray) -> dict:
+    """What a samples directory shows and stores beside the samples: every kind's views merged in kind
+    order ({"picture": the grid, when a kind draws one; arrays such as the labels}), {} when none."""
+    return {key: value for s in _sampled(config) for key, value in s.views(config, samples).items()}
 
 
 def sampled_meta(config: ml_collections.ConfigDict) -> dict:

@@ -12,14 +12,12 @@ of it are validated and what a run records of it:
 
     ClassLabel(num_classes)     "label"   int [B], class indices; ∅ = num_classes
     CaptionTokens(null_row)     "tokens"  int [B, L], caption tokens; ∅ = the null caption's row
-    LowResImage(shape, ...)     "low_res" float [B, h, w, C] in [−1, 1], the image to super-resolve;
-                                ∅ = zeros
-    AugmentationLevel()         "low_res_level" int [B], its noise-conditioning level s; ∅ = 0
 
-Every kind also has `augment(cond, key)`, training's view of a batch's cond before the kinds
-are selected: the identity for all but `LowResImage`, which noises the low-res image and writes
-its level (cascaded diffusion's noise-conditioning augmentation, Ho et al. 2021 §4.3). A new
-kind is a new class here with the same members, and its entry in the network that reads it.
+Three hooks have defaults (`KindDefaults`): `augment(cond, key)`, training's view of a batch's
+cond (the identity here); `derive(x)`, rows computed from the batch's images for a kind that no
+data source carries (None here); `network_kwargs()`, what the network must be built with to
+read the kind ({} here: `model.num_classes` is the model's own field). A kind defined in its own
+module (the low-res image of `super_resolution`) overrides them.
 """
 
 from __future__ import annotations
@@ -57,17 +55,30 @@ class Kind(Protocol):
         """What identifies the kind in a run's meta (JSON-able)."""
 
     def augment(self, cond: "Cond", key: jax.Array) -> "Cond":
-        """Training's view of a batch's `cond` (before `Conditioning.select`)."""
+        """Training's view of a batch's `cond` (after `Conditioning.of_batch`)."""
+
+    def derive(self, x: Any) -> Any:
+        """Its rows for images `x` [B, ...] when the data carries none; None: the data must."""
+
+    def network_kwargs(self) -> dict:
+        """The network's keyword hyper-parameters that reading this kind needs (JSON-able)."""
 
 
-class _Unaugmented:
-    """The identity `augment` of the kinds that training uses as the data gives them."""
+class KindDefaults:
+    """The hooks of a kind that training uses as the data gives it: identity `augment`, nothing
+    derived from the images, no network hyper-parameter of its own."""
 
     def augment(self, cond: "Cond", key: jax.Array) -> "Cond":
         return cond
 
+    def derive(self, x: Any) -> Any:
+        return None
 
-def _check_int(kind: Kind, rows: Any, shape: str, ok: bool) -> None:
+    def network_kwargs(self) -> dict:
+        return {}
+
+
+def check_int(kind: Kind, rows: Any, shape: str, ok: bool) -> None:
     dtype = getattr(rows, "dtype", np.asarray(rows).dtype)
     if not jnp.issubdtype(dtype, jnp.integer) or not ok:
         raise ValueError(f"cond[{kind.key!r}] must be integers of shape {shape}, got {np.dtype(dtype).name} "
@@ -75,7 +86,7 @@ def _check_int(kind: Kind, rows: Any, shape: str, ok: bool) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassLabel(_Unaugmented):
+class ClassLabel(KindDefaults):
     """A class index per example in 0..num_classes−1; ∅ is the extra class `num_classes`."""
 
     num_classes: int
@@ -95,14 +106,14 @@ class ClassLabel(_Unaugmented):
         return jnp.full(jnp.shape(rows), self.num_classes, jnp.asarray(rows).dtype)
 
     def check(self, rows: Any, batch: int) -> None:
-        _check_int(self, rows, f"[{batch}]", tuple(np.shape(rows)) == (batch,))
+        check_int(self, rows, f"[{batch}]", tuple(np.shape(rows)) == (batch,))
 
     def record(self) -> dict:
         return {"num_classes": int(self.num_classes)}
 
 
 @dataclasses.dataclass(frozen=True)
-class CaptionTokens(_Unaugmented):
+class CaptionTokens(KindDefaults):
     """A caption's token ids per example, [L ≤ context length]; ∅ is the null caption's row.
 
     Past the null caption's `<null>` token the row is padding, which the text encoder masks:
@@ -124,113 +135,11 @@ class CaptionTokens(_Unaugmented):
 
     def check(self, rows: Any, batch: int) -> None:
         shape = tuple(np.shape(rows))
-        _check_int(self, rows, f"[{batch}, L <= {len(self.null_row)}]",
+        check_int(self, rows, f"[{batch}, L <= {len(self.null_row)}]",
                    len(shape) == 2 and shape[0] == batch and shape[1] <= len(self.null_row))
 
     def record(self) -> dict:
         return {"context_length": len(self.null_row)}
-
-
-def box_downsample(x: Any, factor: int) -> Any:
-    """Area (box) downsampling of images [..., H, W, C] by `factor`: the mean of each f×f block.
-
-    The low-res view of SR3 (Saharia et al. 2021) and the cascade's stages: linear, exact on
-    constant blocks, and nearest upsampling of its output downsamples back to it.
-    """
-    f, shape = int(factor), np.shape(x)
-    if len(shape) < 3:
-        raise ValueError(f"data.low_res_factor={factor} needs images [H, W, C], but the examples have shape "
-                         f"{shape}; set --config.data.low_res_factor=0.")
-    h, w = shape[-3] // max(f, 1), shape[-2] // max(f, 1)
-    if f < 1 or h * f != shape[-3] or w * f != shape[-2]:
-        raise ValueError(f"data.low_res_factor={factor} must be >= 1 and divide the image size "
-                         f"{shape[-3]}x{shape[-2]}; pick a divisor (2 for 8x8 digits, 2 for 28x28 MNIST).")
-    blocks = x.reshape(*shape[:-3], h, f, w, f, shape[-1])
-    return blocks.mean(axis=(-4, -2))
-
-
-@dataclasses.dataclass(frozen=True)
-class LowResImage:
-    """The low-resolution image to super-resolve, [h, w, C] floats in [−1, 1] (SR3; the network
-    upsamples it and concatenates it to x_t).
-
-    ∅ is the all-zero image: mid-grey, the mean of the data range and the expectation of a
-    fully noised level, so it carries no picture; a zero image at level 0 is exactly the
-    unconditional input. `abar` are ᾱ_1..ᾱ_{s_max} of the run's schedule: training draws a
-    level s ~ U{0, ..., s_max} per example and gives the network z_s = √ᾱ_s y + √(1 − ᾱ_s) ε
-    (ᾱ_0 = 1: s = 0 is the clean image), the non-truncated Gaussian conditioning augmentation of
-    cascaded diffusion (Ho et al. 2021 §4.3, with their forward process q(z_s | z_0)); s goes to
-    the network as `AugmentationLevel`. s_max = 0: no augmentation.
-    """
-
-    shape: tuple[int, int, int]  # (h, w, C), the low resolution
-    factor: int
-    abar: tuple[float, ...] = dataclasses.field(default=(), repr=False)  # ᾱ_1..ᾱ_{s_max} of the schedule
-    key: ClassVar[str] = "low_res"
-    field: ClassVar[str] = "sampling.cond_images"
-    noun: ClassVar[str] = "low-resolution images"
-
-    @property
-    def null(self) -> np.ndarray:
-        return np.zeros(self.shape, np.float32)
-
-    def null_like(self, rows: jnp.ndarray) -> jnp.ndarray:
-        return jnp.zeros_like(rows)
-
-    def check(self, rows: Any, batch: int) -> None:
-        dtype, shape = getattr(rows, "dtype", np.asarray(rows).dtype), tuple(np.shape(rows))
-        if not jnp.issubdtype(dtype, jnp.floating) or shape != (batch, *self.shape):
-            raise ValueError(f"cond[{self.key!r}] must be floats of shape {(batch, *self.shape)}, got "
-                             f"{np.dtype(dtype).name} {shape}; pass images box-downsampled by {self.factor}.")
-
-    def record(self) -> dict:
-        return {"low_res_factor": int(self.factor), "low_res_max_level": len(self.abar)}
-
-    def augment(self, cond: Cond, key: jax.Array) -> Cond:
-        """`cond` with its low-res rows noised to a level s per example and s under `AugmentationLevel.key`."""
-        if self.key not in cond:
-            return cond
-        y = cond[self.key]
-        level_key, noise_key = jax.random.split(key)
-        s = jax.random.randint(level_key, (y.shape[0],), 0, len(self.abar) + 1)
-        abar = jnp.concatenate([jnp.ones((1,), y.dtype), jnp.asarray(self.abar, y.dtype)])[s]
-        abar = abar.reshape((-1,) + (1,) * (y.ndim - 1))
-        z = jnp.sqrt(abar) * y + jnp.sqrt(1.0 - abar) * jax.random.normal(noise_key, y.shape, y.dtype)
-        return {**cond, self.key: z, AugmentationLevel.key: s}
-
-    def at_level(self, images: np.ndarray, level: int, seed: int) -> Cond:
-        """Sampling's rows: `images` [K, h, w, C] noised to the fixed level s (0: as given), and s."""
-        self.check(images, len(images))
-        s = int(level)
-        if not 0 <= s <= len(self.abar):
-            raise ValueError(f"sampling.low_res_level={s} must lie in [0, {len(self.abar)}] "
-                             "(training.low_res_max_level); use a level the model was trained on.")
-        abar = 1.0 if s == 0 else self.abar[s - 1]
-        noise = np.random.default_rng(int(seed)).standard_normal(np.shape(images)).astype(np.float32)
-        z = np.sqrt(abar) * np.asarray(images, np.float32) + np.sqrt(1.0 - abar) * noise
-        return {self.key: z.astype(np.float32), AugmentationLevel.key: np.full(len(images), s, np.int32)}
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentationLevel(_Unaugmented):
-    """The noise-conditioning level s of the low-res image per example (see `LowResImage`); ∅ = 0."""
-
-    key: ClassVar[str] = "low_res_level"
-    field: ClassVar[str] = "sampling.low_res_level"
-    noun: ClassVar[str] = "augmentation levels"
-
-    @property
-    def null(self) -> np.ndarray:
-        return np.int32(0)
-
-    def null_like(self, rows: jnp.ndarray) -> jnp.ndarray:
-        return jnp.zeros_like(rows)
-
-    def check(self, rows: Any, batch: int) -> None:
-        _check_int(self, rows, f"[{batch}]", tuple(np.shape(rows)) == (batch,))
-
-    def record(self) -> dict:
-        return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,14 +151,17 @@ class Conditioning:
     def __bool__(self) -> bool:
         return bool(self.kinds)
 
-    def select(self, cond: Cond) -> Cond:
-        """The entries of a batch's `cond` this run uses (a source may carry more, e.g. labels
-        beside the captions, or labels for an unconditional run)."""
-        missing = [k.key for k in self.kinds if k.key not in cond]
-        if missing:
-            raise ValueError(f"the batch has no cond[{missing[0]!r}] (it has {sorted(cond)}); the data "
-                             "source must provide what the model is conditioned on.")
-        return {k.key: cond[k.key] for k in self.kinds}
+    def of_batch(self, batch: dict) -> Cond:
+        """This run's condition of a batch ``{"x", "cond"}``: each kind's rows as the data gives them
+        (a source may carry more, e.g. labels beside the captions), or derived from the images."""
+        given, cond = batch.get("cond", {}), {}
+        for k in self.kinds:
+            rows = given[k.key] if k.key in given else k.derive(batch["x"])
+            if rows is None:
+                raise ValueError(f"the batch has no cond[{k.key!r}] (it has {sorted(given)}); the data "
+                                 "source must provide what the model is conditioned on.")
+            cond[k.key] = rows
+        return cond
 
     def null(self) -> Cond:
         """∅ of every kind for one example (no batch axis)."""
@@ -274,16 +186,20 @@ class Conditioning:
             cond = k.augment(cond, jax.random.fold_in(key, i))
         return cond
 
-    def for_step(self, cond: Cond, step_key: jax.Array, probability: float) -> Cond:
-        """A train step's condition: the kinds' augmentation (fold_in(step_key, `rng.COND_AUGMENT`)),
-        this run's entries, then condition dropout to ∅ with `probability` (fold_in(step_key,
-        `rng.LABEL_DROPOUT`)): the same draws in every trainer."""
-        cond = self.select(self.augment(cond, jax.random.fold_in(step_key, rng.COND_AUGMENT)))
+    def for_step(self, batch: dict, step_key: jax.Array, probability: float) -> Cond:
+        """A train step's condition of `batch`: this run's entries (`of_batch`), the kinds' augmentation
+        (fold_in(step_key, `rng.COND_AUGMENT`)), then condition dropout to ∅ with `probability`
+        (fold_in(step_key, `rng.LABEL_DROPOUT`)): the same draws in every trainer."""
+        cond = self.augment(self.of_batch(batch), jax.random.fold_in(step_key, rng.COND_AUGMENT))
         return dropout(cond, self.null_like(cond), jax.random.fold_in(step_key, rng.LABEL_DROPOUT), probability)
 
     def record(self) -> dict:
         """Every kind's record, merged."""
         return {key: value for k in self.kinds for key, value in k.record().items()}
+
+    def network_kwargs(self) -> dict:
+        """Every kind's `network_kwargs`, merged."""
+        return {key: value for k in self.kinds for key, value in k.network_kwargs().items()}
 
 
 def batch_size(cond: Cond) -> int | None:

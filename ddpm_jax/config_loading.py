@@ -14,12 +14,34 @@ import importlib.util
 import os
 import re
 import sys
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Mode(NamedTuple):
+    """What `--mode=<name>` runs: `run` is "module:function" (`main.run_mode` imports it only then, so
+    `--help` needs no JAX), taking `(config, workdir)`; `work` ("train", "sample" or "") picks the
+    XLA:CPU flags of `cpu_flags`."""
+
+    run: str
+    work: str = ""
+
+
 # The values of `--mode`: `main.run_mode` runs each one, `checks.check_config` checks each one.
-MODES = ("train", "sample", "eval", "fid_stats", "bpd", "figures", "train_autoencoder", "cascade", "phema",
-         "distill", "consistency")
+MODES = {
+    "train": Mode("ddpm_jax.train:train_and_evaluate", "train"),
+    "sample": Mode("ddpm_jax.modes.sample:run", "sample"),
+    "eval": Mode("ddpm_jax.modes.evaluate:run_eval", "sample"),
+    "fid_stats": Mode("ddpm_jax.modes.evaluate:run_fid_stats"),
+    "bpd": Mode("ddpm_jax.modes.bpd:run", "sample"),
+    "figures": Mode("ddpm_jax.modes.figures:run"),
+    "train_autoencoder": Mode("ddpm_jax.modes.autoencoder:run", "train"),
+    "cascade": Mode("ddpm_jax.modes.cascade:run", "sample"),
+    "phema": Mode("ddpm_jax.modes.phema:run"),
+    "distill": Mode("ddpm_jax.modes.distill:run", "train"),
+    "consistency": Mode("ddpm_jax.modes.consistency:run", "train"),
+}
 
 
 class ConfigError(ValueError):

@@ -15,6 +15,8 @@ import os
 import re
 from collections.abc import MutableMapping
 
+from ddpm_jax.config_loading import MODES
+
 SWITCH = "DDPM_JAX_CPU_FLAGS"
 _OFF = ("0", "false", "no", "off")
 MIN_JAXLIB = (0, 10, 2)  # the pinned jaxlib, where the flags below were measured
@@ -26,11 +28,14 @@ MIN_JAXLIB = (0, 10, 2)  # the pinned jaxlib, where the flags below were measure
 # YNNPACK, its reductions (GroupNorm's statistics) still pay in the backward pass and cost
 # about 10% in the forward pass, so the modes that only sample drop them as well.
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
-_TRAINING_FLAGS = {_YNN: "-individual_convolution"}
-_SAMPLING_FLAGS = {_YNN: "-individual_convolution,-reduce"}
-MODE_FLAGS: dict[str, dict[str, str]] = {
-    **{mode: _TRAINING_FLAGS for mode in ("train", "distill", "consistency", "train_autoencoder")},
-    **{mode: _SAMPLING_FLAGS for mode in ("sample", "eval", "cascade", "bpd")}}
+# The flags of each kind of work (`config_loading.MODES[mode].work`).
+WORK_FLAGS: dict[str, dict[str, str]] = {"train": {_YNN: "-individual_convolution"},
+                                         "sample": {_YNN: "-individual_convolution,-reduce"}}
+
+
+def mode_flags(mode: str) -> dict[str, str]:
+    """The flags the package sets for `--mode=mode` ({} for none)."""
+    return WORK_FLAGS.get(MODES[mode].work, {}) if mode in MODES else {}
 
 
 def _flag_name(token: str) -> str:
@@ -62,8 +67,7 @@ def apply(mode: str, environ: MutableMapping[str, str] = os.environ) -> str:
     Call it before JAX creates its backend: XLA reads the variable then and never again.
     """
     user_flags = environ.get("XLA_FLAGS", "")
-    if (environ.get(SWITCH, "1").strip().lower() in _OFF or not MODE_FLAGS.get(mode)
-            or not jaxlib_supported()):
+    if environ.get(SWITCH, "1").strip().lower() in _OFF or not mode_flags(mode) or not jaxlib_supported():
         return user_flags
-    environ["XLA_FLAGS"] = merge(user_flags, MODE_FLAGS[mode])
+    environ["XLA_FLAGS"] = merge(user_flags, mode_flags(mode))
     return environ["XLA_FLAGS"]

@@ -32,6 +32,24 @@ def is_image_shape(shape: Sequence[int]) -> bool:
     return len(tuple(shape)) == 3
 
 
+def box_downsample(x, factor: int, field: str = "factor"):
+    """Area (box) downsampling of images [..., H, W, C] by `factor`: the mean of each f×f block.
+
+    Linear, exact on constant blocks, and nearest upsampling of its output downsamples back to
+    it; numpy or jax arrays. `field` names the factor's config field in the one-line errors.
+    """
+    f, shape = int(factor), np.shape(x)
+    if len(shape) < 3:
+        raise ValueError(f"{field}={factor} needs images [H, W, C], but the examples have shape {shape}; "
+                         f"set --config.{field}=0.")
+    h, w = shape[-3] // max(f, 1), shape[-2] // max(f, 1)
+    if f < 1 or h * f != shape[-3] or w * f != shape[-2]:
+        raise ValueError(f"{field}={factor} must be >= 1 and divide the image size {shape[-3]}x{shape[-2]}; "
+                         "pick a divisor (2 for 8x8 digits, 2 for 28x28 MNIST).")
+    blocks = x.reshape(*shape[:-3], h, f, w, f, shape[-1])
+    return blocks.mean(axis=(-4, -2))
+
+
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1, pad_value: int = 255) -> np.ndarray:
     """Tiles [N, H, W, C] images (uint8, or floats in [-1, 1]) into one uint8 [H', W', C] grid.
 

@@ -19,6 +19,7 @@ The modes that only sample add XLA:CPU flags to XLA_FLAGS before JAX starts (`cp
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import re
 import sys
@@ -35,7 +36,7 @@ _USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ERO
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/digits.py.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples (resumes from it).")
-flags.DEFINE_enum("mode", "train", config_loading.MODES, "What to run.")
+flags.DEFINE_enum("mode", "train", list(config_loading.MODES), "What to run.")
 flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
 flags.DEFINE_bool("print_config", False, "Print every config field with its value and comment, then exit.")
 FLAGS = flags.FLAGS
@@ -101,16 +102,10 @@ def _quiet_library_info() -> None:
 
 
 def run_mode(config, workdir: str, mode: str):
-    """Runs `mode`'s function `(config, workdir)`, which starts with `checks.check_config(config, mode)`
-    (the modes are imported only now: `--help` needs no JAX)."""
-    from ddpm_jax import train
-    from ddpm_jax.modes import autoencoder, bpd, consistency, distill, evaluate, figures, phema, sample
-
-    modes = {"train": train.train_and_evaluate, "sample": sample.run, "eval": evaluate.run_eval,
-             "fid_stats": evaluate.run_fid_stats, "bpd": bpd.run, "figures": figures.run,
-             "train_autoencoder": autoencoder.run, "cascade": sample.run_cascade, "phema": phema.run,
-             "distill": distill.run, "consistency": consistency.run}
-    return modes[mode](config, workdir)
+    """Runs `mode`'s function `(config, workdir)` (`config_loading.MODES`), which starts with
+    `checks.check_config(config, mode)`; it is imported only now: `--help` needs no JAX."""
+    module, function = config_loading.MODES[mode].run.split(":")
+    return getattr(importlib.import_module(module), function)(config, workdir)
 
 
 def main(argv: list[str]) -> None:

@@ -37,8 +37,9 @@ def out_channels(data_channels: int, config: ml_collections.ConfigDict) -> int:
     return diffusion.output_channels(data_channels, str(config.diffusion.get("var_type", "fixedlarge")))
 
 
-def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
-    """(name, JSON-able keyword hyper-parameters) of the configured network."""
+def model_spec(config: ml_collections.ConfigDict, condition_kwargs: dict | None = None) -> tuple[str, dict]:
+    """(name, JSON-able keyword hyper-parameters) of the configured network; a U-Net also takes
+    `condition_kwargs`, what its condition kinds need (`Conditioning.network_kwargs`)."""
     m = config.model
     if m.name == "unet":
         # On latents the network's channels are the latents' (data.example_shape reads autoencoder.json).
@@ -53,8 +54,7 @@ def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
         # Only a conditional model names it: unconditional checkpoints keep their stored meta.
         if int(m.get("num_classes", 0)):
             kwargs["num_classes"] = int(m.num_classes)
-        if int(config.data.get("low_res_factor", 0)):  # super-resolution: the low-res image beside x_t
-            kwargs["low_res_channels"] = int(channels)
+        kwargs.update(condition_kwargs or {})
         if config.data.get("captions", False):  # text-conditional: the vocabulary is the training captions'
             kwargs.update(text_model_kwargs(config))
         return "unet", kwargs
@@ -111,9 +111,11 @@ class RunMeta:
     condition: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, condition: dict | None = None) -> "RunMeta":
-        """The config's meta; `condition` is its `Conditioning.record()` (built a layer above, in setup)."""
-        name, kwargs = model_spec(config)
+    def from_config(cls, config: ml_collections.ConfigDict, condition: dict | None = None,
+                    condition_kwargs: dict | None = None) -> "RunMeta":
+        """The config's meta; `condition` is its `Conditioning.record()` and `condition_kwargs` its
+        `Conditioning.network_kwargs()` (the kinds are built a layer above, in setup)."""
+        name, kwargs = model_spec(config, condition_kwargs)
         return cls(name, kwargs, tuple(data.example_shape(config.data)), schedule_spec(config),
                    str(config.diffusion.pred), latents=latent_data.latent_meta(config.data),
                    condition=dict(condition or {}))

@@ -57,7 +57,7 @@ def build_from_spec(name: str, kwargs: dict) -> nn.Module:
 
 def create_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The network of `config.model` (explicit kwargs; the model never sees the config)."""
-    return build_from_spec(*model_spec(config))
+    return build_from_spec(*model_spec(config, condition_config.create_conditioning(config).network_kwargs()))
 
 
 def create_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
@@ -194,7 +194,8 @@ class LoadedRun(Run):
 
 def run_meta(config: ml_collections.ConfigDict) -> RunMeta:
     """What a checkpoint of `config` records: its network, shapes, schedule, pred and conditions."""
-    return RunMeta.from_config(config, condition_config.create_conditioning(config).record())
+    conds = condition_config.create_conditioning(config)
+    return RunMeta.from_config(config, conds.record(), conds.network_kwargs())
 
 
 def create_run(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Run:

@@ -63,7 +63,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, sched: 
     def one_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step_key = jax.random.fold_in(base_key, state.step)
         dropout_key, loss_key = jax.random.split(step_key)
-        cond = conds.for_step(batch.get("cond", {}), step_key, cond_dropout)
+        cond = conds.for_step(batch, step_key, cond_dropout)
         # t (uniform, or importance-sampled with weights) and ε: loss_simple's draws from loss_key.
         t_key, noise_key = jax.random.split(loss_key)
         x0 = batch["x"]

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from configs import digits, digits_sr, mnist
-from ddpm_jax import checkpointing, checks, conditioning, data, imaging, run_meta, setup, train
+from ddpm_jax import checkpointing, checks, data, imaging, run_meta, setup, super_resolution, train
+from ddpm_jax.modes import cascade as cascade_mode
 from ddpm_jax.modes import sample as sample_mode
 
 TINY = dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
@@ -54,14 +55,14 @@ def _pngs(folder, images):
 
 def test_folder_and_npz_inputs_are_the_images_they_hold(tmp_path):
     cfg = _sr_config().data
-    low = data.low_res_images(cfg, "test", 5)
+    low = super_resolution.low_res_images(cfg, "test", 5)
     assert low.shape == (5, 4, 4, 1)
     quantised = imaging.as_float(imaging.to_uint8(low))
-    np.testing.assert_array_equal(data.low_res_images(cfg, _pngs(tmp_path / "low", low), 3), quantised[:3])
+    np.testing.assert_array_equal(super_resolution.low_res_images(cfg, _pngs(tmp_path / "low", low), 3), quantised[:3])
     np.savez(tmp_path / "samples.npz", samples=low, images=imaging.to_uint8(low))  # what --mode=sample writes
-    np.testing.assert_array_equal(data.low_res_images(cfg, str(tmp_path / "samples.npz")), low)
+    np.testing.assert_array_equal(super_resolution.low_res_images(cfg, str(tmp_path / "samples.npz")), low)
     np.savez(tmp_path / "uint8.npz", images=imaging.to_uint8(low))
-    np.testing.assert_array_equal(data.low_res_images(cfg, str(tmp_path / "uint8.npz"), 2), quantised[:2])
+    np.testing.assert_array_equal(super_resolution.low_res_images(cfg, str(tmp_path / "uint8.npz"), 2), quantised[:2])
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 5, 1), (3, 4, 4, 3)])
@@ -123,21 +124,21 @@ def test_mnist_at_14_is_the_box_downsampled_view_of_the_sr_model():
     of the source (half a uint8 level: 1/255 in [-1, 1])."""
     sr = mnist.get_config()
     sr.data.low_res_factor = 2
-    low = data.low_res_images(sr.data, "test", 64)
+    low = super_resolution.low_res_images(sr.data, "test", 64)
     base = mnist.get_config()
     base.data.image_size = 14
     x = data.load_arrays(base.data, "test", 64)["x"]
     assert x.shape == (64, 14, 14, 1) and x.dtype == np.uint8
     np.testing.assert_allclose(imaging.as_float(x), low, rtol=0, atol=1 / 255 + 1e-6)
     full = data.load_arrays(sr.data, "test", 64)["x"].astype(np.float64)
-    np.testing.assert_array_equal(x, np.rint(conditioning.box_downsample(full, 2)))
+    np.testing.assert_array_equal(x, np.rint(imaging.box_downsample(full, 2)))
 
 
 @pytest.mark.parametrize("method", ["ddpm", "dpmpp_2m"])
 def test_every_sampler_super_resolves_an_npz(workdirs, tmp_path, method):
     sr, _ = workdirs
     config = _sr_config()
-    low = data.low_res_images(config.data, "test", 3)
+    low = super_resolution.low_res_images(config.data, "test", 3)
     np.savez(tmp_path / "low.npz", samples=low)
     config.sampling.update(method=method, steps=0 if method == "ddpm" else 3, cond_images=str(tmp_path / "low.npz"))
     paths = sample_mode.run(config, str(sr))
@@ -153,7 +154,7 @@ def test_every_sampler_super_resolves_an_npz(workdirs, tmp_path, method):
 def test_partial_denoising_super_resolves_a_folder(workdirs, tmp_path):
     sr, _ = workdirs
     config = _sr_config()
-    config.sampling.update(cond_images=_pngs(tmp_path / "low", data.low_res_images(config.data, "test", 3)),
+    config.sampling.update(cond_images=_pngs(tmp_path / "low", super_resolution.low_res_images(config.data, "test", 3)),
                            init_image="camera", start_step=5, method="ddpm", steps=0)
     paths = sample_mode.run(config, str(sr))
     with np.load(paths["npz"]) as out:
@@ -164,7 +165,7 @@ def test_the_cascade_samples_the_base_model_and_super_resolves_its_samples(workd
     sr, base = workdirs
     config = _sr_config()
     config.cascade.update(base_config="configs/digits.py", base_workdir=str(base), base_overrides=BASE_OVERRIDES)
-    paths = sample_mode.run_cascade(config, str(sr))
+    paths = cascade_mode.run(config, str(sr))
     assert paths["base_npz"].startswith(str(base)) and paths["npz"].startswith(str(sr))
     assert os.path.isfile(paths["base_grid"]) and os.path.isfile(paths["grid"])
     with np.load(paths["base_npz"]) as first, np.load(paths["npz"]) as second:
@@ -174,14 +175,14 @@ def test_the_cascade_samples_the_base_model_and_super_resolves_its_samples(workd
     config.cascade.base_overrides = BASE_OVERRIDES.replace("image_size=4", "image_size=8")
     with pytest.raises(ValueError, match=r"cascade.base_config='configs/digits.py' makes images \(8, 8, 1\), but this "
                                          r"model super-resolves \(4, 4, 1\); give a base model of the low resolution"):
-        sample_mode.run_cascade(config, str(sr))
+        cascade_mode.run(config, str(sr))
 
 
 def test_the_bench_scores_fidelity_and_writes_one_table_row_per_record():
     from bench import super_resolution
 
     real = np.random.default_rng(5).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
-    low = conditioning.box_downsample(real, 2)
+    low = imaging.box_downsample(real, 2)
     exact = super_resolution.fidelity(real, real, low, 2)
     assert exact["psnr"] == float("inf") and exact["consistency"] < 1e-6
     shifted = super_resolution.fidelity(np.clip(real + 0.1, -1, 1), real, low, 2)
@@ -201,7 +202,7 @@ def test_the_steering_rows_are_the_consistency_of_x0_given_the_true_and_the_null
     rows = super_resolution.steering_rows(config, str(workdirs[0]), 4, [2, 9])
     loaded = setup.load_run(config, str(workdirs[0]))
     real = imaging.as_float(data.load_arrays(config.data, str(config.data.eval_split), 4)["x"]).astype(np.float64)
-    low = conditioning.box_downsample(real, 2)
+    low = imaging.box_downsample(real, 2)
     noise = np.random.default_rng(int(config.sampling.seed)).standard_normal(real.shape).astype(np.float32)
     abar = float(np.asarray(loaded.sched.alphas_cumprod)[9])
     x_t = (np.sqrt(abar) * real + np.sqrt(1 - abar) * noise).astype(np.float32)
@@ -209,6 +210,6 @@ def test_the_steering_rows_are_the_consistency_of_x0_given_the_true_and_the_null
         cond = {"low_res": image.astype(np.float32), "low_res_level": np.zeros(4, np.int32)}
         eps = np.asarray(loaded.apply_fn(loaded.params, x_t, np.full(4, 9, np.int32), cond), np.float64)
         x0 = (x_t - np.sqrt(1 - abar) * eps) / np.sqrt(abar)  # the ε-model's x̂_0, eq. (4) solved for x_0
-        expected = np.sqrt(np.mean((conditioning.box_downsample(x0, 2) - low) ** 2))
+        expected = np.sqrt(np.mean((imaging.box_downsample(x0, 2) - low) ** 2))
         assert rows[1][row] == pytest.approx(expected, rel=1e-4)
     assert [r["t"] for r in rows] == [2, 9] and rows[1]["consistency_true"] != rows[1]["consistency_null"]

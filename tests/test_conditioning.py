@@ -46,12 +46,13 @@ def test_cycle_and_repeat_follow_the_image_index():
     assert conditioning.batch_size(rows) == 3 and conditioning.batch_size({}) is None
 
 
-def test_select_and_check_name_the_entry_and_the_fix():
+def test_of_batch_and_check_name_the_entry_and_the_fix():
     batch = {"label": np.zeros(2, np.int32), "tokens": np.zeros((2, 3), np.int32)}
-    assert set(conditioning.Conditioning((TOKENS,)).select(batch)) == {"tokens"}  # the labels beside stay out
-    assert conditioning.Conditioning().select(batch) == {}
-    with pytest.raises(ValueError, match=r"the batch has no cond\['tokens'\]"):
-        conditioning.Conditioning((TOKENS,)).select({"label": batch["label"]})
+    of = {"x": np.zeros((2, 8, 8, 1), np.float32), "cond": batch}
+    assert set(conditioning.Conditioning((TOKENS,)).of_batch(of)) == {"tokens"}  # the labels beside stay out
+    assert conditioning.Conditioning().of_batch(of) == {}
+    with pytest.raises(ValueError, match=r"the batch has no cond\['tokens'\] \(it has \['label'\]\)"):
+        conditioning.Conditioning((TOKENS,)).of_batch({"x": of["x"], "cond": {"label": batch["label"]}})
     BOTH.check(batch, 2)
     with pytest.raises(ValueError, match=r"cond\['label'\] must be integers of shape \[3\]"):
         LABEL.check(np.zeros(2, np.int32), 3)

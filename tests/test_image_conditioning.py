@@ -1,5 +1,5 @@
 """The image condition kind (super-resolution, SR3) through the conditioning mechanism: the kind
-(conditioning.LowResImage, AugmentationLevel), the pipeline's box-downsampled view, the U-Net's
+(super_resolution.LowResImage, AugmentationLevel), the pipeline's box-downsampled view, the U-Net's
 concatenated input, noise-conditioning augmentation in the train step, and guided sampling."""
 
 import jax
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from configs import digits_sr
-from ddpm_jax import condition_config, conditioning, data, imaging, parallel, sampler, sampling, setup, train
-from ddpm_jax.modes import sample as sample_mode
+from ddpm_jax import (condition_config, conditioning, data, imaging, parallel, sampler, sampling, setup, super_resolution,
+                      train)
 from ddpm_jax.models.unet import UNet
 
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, out_ch=1)
-KIND = conditioning.LowResImage((4, 4, 1), 2, abar=(0.9, 0.5, 0.1))
-SR = conditioning.Conditioning((conditioning.ClassLabel(10), KIND, conditioning.AugmentationLevel()))
+KIND = super_resolution.LowResImage((4, 4, 1), 2, abar=(0.9, 0.5, 0.1))
+SR = conditioning.Conditioning((conditioning.ClassLabel(10), KIND, super_resolution.AugmentationLevel()))
 
 
 def _box_reference(x, f):
@@ -60,24 +60,30 @@ def test_the_kind_null_check_and_record():
 def test_box_downsampling_is_the_mean_of_each_block():
     x = np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 3))
     for f in (2, 4, 7):
-        np.testing.assert_allclose(conditioning.box_downsample(x, f), _box_reference(x, f), rtol=0, atol=1e-12)
-    up = np.repeat(np.repeat(conditioning.box_downsample(x, 2), 2, axis=1), 2, axis=2)
-    np.testing.assert_allclose(conditioning.box_downsample(up, 2), conditioning.box_downsample(x, 2), atol=1e-12)
+        np.testing.assert_allclose(imaging.box_downsample(x, f), _box_reference(x, f), rtol=0, atol=1e-12)
+    up = np.repeat(np.repeat(imaging.box_downsample(x, 2), 2, axis=1), 2, axis=2)
+    np.testing.assert_allclose(imaging.box_downsample(up, 2), imaging.box_downsample(x, 2), atol=1e-12)
     with pytest.raises(ValueError, match="data.low_res_factor=3 must be >= 1 and divide the image size 28x28"):
-        conditioning.box_downsample(x, 3)
+        imaging.box_downsample(x, 3, super_resolution.FACTOR_FIELD)
 
 
-def test_a_batch_carries_the_box_downsampled_image():
+def test_the_condition_of_a_batch_is_its_box_downsampled_image_at_level_0():
     config = _tiny_config()
+    conds = condition_config.create_conditioning(config)
     it = data.create_train_iterator(config.data, global_batch_size=8, seed=0)
     batch = next(it)
     it.close()
-    assert batch["cond"]["low_res"].shape == (8, 4, 4, 1) and batch["cond"]["low_res"].dtype == np.float32
-    np.testing.assert_allclose(batch["cond"]["low_res"], _box_reference(batch["x"], 2), rtol=0, atol=1e-6)
-    assert set(batch["cond"]) == {"label", "low_res"}
+    assert set(batch["cond"]) == {"label"}  # no source carries the view: the kind derives it
+    cond = conds.of_batch(batch)
+    assert set(cond) == {"low_res", "low_res_level"}
+    assert cond["low_res"].shape == (8, 4, 4, 1) and cond["low_res"].dtype == np.float32
+    np.testing.assert_allclose(cond["low_res"], _box_reference(batch["x"], 2), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(cond["low_res_level"], np.zeros(8, np.int32))
+    traced = jax.jit(conds.of_batch)({"x": jnp.asarray(batch["x"])})  # inside the train step too
+    np.testing.assert_allclose(traced["low_res"], cond["low_res"], rtol=0, atol=1e-6)
     evals = next(iter(data.create_eval_iterator(config.data, "test", batch_size=8)))
-    np.testing.assert_allclose(evals["cond"]["low_res"], _box_reference(evals["x"], 2), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(data.low_res_images(config.data, "test", 8), evals["cond"]["low_res"], atol=1e-6)
+    np.testing.assert_allclose(super_resolution.low_res_images(config.data, "test", 8),
+                               conds.of_batch(evals)["low_res"], atol=1e-6)
 
 
 def test_augmentation_draws_levels_from_its_key_and_leaves_other_kinds_alone():
@@ -92,7 +98,7 @@ def test_augmentation_draws_levels_from_its_key_and_leaves_other_kinds_alone():
     again = SR.augment(cond, jax.random.key(3))
     np.testing.assert_array_equal(again["low_res"], out["low_res"])  # a function of the key alone
     assert conditioning.Conditioning((conditioning.ClassLabel(10),)).augment(cond, jax.random.key(3)) is cond
-    off = conditioning.LowResImage((4, 4, 1), 2).augment(cond, jax.random.key(3))
+    off = super_resolution.LowResImage((4, 4, 1), 2).augment(cond, jax.random.key(3))
     assert not np.asarray(off["low_res_level"]).any() and off["low_res"] is not None
     np.testing.assert_array_equal(off["low_res"], y)
 
@@ -146,7 +152,7 @@ def test_guided_super_resolution_depends_on_the_low_res_input(method):
     opts = setup.sampler_options(config)
     table = condition_config.sampler_conditions(config)
     kind = condition_config.create_conditioning(config).kinds[0]
-    rows = kind.at_level(data.low_res_images(config.data, "test", 4), 2, config.sampling.seed)
+    rows = kind.at_level(super_resolution.low_res_images(config.data, "test", 4), 2, config.sampling.seed)
     np.testing.assert_array_equal(table["low_res"], rows["low_res"])
     cond = jax.tree.map(jnp.asarray, rows)
     null = {k: jnp.broadcast_to(jnp.asarray(v, cond[k].dtype), cond[k].shape) for k, v in opts.pop("null_cond").items()}
@@ -161,11 +167,11 @@ def test_guided_super_resolution_depends_on_the_low_res_input(method):
 def test_the_sample_picture_puts_input_output_and_bicubic_side_by_side():
     config = _tiny_config()
     samples = np.random.default_rng(4).uniform(-1, 1, (5, 8, 8, 1)).astype(np.float32)
-    views = sample_mode.super_resolution_views(config, samples)
-    low = data.low_res_images(config.data, "test", 5)
+    views = super_resolution.sample_views(config, samples)
+    low = super_resolution.low_res_images(config.data, "test", 5)
     np.testing.assert_array_equal(views["low_res"], low)
     assert views["bicubic"].shape == samples.shape and np.abs(views["bicubic"]).max() <= 1.0
-    np.testing.assert_allclose(conditioning.box_downsample(views["bicubic"], 2), low, atol=0.35)
+    np.testing.assert_allclose(imaging.box_downsample(views["bicubic"], 2), low, atol=0.35)
     grid = imaging.make_grid(np.stack([np.repeat(np.repeat(low, 2, 1), 2, 2), samples, views["bicubic"]], 1)
                              .reshape(-1, 8, 8, 1), ncol=15)
     picture = views["picture"]

@@ -13,7 +13,7 @@ disjoint.
 At ``image_size`` 28 the digits are as shipped; larger sizes zero-pad them
 centred (32: two black pixels on every side, so the paper's U-Net with three
 2× downsamplings applies, as the usual 32×32 MNIST); a size dividing 28 (14, 7)
-box-downsamples them (``conditioning.box_downsample``, rounded to uint8): exactly the
+box-downsamples them (``imaging.box_downsample``, rounded to uint8): exactly the
 low-res view a super-resolution model of the 28×28 digits is conditioned on
 (``data.low_res_factor``), so a cascade's base model learns what its SR stage reads;
 other smaller sizes resize them (Lanczos). ``num_channels=3`` repeats the gray channel.
@@ -25,8 +25,8 @@ import functools
 
 import numpy as np
 
-from ddpm_jax.conditioning import box_downsample
 from ddpm_jax.data.imagefit import fit_image
+from ddpm_jax.imaging import box_downsample
 
 NUM_EXAMPLES = 5000
 NUM_CLASSES = 10

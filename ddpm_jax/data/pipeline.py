@@ -13,8 +13,9 @@ epochs as with the official ``repeat().shuffle().batch()``.
 A batch is ``{"x": ..., "cond": {...}}`` (``conditioning.py``): a labelled source's cond holds
 ``"label"`` (int32 classes), a captioned one's also ``"tokens"``, read by the same gather as
 the images, so conditions and images stay paired through shuffling, host
-sharding, padding (label 0, mask False) and resume; flips move only the pixels. With
-``data.low_res_factor`` f the float view adds ``"low_res"``, each image box-downsampled by f.
+sharding, padding (label 0, mask False) and resume; flips move only the pixels. A kind computed
+from the images themselves (``Kind.derive``) is not in the batch: ``Conditioning.of_batch``
+derives it.
 
 Every random choice is a function of (seed, stream position), so the iterator
 state is just the number of batches taken: an iterator restored from the state
@@ -28,7 +29,6 @@ processes when ``data.num_workers > 0``) and keeps the checkpointable state.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -39,7 +39,7 @@ import grain
 import jax
 import numpy as np
 
-from ddpm_jax import conditioning, imaging
+from ddpm_jax import imaging
 from ddpm_jax.data import sources
 from ddpm_jax.data.base import Source
 
@@ -61,20 +61,9 @@ def _check_hosts(batch_size: int, process_index: int, process_count: int, name: 
         )
 
 
-def _to_float_batch(batch: dict[str, np.ndarray], low_res_factor: int = 0) -> dict[str, np.ndarray]:
-    """Images to float32 in [-1, 1]; the cond and the eval mask as they are. With `low_res_factor`
-    f > 0 the cond also holds ``"low_res"``: each image box-downsampled by f (the super-resolution
-    view, ``conditioning.LowResImage``), made after the flip so it shows the same picture."""
-    x = imaging.as_float(batch["x"])
-    if not low_res_factor:
-        return {**batch, "x": x}
-    low_res = conditioning.box_downsample(x, low_res_factor).astype(np.float32)
-    return {**batch, "x": x, "cond": {**batch.get("cond", {}), conditioning.LowResImage.key: low_res}}
-
-
-def _float_view(cfg: Any):
-    """The batches' float view for `cfg` (its `data.low_res_factor`), picklable for grain's workers."""
-    return functools.partial(_to_float_batch, low_res_factor=int(cfg.get("low_res_factor", 0)))
+def _to_float_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Images to float32 in [-1, 1]; the cond and the eval mask as they are."""
+    return {**batch, "x": imaging.as_float(batch["x"])}
 
 
 def _read_options() -> grain.ReadOptions:
@@ -236,7 +225,7 @@ def create_train_iterator(
         process_count=process_count,
         seed=int(seed),
         flip=bool(cfg.random_flip) and cfg.source != "toy2d",
-    ).map(_float_view(cfg))
+    ).map(_to_float_batch)
     meta = {
         "source": sources.source_fingerprint(cfg, cfg.train_split, len(src)),
         "seed": int(seed),
@@ -294,5 +283,5 @@ def create_eval_iterator(
     if padding:
         pad = grain.MapDataset.source(_Padding(src.example(0), padding))
         ds = grain.MapDataset.concatenate([ds, pad])
-    ds = ds.batch(batch_size // process_count)[process_index::process_count].map(_float_view(cfg))
+    ds = ds.batch(batch_size // process_count)[process_index::process_count].map(_to_float_batch)
     return _to_iterator(ds, int(cfg.num_workers))

@@ -138,10 +138,10 @@ class BpdAccumulator:
 def bpd_over_batches(bpd_fn: Callable, params: Any, batches: Iterable[dict], mesh, *,
                      num_timesteps: int, global_batch: int, limit: int, process_index: int = 0,
                      process_count: int = 1, progress: bool = False,
-                     select: Callable[[dict], dict] | None = None) -> dict:
+                     condition: Callable[[dict], dict] | None = None) -> dict:
     """Averages ``bpd_fn`` over an eval iterator's host batches (dicts ``x``, ``mask``, ``cond``; the
-    true condition ``select(batch["cond"])``, the run's entries of it, is given to ``bpd_fn``;
-    ``select`` None: the unconditional bound).
+    true condition ``condition(batch)``, the run's condition of it (``Conditioning.of_batch``), is
+    given to ``bpd_fn``; ``condition`` None: the unconditional bound).
 
     Global batch k holds examples [k·global_batch, (k+1)·global_batch), host p its p-th
     block (``data.create_eval_iterator``'s layout); examples with index ≥ ``limit`` and
@@ -163,7 +163,7 @@ def bpd_over_batches(bpd_fn: Callable, params: Any, batches: Iterable[dict], mes
             idx_global = parallel.host_to_global(host_idx.astype(np.int32), mesh)
             x_global = parallel.host_to_global(x, mesh)
             mask_global = parallel.to_host(parallel.host_to_global(host_mask & (host_idx < limit), mesh))
-            cond = None if select is None else parallel.host_to_global(select(batch["cond"]), mesh)
+            cond = None if condition is None else parallel.host_to_global(condition(batch), mesh)
             out = parallel.to_host(bpd_fn(params, x_global, idx_global, cond))
             acc.update(out, mask_global)
             bar.update(int(min(lo + global_batch, limit) - lo))
@@ -203,7 +203,7 @@ def evaluate_bpd(config: ml_collections.ConfigDict, params: Any, model, sched: S
     result = bpd_over_batches(bpd_fn, params, it, mesh, num_timesteps=sched.num_timesteps,
                               global_batch=global_batch, limit=limit,
                               process_index=jax.process_index(), process_count=jax.process_count(),
-                              progress=progress, select=conds.select if conds else None)
+                              progress=progress, condition=conds.of_batch if conds else None)
     if conds:  # the bound of -log p(x | c), each image given its true condition
         result["given"] = "true " + " and ".join(k.noun for k in conds.kinds)
     result.update(split=split, seconds=time.time() - start, num_timesteps=sched.num_timesteps,

@@ -1,10 +1,11 @@
-"""What `--mode=` runs: each mode is one module on top of `setup`, and none imports another.
+"""What `--mode=` runs (`config_loading.MODES`): each mode is one module on top of `setup`, and none
+imports another but the cascade, which is two sample runs.
 
 Each mode's function takes `(config, workdir)` and first checks the config with `checks.check_config(config, mode)`:
 
     train      ddpm_jax.train.train_and_evaluate       (the DDPM on loop.py; resumes by itself)
     sample     ddpm_jax.modes.sample.run               grids, arrays, GIFs, partial denoising
-    cascade    ddpm_jax.modes.sample.run_cascade       a base model's samples super-resolved (two sample runs)
+    cascade    ddpm_jax.modes.cascade.run              a base model's samples super-resolved (two sample runs)
     eval       ddpm_jax.modes.evaluate.run_eval         samples -> FID / IS
     fid_stats  ddpm_jax.modes.evaluate.run_fid_stats    reference statistics of a split
     bpd        ddpm_jax.modes.bpd.run                   bits/dim of the test split

@@ -127,7 +127,7 @@ def make_step(student_fn: Callable, teacher_fn: Callable, student: diffusion.Gau
     def one_step(state: TrainState, batch: dict, frozen: Any):
         step_key = jax.random.fold_in(base_key, state.step)
         dropout_key, loss_key = jax.random.split(step_key)
-        cond = conds.for_step(batch.get("cond", {}), step_key, cond_dropout)
+        cond = conds.for_step(batch, step_key, cond_dropout)
         i_key, noise_key = jax.random.split(loss_key)
         x0 = batch["x"]
         i = jax.random.randint(i_key, (x0.shape[0],), 0, len(grid.t))

@@ -9,10 +9,9 @@ setting never overwrites an earlier result. Under `<workdir>/samples/`:
                                            grid has one row per class, its labels saved)
   trajectory_<tag>_every<n>.gif            x_t (left) and predicted x0 (right) every
                                            `sampling.trajectory_every` = n steps
-A super-resolution model (`data.low_res_factor`) with `sampling.cond_images` = a split gets
-  sample_<tag>.png                         triples: the low-res input (nearest-upsampled) | the SR
-                                           output | bicubic upsampling of the input; the .npz
-                                           also holds `low_res` and `bicubic`
+A conditional model's grid and arrays are its kinds' views (`condition_config.sample_views`):
+one row per class (labels saved), captions written beside their rows (captions saved), or a
+super-resolution model's triples low-res input | SR output | bicubic (`low_res`, `bicubic` saved).
 2-D toy data (data.source = toy2d) also gets
   chain_<tag>_every<n>.png                 the reverse chain as a row of scatter plots
   scores_<tag>.json                        energy distance and sliced W2 of the samples against
@@ -25,16 +24,12 @@ With `sampling.init_image` (partial denoising: the image noised to step k =
                                            images against the original (also printed)
   partial_<tag>_k<k>.gif                   the chain from x_k, when trajectory_every > 0; the
                                            chain from pure noise (above) is then written too
-`--mode=cascade` (`run_cascade`, on a super-resolution workdir) samples the base model of
-`cascade.base_config` / `cascade.base_workdir` as above (its files under its own workdir), then
-super-resolves that sample .npz as `sampling.cond_images` (the SR files here, tagged `_srf<crc32>`).
 The run ends by printing what it wrote, one file a line. A DDPM on an autoencoder's latents
 (`data.latents_from`) shows and saves decoded images everywhere (the sampler decodes).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 
 import jax
@@ -43,8 +38,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import (checks, condition_config, config_loading, data, files, imaging, rng, run_meta, sampler,
-                      sampling, schedules, setup)
+from ddpm_jax import (checks, condition_config, files, imaging, rng, run_meta, sampler, sampling, schedules,
+                      setup)
 from ddpm_jax.data.sources import load_picture
 from ddpm_jax.evaluation import toy2d
 from ddpm_jax.run_meta import schedule_spec
@@ -127,48 +122,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     return paths
 
 
-CASCADE_SAMPLING = ("method", "steps", "spacing", "eta", "num_samples", "batch_size", "seed")  # both stages'
-
-
-def cascade_base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The base stage's config: `cascade.base_config` with `cascade.base_overrides`, sampling with this run's
-    `CASCADE_SAMPLING` fields."""
-    base = config_loading.load_config(str(config.cascade.base_config), str(config.cascade.base_overrides).split())
-    with base.unlocked():
-        base.sampling.update({key: config.sampling[key] for key in CASCADE_SAMPLING if key in config.sampling})
-    return base
-
-
-def check_cascade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`--mode=cascade`'s checks before any work: an SR model with `cascade.base_*` given, a base model whose
-    images are the SR model's low-res input, both stages' sample checks; returns the base stage's config."""
-    c, f = config.cascade, int(config.data.get("low_res_factor", 0))
-    if not f or not str(c.base_config) or not str(c.base_workdir):
-        raise ValueError("--mode=cascade needs a super-resolution config (data.low_res_factor > 0) with "
-                         "--config.cascade.base_config and --config.cascade.base_workdir (the base model).")
-    base = cascade_base_config(config)
-    want, got = data.low_res_shape(config.data), tuple(data.example_shape(base.data))
-    if got != want:
-        raise ValueError(f"cascade.base_config={c.base_config!r} makes images {got}, but this model "
-                         f"super-resolves {want}; give a base model of the low resolution.")
-    checks.check_config(base, "sample")
-    sr = config.copy_and_resolve_references()
-    sr.sampling.cond_images = ""  # the base samples, written by the first stage
-    checks.check_config(sr, "sample")
-    return base
-
-
-def run_cascade(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-    """Samples the base model, then super-resolves its samples with this workdir's model; the paths of
-    both stages (the base stage's keys prefixed `base_`)."""
-    checks.check_config(config, "cascade")
-    base = check_cascade(config)
-    base_paths = run(base, str(config.cascade.base_workdir))
-    sr = copy.deepcopy(config)
-    sr.sampling.cond_images = base_paths["npz"]
-    return {**{f"base_{kind}": path for kind, path in base_paths.items()}, **run(sr, workdir)}
-
-
 def _from_noise(config, loaded: setup.LoadedRun, out_dir: str) -> dict[str, str]:
     """Samples from x_T ~ N(0, I) (Alg. 2 or DDIM): grid, arrays, trajectory GIF, toy2d chain + scores."""
     s, shape, step = config.sampling, loaded.sample_shape, loaded.step  # decoded images of a latent run
@@ -182,25 +135,12 @@ def _from_noise(config, loaded: setup.LoadedRun, out_dir: str) -> dict[str, str]
         scores = toy2d.evaluate(out.samples, config.data)
         reference = toy2d.fresh_points(config.data, str(config.data.eval_split), out.samples.shape[0])
     stem = os.path.join(out_dir, f"sample_{tag}")
-    index = np.arange(out.samples.shape[0])
-    labels = condition_config.asked_classes(config, index)  # a conditional model's classes (or captions' digits)
-    captions = condition_config.sampled_captions(config, index)
-    sr = super_resolution_views(config, out.samples) if config.sampling.get("cond_images") else None
-    if sr is not None:  # input | SR output | bicubic, side by side
-        picture = sr.pop("picture")
-    elif captions is not None:  # one row per caption, written beside it
-        picture = imaging.caption_grid(out.samples, captions)
-    elif labels is not None:  # one row per class
-        picture = imaging.class_grid(out.samples, labels)
-    else:
+    views = condition_config.sample_views(config, out.samples)  # a conditional model's grid and arrays
+    picture = views.pop("picture", None)
+    if picture is None:
         picture = imaging.grid_image(out.samples, reference, f"{method} samples, step {step}")
     paths = {"grid": _write_png(stem + ".png", picture)}
-    arrays = {"samples": out.samples.astype(np.float32)}
-    if labels is not None:
-        arrays["labels"] = labels
-    if captions is not None:
-        arrays["captions"] = np.asarray(captions)
-    arrays.update(sr or {})
+    arrays = {"samples": out.samples.astype(np.float32), **views}
     if not toy:
         arrays["images"] = imaging.to_uint8(out.samples)
     paths["npz"] = _write_npz(stem + ".npz", **arrays)
@@ -221,20 +161,6 @@ def _from_noise(config, loaded: setup.LoadedRun, out_dir: str) -> dict[str, str]
                 paths["chain"] = _write_png(os.path.join(out_dir, f"chain_{tag}_every{every}.png"),
                                             _toy_chain(out, loaded.sched, shape, int(s.seed), reference))
     return paths
-
-
-def super_resolution_views(config: ml_collections.ConfigDict, samples: np.ndarray) -> dict[str, np.ndarray]:
-    """Sample i's low-res input (`sampling.cond_images`, cycled as the sampler cycles it), its
-    bicubic upsampling, and the picture of triples input (nearest) | SR output | bicubic."""
-    low = data.low_res_images(config.data, str(config.sampling.cond_images), len(samples))
-    low = low[np.arange(len(samples)) % len(low)]
-    f = int(config.data.low_res_factor)
-    bicubic = np.clip(np.asarray(jax.image.resize(low, samples.shape, "bicubic")), -1.0, 1.0)
-    nearest = np.repeat(np.repeat(low, f, axis=1), f, axis=2)
-    triples = np.stack([nearest, samples, bicubic], axis=1).reshape(-1, *samples.shape[1:])
-    grid = imaging.make_grid(triples, ncol=3 * min(8, len(samples)))
-    return {"picture": imaging.upscale(grid, max(1, 512 // max(grid.shape[:2]))), "low_res": low,
-            "bicubic": bicubic.astype(np.float32)}
 
 
 def _toy_chain(out: sampling.SampleOutput, sched, shape: tuple, seed: int, reference) -> np.ndarray:
