@@ -33,20 +33,25 @@ With 2,000 updates a round from the 32-step DDIM (--config.distill.num_steps=200
 from configs import digits
 
 
-def get_config():
-    config = digits.get_config()
+def as_student(config, *, num_steps: int, checkpoint_every: int, steps: int):
+    """`config` (the teacher's) as a v-prediction student's: the distill fields of the module docstring,
+    sampling with the student's own DDIM steps (sampling.steps follows distill.steps)."""
     config.diffusion.pred = "v"
 
     config.distill.lr = 5e-4
     config.distill.ema_decay = 0.995
     config.distill.batch_size = 32
-    config.distill.num_steps = 4000
+    config.distill.num_steps = num_steps
     config.distill.log_every = 50
-    config.distill.checkpoint_every = 1000
-    config.distill.steps = 32
+    config.distill.checkpoint_every = checkpoint_every
+    config.distill.steps = steps
 
     config.sampling.method = "ddim"
     config.sampling.spacing = "trailing"
     config.sampling.eta = 0.0
     config.sampling.steps = config.distill.get_ref("steps")
     return config
+
+
+def get_config():
+    return as_student(digits.get_config(), num_steps=4000, checkpoint_every=1000, steps=32)

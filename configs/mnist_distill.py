@@ -22,23 +22,8 @@ max(SNR, 1): a CPU-sized budget (the paper trains 50,000 updates a round on CIFA
 field is configs/mnist.py's, so the teacher's checkpoint and RunMeta match.
 """
 
-from configs import mnist
+from configs import digits_distill, mnist
 
 
 def get_config():
-    config = mnist.get_config()
-    config.diffusion.pred = "v"
-
-    config.distill.lr = 5e-4
-    config.distill.ema_decay = 0.995
-    config.distill.batch_size = 32
-    config.distill.num_steps = 1000
-    config.distill.log_every = 50
-    config.distill.checkpoint_every = 500
-    config.distill.steps = 8
-
-    config.sampling.method = "ddim"
-    config.sampling.spacing = "trailing"
-    config.sampling.eta = 0.0
-    config.sampling.steps = config.distill.get_ref("steps")
-    return config
+    return digits_distill.as_student(mnist.get_config(), num_steps=1000, checkpoint_every=500, steps=8)

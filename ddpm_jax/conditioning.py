@@ -79,6 +79,7 @@ class KindDefaults:
 
 
 def check_int(kind: Kind, rows: Any, shape: str, ok: bool) -> None:
+    """One-line ValueError naming `kind`'s entry unless `rows` are integers and `ok` (their shape fits `shape`)."""
     dtype = getattr(rows, "dtype", np.asarray(rows).dtype)
     if not jnp.issubdtype(dtype, jnp.integer) or not ok:
         raise ValueError(f"cond[{kind.key!r}] must be integers of shape {shape}, got {np.dtype(dtype).name} "
@@ -136,7 +137,7 @@ class CaptionTokens(KindDefaults):
     def check(self, rows: Any, batch: int) -> None:
         shape = tuple(np.shape(rows))
         check_int(self, rows, f"[{batch}, L <= {len(self.null_row)}]",
-                   len(shape) == 2 and shape[0] == batch and shape[1] <= len(self.null_row))
+                  len(shape) == 2 and shape[0] == batch and shape[1] <= len(self.null_row))
 
     def record(self) -> dict:
         return {"context_length": len(self.null_row)}
