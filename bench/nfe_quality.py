@@ -90,6 +90,16 @@ def time_sampler(config, workdir: str, num_samples: int) -> dict:
     return dict(seconds_per_1000=seconds * 1000.0 / done, timed_samples=done, batch=batch)
 
 
+def lines(records: list[dict]) -> dict[str, list[dict]]:
+    """The plot's lines: per label (else method), the first seed's records by NFE, the first record
+    at each NFE (another spacing at the same NFE is left out)."""
+    out: dict[str, dict[int, dict]] = {}
+    for r in records:
+        if r["seed"] == records[0]["seed"]:
+            out.setdefault(r.get("label") or r["method"], {}).setdefault(r["nfe"], r)
+    return {label: [by_nfe[n] for n in sorted(by_nfe)] for label, by_nfe in out.items()}
+
+
 def plot(path: str, records: list[dict]) -> None:
     """FD (log y) and precision / recall against NFE (log x), one line per label, floors dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
@@ -100,12 +110,8 @@ def plot(path: str, records: list[dict]) -> None:
     fig = Figure(figsize=(12, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    first = [r for r in records if r["seed"] == records[0]["seed"]]
-    line = lambda r: r.get("label") or r["method"]  # noqa: E731
     for ax, name in zip(axes, ("fd", "precision", "recall")):
-        for i, label in enumerate(dict.fromkeys(map(line, first))):
-            rows = sorted((r for r in first if line(r) == label and "time_uniform" not in r.get("tag", "")),
-                          key=lambda r: r["nfe"])
+        for i, (label, rows) in enumerate(lines(records).items()):
             style = dict(marker="o", color=f"C{i}", label=label)
             ax.plot([r["nfe"] for r in rows], [r["metrics"][name] for r in rows], **style)
         others = [r for r in records if r["seed"] != records[0]["seed"]]

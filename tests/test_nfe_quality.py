@@ -30,6 +30,11 @@ def test_a_students_sampler_sets_its_round_and_the_plot_redraws_saved_runs(tmp_p
     rows = [dict(method="ddim", label=label, steps=n, nfe=n, seed=0, metrics=dict(fd=fd, precision=0.5, recall=0.9),
                  floor=dict(fd=48.4, precision=0.7, recall=0.7)) for label, n, fd in
             (("teacher", 4, 76.2), ("teacher", 8, 44.2), ("progressive", 4, 39.4), ("progressive", 8, 37.8))]
+    tagged = [dict(rows[0], label="consistency", method="consistency", tag=f"consistency{n}-time_uniform", nfe=n,
+                   steps=n) for n in (4, 1)] + [dict(rows[0], tag="ddim4-leading"), dict(rows[0], seed=1)]
+    drawn = nfe_quality.lines(rows + tagged)
+    assert [r["nfe"] for r in drawn["consistency"]] == [1, 4]  # every spacing is drawn
+    assert [r["metrics"]["fd"] for r in drawn["teacher"]] == [76.2, 44.2] and "tag" not in drawn["teacher"][0]
     src, png = tmp_path / "nfe.jsonl", tmp_path / "nfe.png"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert nfe_quality.main([f"--plot={png}", f"--from={src}"]) == 0
