@@ -26,6 +26,8 @@ Measured (docs/distillation.md; 2-core CPU shared with one or two other jobs, 59
 fd with floor 48.4): the students at 32 / 16 / 8 / 4 calls reach fd 24.9 / 25.4 / 26.2 / 27.4 (seeds 1-3
 at 4 calls: 33.9 / 26.7 / 23.7), against the teacher's 64-step DDIM 24.5, its 20-call DPM-Solver++
 23.4 / 27.3 / 21.4 / 20.2 (seeds 0-3) and its 4-call DDIM 84.7; rounds took 482-700 s (4,000 updates).
+With 8,000 updates in the rounds after the first (--config.distill.num_steps=8000 from digits_pd32 on):
+24.9 / 25.6 at 16 / 8 calls and 26.7 / 32.7 / 26.1 / 23.6 at 4 calls (seeds 0-3), rounds of 780-1,110 s.
 With 2,000 updates a round from the 32-step DDIM (--config.distill.num_steps=2000): 26.7 / 27.7 /
 28.5 / 32.7 / 36.5 at 16 / 8 / 4 / 2 / 1 calls, 238-249 s a round.
 """
