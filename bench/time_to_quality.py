@@ -10,7 +10,8 @@ for `--budget_s` seconds of training wall time; at each mark (`--marks`, seconds
 time: compilation included, evaluation excluded and timed apart) it samples `--num_samples`
 images with SDE-DPM-Solver++ 2M at `--calls` network calls (uniform in log-SNR, x̂_0 clipped:
 the project's `sde_dpmpp_2m`, and diffusers' `DPMSolverMultistepScheduler` configured the same)
-from the EMA weights and scores them with the project's classifier metrics
+from the EMA weights (and from each post-hoc EMA profile of `--config.ema.sigma_rels`, tracked in the
+step: a row each) and scores them with the project's classifier metrics
 (`evaluation.sample_quality`: Fréchet distance, precision, recall in the features of the data
 set's classifier, each beside its floor, the held-out real images against the same reference).
 
@@ -98,12 +99,15 @@ class Ours:
     def __init__(self, config):
         import jax
 
-        from ddpm_jax import checks, data, parallel, run_meta, setup, train
+        from ddpm_jax import checks, data, parallel, post_hoc_ema, run_meta, setup, train
 
         self.jax, self.config = jax, config
         self.run = setup.create_run(config, parallel.make_mesh())
         checks.validate_config(config, self.run.mesh)
         self.state, tx = setup.create_train_state(config, self.run.model, self.run.shape, self.run.mesh)
+        self.sigma_rels = post_hoc_ema.parse_sigma_rels(config.ema.get("sigma_rels", ()), "ema.sigma_rels")
+        if self.sigma_rels:  # tracked inside the compiled step, so their cost is in the training time
+            self.state = self.state.replace(phema=post_hoc_ema.create(self.state.params, self.sigma_rels))
         self.step_fn = train.make_train_step(config, self.run.model, self.run.sched, tx, self.run.mesh)
         self.it = data.create_train_iterator(config.data, global_batch_size=int(config.training.batch_size),
                                              seed=int(config.seed))
@@ -126,7 +130,13 @@ class Ours:
         self.jax.block_until_ready((self.state, metrics))
         return float(self.jax.device_get(metrics["loss"])[-1])
 
-    def sample(self, num: int, *, seed: int, calls: int, batch_size: int):
+    def averages(self) -> list[tuple[str, object]]:
+        """The weights each mark samples: the fixed-decay EMA, then each tracked power-function profile."""
+        profiles = self.state.phema.ema_params if self.sigma_rels else ()
+        return [(f"decay {float(self.config.optim.ema_decay)}", self.state.ema_params),
+                *((f"sigma_rel {s}", params) for s, params in zip(self.sigma_rels, profiles))]
+
+    def sample(self, params, num: int, *, seed: int, calls: int, batch_size: int):
         from ddpm_jax import sampler, setup
 
         if (seed, calls) not in self._samplers:
@@ -134,7 +144,7 @@ class Ours:
             cfg.sampling.method, cfg.sampling.steps, cfg.sampling.spacing = "sde_dpmpp_2m", calls, ""
             cfg.sampling.seed = seed
             self._samplers[seed, calls] = setup.make_sampler(self.run, cfg)
-        out = sampler.generate(self._samplers[seed, calls], self.state.ema_params, num_samples=num,
+        out = sampler.generate(self._samplers[seed, calls], params, num_samples=num,
                                batch_size=batch_size)
         return out.samples
 
@@ -174,7 +184,11 @@ class Peer:
     def train(self, steps: int) -> float:
         return self.trainer.train(steps)
 
-    def sample(self, num: int, *, seed: int, calls: int, batch_size: int):
+    def averages(self) -> list[tuple[str, None]]:
+        """The recipe's EMA, the one average the peer keeps (its trainer samples it)."""
+        return [("the recipe's EMA", None)]
+
+    def sample(self, params: None, num: int, *, seed: int, calls: int, batch_size: int):
         from ddpm_jax import schedules
         from ddpm_jax.sampling import solvers
 
@@ -220,6 +234,8 @@ def measure(args) -> list[dict]:
     from ddpm_jax.evaluation import classifier
 
     config = common.load_config(args.config, args.overrides)
+    if args.side != "ours" and config.ema.get("sigma_rels", ()):
+        raise common.BenchError(f"--side={args.side} tracks no post-hoc EMA profiles; drop --config.ema.sigma_rels.")
     path = args.classifier_path or classifier.resolve_path(config)
     judge = Judge(config, path)  # trained (once) before any clock starts
     side = make_side(args.side, config)
@@ -245,20 +261,21 @@ def measure(args) -> list[dict]:
                     first_step_s = seconds
                 else:
                     rate = (side.steps - before) / seconds
-            record = _evaluate(args, side, judge, base, mark, train_s, loss, prev)
-            record["first_step_s"] = round(first_step_s, 3)
-            records.append(common.emit(record))
-            with open(os.path.join(args.out, RESULTS), "a") as f:
-                common.emit(record, stream=f)
+            for average, params in side.averages():
+                record = _evaluate(args, side, params, judge, base, mark, train_s, loss, prev)
+                record.update(ema=average, first_step_s=round(first_step_s, 3))
+                records.append(common.emit(record))
+                with open(os.path.join(args.out, RESULTS), "a") as f:
+                    common.emit(record, stream=f)
             prev = (side.steps, train_s)
     finally:
         side.close()
     return records
 
 
-def _evaluate(args, side, judge: Judge, base: dict, mark: float, train_s: float, loss: float, prev) -> dict:
+def _evaluate(args, side, params, judge: Judge, base: dict, mark: float, train_s: float, loss: float, prev) -> dict:
     start = time.perf_counter()
-    samples = side.sample(args.num_samples, seed=args.seed, calls=args.calls, batch_size=args.sample_batch)
+    samples = side.sample(params, args.num_samples, seed=args.seed, calls=args.calls, batch_size=args.sample_batch)
     sample_s = time.perf_counter() - start
     scores = judge(samples)
     eval_s = time.perf_counter() - start
@@ -285,10 +302,13 @@ def read_rows(paths: list[str]) -> list[dict]:
 
 
 def curves(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows grouped by run (side and tag), each group in training-time order."""
+    """Rows grouped by run (side and tag) and by the average sampled where a run has several, in training-time order."""
+    profiled = {(r["side"], r.get("tag")) for r in rows if str(r.get("ema", "")).startswith("sigma_rel")}
     out: dict[str, list[dict]] = {}
     for r in rows:
-        out.setdefault(r["side"] + (f" ({r['tag']})" if r.get("tag") else ""), []).append(r)
+        labels = [r.get("tag")] + ([r.get("ema")] if (r["side"], r.get("tag")) in profiled else [])
+        text = ", ".join(str(v) for v in labels if v)
+        out.setdefault(r["side"] + (f" ({text})" if text else ""), []).append(r)
     return {k: sorted(v, key=lambda r: r["train_s"]) for k, v in out.items()}
 
 

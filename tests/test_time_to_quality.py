@@ -14,9 +14,9 @@ from bench import common, time_to_quality  # noqa: E402
 from ddpm_jax import parallel, setup, train_state  # noqa: E402
 from ddpm_jax.evaluation import classifier  # noqa: E402
 
-TINY = ["--config=configs/digits.py", "--config.model.ch_mult=(1,2)",
-        "--config.model.attn_resolutions=(4,)", "--config.diffusion.num_timesteps=20",
-        "--config.training.batch_size=8"]
+TINY_OVERRIDES = ["model.ch_mult=(1,2)", "model.attn_resolutions=(4,)", "diffusion.num_timesteps=20",
+                  "training.batch_size=8"]
+TINY = ["--config=configs/digits.py", *(f"--config.{o}" for o in TINY_OVERRIDES)]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,24 @@ def test_each_side_writes_a_row_per_mark_with_metrics_beside_their_floor(tmp_pat
         assert r["eval_s"] >= r["sample_s"] > 0 and r["first_step_s"] > 0
     assert written[0]["batch"] == (16 if side == "peer_diffusers" else 8)
     assert written[0]["impl"] == ("ddpm_jax" if side == "ours" else "diffusers")
+
+
+def test_ours_scores_each_post_hoc_ema_profile_beside_the_fixed_decay(tmp_path, clf_path):
+    out = tmp_path / "ttq"
+    rows = time_to_quality.main([*TINY, "--side=ours", "--budget_s=0.4", "--marks=0.2,0.4", "--num_samples=12",
+                                 "--calls=3", "--sample_batch=6", f"--classifier_path={clf_path}", f"--out={out}",
+                                 "--tag=tiny", "--config.ema.sigma_rels=0.05,0.2"])
+    averages = ["decay 0.995", "sigma_rel 0.05", "sigma_rel 0.2"]
+    assert [(r["mark_s"], r["ema"]) for r in rows] == [(m, a) for m in (0.2, 0.4) for a in averages]
+    assert list(time_to_quality.curves(rows)) == [f"ours (tiny, {a})" for a in averages]
+    with pytest.raises(common.BenchError, match="tracks no post-hoc EMA"):
+        time_to_quality.main([*TINY, "--side=peer_exact", "--config.ema.sigma_rels=0.05", f"--out={out}"])
+    side = time_to_quality.Ours(common.load_config("configs/digits.py", [*TINY_OVERRIDES, "ema.sigma_rels=0.05,0.2"]))
+    side.train(3)
+    (_, fixed), (_, narrow), (_, wide) = side.averages()
+    assert fixed is side.state.ema_params and narrow is side.state.phema.ema_params[0]
+    assert max(float(jax.numpy.abs(a - b).max()) for a, b in zip(jax.tree.leaves(narrow), jax.tree.leaves(wide))) > 0
+    side.close()
 
 
 def test_the_exact_peer_is_the_projects_network_through_the_export():
