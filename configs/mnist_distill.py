@@ -8,7 +8,7 @@ teacher of a round is the previous round's workdir). sampling.steps follows dist
 steps (method ddim, spacing trailing, eta 0):
 
     python -m ddpm_jax.main --config=configs/mnist.py --workdir=workdirs/mnist_v \
-        --config.diffusion.pred=v --config.training.num_steps=4400                      # the teacher
+        --config.diffusion.pred=v --config.training.num_steps=4400 --config.training.batch_size=32  # the teacher
     python -m ddpm_jax.main --config=configs/mnist_distill.py --mode=distill --workdir=workdirs/mnist_pd8 \
         --config.distill.teacher_workdir=workdirs/mnist_v --config.distill.teacher_steps=16 --config.distill.steps=8
     python -m ddpm_jax.main --config=configs/mnist_distill.py --mode=distill --workdir=workdirs/mnist_pd4 \
