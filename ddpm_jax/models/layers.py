@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.models.group_norm import GroupNorm
+
 Dtype = Any
 
 NUM_GROUPS = 32  # GroupNorm groups in every normalisation layer (official `nn.normalize`).
@@ -54,19 +56,12 @@ def get_timestep_embedding(t: jnp.ndarray, dim: int) -> jnp.ndarray:
     return emb
 
 
-def group_norm(name: str, param_dtype: Dtype, dtype: Dtype, num_groups: int = NUM_GROUPS) -> nn.GroupNorm:
+def group_norm(name: str, param_dtype: Dtype, dtype: Dtype, num_groups: int = NUM_GROUPS) -> GroupNorm:
     """GroupNorm(32, eps=1e-6): statistics in float32 (two-pass variance), output in `dtype`.
 
     `num_groups` other than 32 serves the autoencoder (diffusers' `norm_num_groups`).
     """
-    return nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=NORM_EPS,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        name=name,
-    )
+    return GroupNorm(num_groups=num_groups, epsilon=NORM_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class TimestepEmbedding(nn.Module):
