@@ -8,7 +8,8 @@ The step is the trainer's own (EMA, gradient clipping, donated state, `lax.scan`
 `steps_per_dispatch` steps), built with `setup.create_train_state` / `make_train_step`,
 and fed exactly as the training loop (`loop.train`) feeds it: `data.create_train_iterator`
 (grain), `steps_per_dispatch` host batches stacked and made global by
-`parallel.host_to_global`, `data.prefetch` dispatches queued ahead of the step.
+`parallel.host_to_global`, `data.prefetch` dispatches queued ahead of the step, under the XLA:CPU
+flags the entry point sets for training (`ddpm_jax.cpu_flags`).
 
 Measurements (one JSON line each):
   train_step  the compiled step on a few device-resident batches (no input pipeline): the ceiling;
@@ -95,6 +96,9 @@ def configure(args):
 
 
 def measure(args) -> list[dict]:
+    from ddpm_jax import cpu_flags
+
+    cpu_flags.apply("train")  # the entry point's training flags, before JAX starts its backend
     import jax
     import numpy as np
 
@@ -130,7 +134,8 @@ def measure(args) -> list[dict]:
     paper = common.PAPER_TRAIN_FLOPS_PER_IMAGE if common.is_paper_cifar10_model(config) else None
     name, kwargs = run_meta.model_spec(config)
     base = dict(
-        impl="ddpm_jax", **common.jax_env(devices), config=args.config, overrides=args.overrides,
+        impl="ddpm_jax", **common.jax_env(devices), xla_flags=os.environ.get("XLA_FLAGS", ""),
+        config=args.config, overrides=args.overrides,
         tag=args.tag, model=dict(name=name, num_params=num_params, **kwargs), data=data_label,
         batch=batch, image_shape=list(shape), dtype=str(config.model.dtype),
         attention_impl=str(config.model.attention_impl), remat=bool(config.model.remat),

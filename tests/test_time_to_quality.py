@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from bench import common, time_to_quality  # noqa: E402
+from bench import common, step_ratio, time_to_quality  # noqa: E402
 from ddpm_jax import parallel, setup, train_state  # noqa: E402
 from ddpm_jax.evaluation import classifier  # noqa: E402
 
@@ -145,3 +145,17 @@ def test_summary_gives_the_first_mark_under_each_threshold(tmp_path):
 def test_bad_arguments_are_one_line_errors(argv, message):
     with pytest.raises(common.BenchError, match=message):
         time_to_quality.parse_args(argv)
+
+
+def test_step_ratio_times_both_trainers_in_turn_and_refuses_a_partial_dispatch():
+    spd = ["--config.training.steps_per_dispatch=2"]
+    [record] = step_ratio.main([*TINY, *spd, "--windows=3", "--steps_per_window=4", "--warmup=1"])
+    ours, peer = record["ours_timing"], record["peer_timing"]
+    assert record["peer"]["side"] == "peer_exact" and record["peer"]["recipe"]["batch_size"] == 8
+    assert ours["batch"] == peer["batch"] == 8 and len(ours["windows_s"]) == len(peer["windows_s"]) == 3
+    pairs = [(8 / a) / (8 / b) for a, b in zip(ours["windows_s"], peer["windows_s"])]
+    np.testing.assert_allclose(record["pair_ratios"], pairs, rtol=1e-3)
+    assert record["ratio"] == sorted(record["pair_ratios"])[1]
+    np.testing.assert_allclose(ours["step_ms"], 1e3 * sorted(ours["windows_s"])[1] / 4, rtol=1e-3)
+    with pytest.raises(common.BenchError, match="not a multiple of training.steps_per_dispatch=2"):
+        step_ratio.measure(step_ratio.parse_args([*TINY, *spd, "--steps_per_window=3"]))
