@@ -12,7 +12,8 @@ training digits beside the floor, the 1,000 real test digits against the same, f
 min-SNR-5 weighting, 4 steps per dispatch, the package's XLA:CPU training flag: 1,252 steps in 15 min
 (89.0 images/s), fd 184x / 25.9x / 8.71x / 3.58x the floor (51.5 at 15 min; precision 0.51, recall
 0.93); again with training and sampling seed 1 (--config.seed=1 --seed=1): 1,192 steps, 176x / 31.2x /
-8.65x / 4.03x.
+8.65x / 4.03x; a later session, with the project's GroupNorm (the trainer's step 1.085x the images/s
+in an A/B, bench/train_throughput): 1,188 steps (84.2 images/s), 184x / 26.8x / 9.43x / 4.26x.
 Each change's measured part, at 15 min: unweighted and without the flag 30.8x (batch 32, 1,439 steps,
 51 images/s); + min-SNR-5 6.5x; + the flag (convolutions off YNNPACK) 4.76x (74.6 images/s); + 4 steps
 per dispatch 4.56x (2,492 steps, 88.6 images/s; 4.82x on a second machine of the same kind); + batch 64
