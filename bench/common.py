@@ -244,6 +244,13 @@ def check_positive(**values: int) -> None:
             raise BenchError(f"--{name}={value} must be >= 1.")
 
 
+def check_whole_dispatches(steps_per_window: int, steps_per_dispatch: int) -> None:
+    """A timing window of the trainer must hold whole dispatches (each runs `steps_per_dispatch` steps)."""
+    if steps_per_window % steps_per_dispatch:
+        raise BenchError(f"--steps_per_window={steps_per_window} is not a multiple of "
+                         f"training.steps_per_dispatch={steps_per_dispatch}; use a multiple of {steps_per_dispatch}.")
+
+
 def run_windows(step: Callable[[int], None], sync: Callable[[], None], *, windows: int,
                 steps_per_window: int, clock: Callable[[], float]) -> list[float]:
     """Seconds of each of `windows` windows of `steps_per_window` calls of step(i), synced at the end."""

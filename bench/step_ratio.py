@@ -58,9 +58,7 @@ def measure(args) -> list[dict]:
 
     config = common.load_config(args.config, args.overrides)
     ours = time_to_quality.Ours(config)
-    if args.steps_per_window % ours.spd:
-        raise common.BenchError(f"--steps_per_window={args.steps_per_window} is not a multiple of "
-                                f"training.steps_per_dispatch={ours.spd}; use a multiple of {ours.spd}.")
+    common.check_whole_dispatches(args.steps_per_window, ours.spd)
     peer = time_to_quality.Peer(config, args.peer)
     sides = {"ours": ours, args.peer: peer}
     try:

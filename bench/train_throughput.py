@@ -88,10 +88,7 @@ def configure(args):
         label = (f"synthetic stand-in for {name}: skimage '{SYNTHETIC_PICTURE}' x{SYNTHETIC_EXAMPLES} at "
                  f"{config.data.image_size}x{config.data.image_size}x{config.data.num_channels}, "
                  "through the real grain pipeline")
-    spd = int(config.training.steps_per_dispatch)
-    if args.steps_per_window % spd:
-        raise common.BenchError(f"--steps_per_window={args.steps_per_window} is not a multiple of "
-                                f"training.steps_per_dispatch={spd}; use a multiple of {spd}.")
+    common.check_whole_dispatches(args.steps_per_window, int(config.training.steps_per_dispatch))
     return config, label
 
 

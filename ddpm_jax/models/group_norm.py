@@ -1,4 +1,4 @@
-"""GroupNorm (Wu & He 2018) with a hand-written derivative: the U-Net's normalisation layer.
+"""GroupNorm (Wu & He 2018) with a hand-written derivative: every network's normalisation layer.
 
     y = scale * (x - μ_g) / sqrt(σ²_g + ε) + bias,
 
