@@ -28,6 +28,10 @@ at 4 calls: 33.9 / 26.7 / 23.7), against the teacher's 64-step DDIM 24.5, its 20
 23.4 / 27.3 / 21.4 / 20.2 (seeds 0-3) and its 4-call DDIM 84.7; rounds took 482-700 s (4,000 updates).
 With 8,000 updates in the rounds after the first (--config.distill.num_steps=8000 from digits_pd32 on):
 24.9 / 25.6 at 16 / 8 calls and 26.7 / 32.7 / 26.1 / 23.6 at 4 calls (seeds 0-3), rounds of 780-1,110 s.
+From a teacher of 8,000 steps (--config.training.num_steps=8000, 378 s; another machine's classifier,
+floor 51.2), the same rounds: 21.6 / 22.5 / 23.1 at 32 / 16 / 8 calls, 24.3 / 30.3 / 25.2 / 26.3 at 4
+(seeds 0-3), against its 64-step DDIM 20.5 and 20-call DPM-Solver++ 20.3 / 26.1 / 20.9 / 22.9; rounds of
+283-532 s with the CPU to itself; --config.distill.lr=1e-3 in every round: 24.1 / 30.0 / 25.1 / 25.7.
 With 2,000 updates a round from the 32-step DDIM (--config.distill.num_steps=2000): 26.7 / 27.7 /
 28.5 / 32.7 / 36.5 at 16 / 8 / 4 / 2 / 1 calls, 238-249 s a round.
 """
